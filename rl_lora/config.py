@@ -67,6 +67,8 @@ class DataConfig:
     train_size: int = 2000
     # Arithmetic task only: operands are drawn from [0, max_operand].
     max_operand: int = 99
+    # Arithmetic task only: operators to draw from (any of "+-*"; products use a one-digit second factor).
+    operations: str = "+-*"
     # Seed of the data generator and of the held-out split.
     seed: int = 1234
     # System message for the chat template. Empty = the model's default.
@@ -130,6 +132,9 @@ class TrainConfig:
     prompts_per_step: int = 8
     # Evaluate the live adapter on the held-out set every this many steps. 0 = only before and after.
     eval_every: int = 0
+    # Held-out evaluation: completions per problem, sampled at sampler.temperature with fixed seeds (so before
+    # and after are paired); accuracy is the mean over all of them (avg@k). 0 = greedy, one per problem.
+    eval_samples: int = 4
     # Save a checkpoint every this many steps (and always at the end). 0 = only at the end.
     save_every: int = 5
     # Run directory: resolved config, metrics.jsonl, checkpoints, plots.
@@ -302,6 +307,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.data.eval_size >= 0, "data.eval_size", "must be >= 0")
     _require(cfg.data.train_size >= 1, "data.train_size", "must be >= 1")
     _require(cfg.data.max_operand >= 1, "data.max_operand", "must be >= 1")
+    _require(bool(cfg.data.operations) and set(cfg.data.operations) <= set("+-*"), "data.operations",
+             f"must be a non-empty string of + - *, got {cfg.data.operations!r}")
     _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
              f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
     _require(cfg.sampler.temperature > 0, "sampler.temperature", "must be > 0 (greedy groups carry no signal)")
@@ -322,6 +329,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.steps >= 0, "train.steps", "must be >= 0")
     _require(cfg.train.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     _require(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _require(cfg.train.eval_samples >= 0, "train.eval_samples", "must be >= 0")
     _require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
     _require(bool(cfg.train.output_dir), "train.output_dir", "must not be empty")
     _require(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")

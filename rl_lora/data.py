@@ -25,18 +25,19 @@ class Problem:
 # Sources
 
 
-def arithmetic_problems(count: int, seed: int, max_operand: int, exclude: set[str] = frozenset()) -> list[Problem]:
+def arithmetic_problems(count: int, seed: int, max_operand: int, exclude: set[str] = frozenset(),
+                        operations: str = "+-*") -> list[Problem]:
     """`count` distinct problems 'a + b' / 'a - b' / 'a * b' (small b for products), none of them in `exclude`."""
     rng = random.Random(seed)
     seen = set(exclude)
     out: list[Problem] = []
-    space = 3 * (max_operand + 1) ** 2
+    space = len(set(operations)) * (max_operand + 1) ** 2
     if count > space - len(exclude):
         raise ConfigError(f"data.train_size: only {space - len(exclude)} distinct arithmetic problems with "
                           f"data.max_operand={max_operand}")
     while len(out) < count:
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        op = rng.choice("+-*")
+        op = rng.choice(operations)
         if op == "*":
             b = b % 10
         question = f"What is {a} {op} {b}?"
@@ -96,8 +97,9 @@ def load_hf_rows(name: str, config: str, split: str) -> list[dict]:
 def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, held_out): disjoint by question text."""
     if cfg.source == "arithmetic":
-        held_out = arithmetic_problems(cfg.eval_size, cfg.seed + 1, cfg.max_operand)
-        train = arithmetic_problems(cfg.train_size, cfg.seed, cfg.max_operand, {p.question for p in held_out})
+        held_out = arithmetic_problems(cfg.eval_size, cfg.seed + 1, cfg.max_operand, operations=cfg.operations)
+        train = arithmetic_problems(cfg.train_size, cfg.seed, cfg.max_operand, {p.question for p in held_out},
+                                    cfg.operations)
         return train, held_out
     if cfg.source.startswith("hf:"):
         rows = load_hf_rows(cfg.source[3:], cfg.hf_config, cfg.split)

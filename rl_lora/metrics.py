@@ -11,8 +11,9 @@ from pathlib import Path
 class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_project: str = "", config: dict | None = None, resume: bool = False):
         self.path = run_dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if not resume:
+            for stale in (self.path, run_dir / "samples.jsonl"):
+                stale.unlink(missing_ok=True)
         self._wandb = None
         if wandb_project:
             try:
@@ -32,6 +33,12 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[tuple[str, str, float]]) -> None:
+        """A few (prompt, completion, reward) triples per step in samples.jsonl: read them when a curve looks odd."""
+        with (self.path.parent / "samples.jsonl").open("a") as f:
+            for prompt, completion, reward in rows:
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion, "reward": reward}) + "\n")
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -86,10 +86,11 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------------
     # Adapters
 
-    def push(self, version: int, write_adapter) -> AdapterRef:
+    def push(self, version: int, write_adapter, evict_older: bool = True) -> AdapterRef:
         """Load adapter `version` into the running engine; `write_adapter(dir)` writes its PEFT files.
 
-        Returns once the engine holds it; older versions beyond the newest `keep` are evicted.
+        Returns once the engine holds it. By default every other live version is evicted (a training run
+        serves one policy); `evict_older=False` keeps them (evaluating several adapters in one engine).
         """
         from vllm.lora.request import LoRARequest
 
@@ -100,8 +101,9 @@ class Sampler:
         write_adapter(path)
         ref = AdapterRef(version, str(path))
         self.llm.llm_engine.add_lora(LoRARequest(ref.name, version, ref.path))
-        for old in [v for v in self.live if v != version]:
-            self.evict(old)
+        if evict_older:
+            for old in list(self.live):
+                self.evict(old)
         self.live[version] = ref
         self.last_push_s = time.perf_counter() - t0
         return ref
@@ -152,6 +154,25 @@ class Sampler:
                                         0 if ref is None else ref.version))
             groups.append(group)
         return groups
+
+    def probe_logprobs(self, seqs: list[tuple[list[int], list[int]]], adapter: AdapterRef | None) -> list[list[float]]:
+        """log p(completion tokens | prompt) under `adapter` for fixed (prompt, completion) pairs, at T = 1.
+
+        Uses prompt logprobs (teacher forcing), so the same probe can be scored before and after a push and
+        compared with the learner: the stale-adapter guard.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
+        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in seqs]
+        outputs = self.llm.generate(prompts, params, lora_request=self.request_for(adapter), use_tqdm=False)
+        result = []
+        for (p, c), out in zip(seqs, outputs):
+            full = list(p) + list(c)
+            lps = out.prompt_logprobs  # entry i: logprob of token i given tokens < i (entry 0 is None)
+            result.append([lps[i][full[i]].logprob for i in range(len(p), len(full))])
+        return result
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)

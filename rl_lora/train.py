@@ -50,16 +50,18 @@ def preflight(cfg: Config, resume: bool) -> Path:
 
 
 def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg: Config, step: int) -> dict:
-    """Greedy accuracy of the live adapter on the held-out problems, through the running sampler."""
+    """Accuracy of the live adapter on the held-out problems (avg@k), through the running sampler."""
     if not prompts_P:
         return {}
-    groups = sampler.generate(prompts_P, n=1, adapters=adapter, seed=0, temperature=0.0,
-                              max_tokens=cfg.sampler.max_tokens)
-    texts = [g[0].text for g in groups]
-    result = scorer.score(texts, texts, [{"answer": p.answer, **p.fields} for p in problems])
-    return {"eval/accuracy": sum(result.rewards) / len(result.rewards),
-            "eval/length_mean": sum(len(g[0].token_ids) for g in groups) / len(groups),
-            "eval/truncated": sum(g[0].finish_reason == "length" for g in groups) / len(groups),
+    k = cfg.train.eval_samples
+    groups = sampler.generate(prompts_P, n=max(k, 1), adapters=adapter, seed=7_000_000,
+                              temperature=cfg.sampler.temperature if k else 0.0, max_tokens=cfg.sampler.max_tokens)
+    flat = [(p, c) for p, g in zip(problems, groups) for c in g]
+    texts = [c.text for _, c in flat]
+    result = scorer.score(texts, texts, [{"answer": p.answer, **p.fields} for p, _ in flat])
+    return {"eval/accuracy": sum(result.rewards) / len(flat),
+            "eval/length_mean": sum(len(c.token_ids) for _, c in flat) / len(flat),
+            "eval/truncated": sum(c.finish_reason == "length" for _, c in flat) / len(flat),
             "eval/timeouts": float(result.timeouts)}
 
 
@@ -164,6 +166,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             if cfg.train.eval_every and step_num % cfg.train.eval_every == 0 and step_num < cfg.train.steps:
                 m.update(evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg, step_num))
             logger.log(step_num, m)
+            logger.log_samples(step_num, [(g.prompt, c.text, r) for g in groups[:2]
+                                          for c, r in zip(g.completions[:2], g.rewards_G[:2])])
             bar.write(format_step(step_num, m)) if not quiet else None
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
                 checkpoint.save(run_dir, step_num, learner,

@@ -1,0 +1,127 @@
+"""Learner step time and peak memory: our rank-1 LoRA vs full fine-tuning vs stock HF+PEFT, same batch.
+
+Each mode runs in its own process (peak RSS is per process), one after the other in one invocation, so the
+ratios are measured side by side. Default batch: 16 sequences x 192 tokens (64 prompt + 128 completion)
+of SmolLM2-135M in fp32, as in DEVELOPERS.md.
+
+    python benchmarks/learner.py [--model smollm2-135m-gguf] [--seqs 16] [--prompt 64] [--completion 128]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _batch(args, vocab):
+    import torch
+
+    from rl_lora.learner import TrainSample
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(args.seqs):
+        p = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
+        c = torch.randint(0, vocab, (args.completion,), generator=g).tolist()
+        out.append(TrainSample(p, c, [-8.0] * args.completion, 1.0 if i % 2 else -1.0))
+    return out
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(args) -> dict:
+    import torch
+
+    from rl_lora.config import ALL_LINEAR
+    from rl_lora.learner import Learner
+    from rl_lora.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    if args.mode == "peft":
+        return _peft_worker(args, path)
+    learner = Learner(path, rank=1, target_modules=ALL_LINEAR, lr=1e-4, full_finetune=args.mode == "full",
+                      tokens_per_microbatch=args.seqs * (args.prompt + args.completion))
+    loaded = _rss_gib()
+    batch = _batch(args, learner.model.config.vocab_size)
+    times = []
+    for _ in range(args.steps + 1):
+        t0 = time.perf_counter()
+        learner.train_step(batch)
+        times.append(time.perf_counter() - t0)
+    return {"mode": args.mode, "step_s": min(times[1:]), "peak_gib": _rss_gib(), "after_load_gib": loaded,
+            "trainable": learner.num_trainable(), "threads": torch.get_num_threads()}
+
+
+def _peft_worker(args, path) -> dict:
+    """Stock HF + PEFT: full-sequence, full-vocabulary logits, the usual way a trainer computes logprobs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rl_lora.config import ALL_LINEAR
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=1, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loaded = _rss_gib()
+    batch = _batch(args, model.config.vocab_size)
+    ids = torch.tensor([s.prompt_ids + s.completion_ids for s in batch])
+    adv = torch.tensor([s.advantage for s in batch])
+    times = []
+    for _ in range(args.steps + 1):
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids).logits[:, args.prompt - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, args.prompt:, None]).squeeze(-1)
+        ratio = torch.exp(logp - logp.detach())
+        loss = -(ratio * adv[:, None]).sum() / ratio.numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return {"mode": "peft", "step_s": min(times[1:]), "peak_gib": _rss_gib(), "after_load_gib": loaded,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "threads": torch.get_num_threads()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-gguf")
+    ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (min is reported)")
+    ap.add_argument("--modes", default="lora,full,peft")
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(worker(args)))
+        return
+    results = {}
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--seqs", str(args.seqs),
+               "--prompt", str(args.prompt), "--completion", str(args.completion), "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{mode}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nlearner step, {args.seqs} x {args.prompt + args.completion} tokens, model {args.model}")
+    print(f"{'mode':<8}{'trainable':>12}{'step s':>9}{'peak GiB':>10}{'loaded GiB':>11}{'time/full':>10}{'mem/full':>9}")
+    full = results.get("full")
+    for mode, r in results.items():
+        t = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
+        m = f"{r['peak_gib'] / full['peak_gib']:.2f}x" if full else "-"
+        print(f"{mode:<8}{r['trainable']:>12,}{r['step_s']:>9.1f}{r['peak_gib']:>10.2f}{r['after_load_gib']:>11.2f}"
+              f"{t:>10}{m:>9}")
+
+
+if __name__ == "__main__":
+    main()

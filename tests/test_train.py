@@ -1,0 +1,93 @@
+"""The whole loop through the CLI with the tiny model: it learns, checkpoints, resumes, and refuses bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def _config(tmp_path, tiny_model, **sections) -> Path:
+    cfg = {
+        "model": {"path": tiny_model, "max_model_len": 256},
+        "data": {"source": "arithmetic", "max_operand": 20, "train_size": 200, "eval_size": 4},
+        "sampler": {"samples_per_prompt": 8, "temperature": 1.0, "max_tokens": 8},
+        "train": {"steps": 12, "prompts_per_step": 4, "output_dir": str(tmp_path / "run"), "save_every": 4,
+                  "eval_samples": 2, "wandb_project": ""},
+        "optim": {"lr": 2e-2},
+        "reward": {"rewards": [{"name": "reward_fixtures:ascii_fraction"}], "num_workers": 1},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(*args, timeout=900):
+    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "rl_lora.cli", "train", *map(str, args), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_rises_and_run_dir_is_complete(tmp_path, tiny_model):
+    res = _run(_config(tmp_path, tiny_model))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = [r for r in _metrics(run) if "reward/mean" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    first = sum(r["reward/mean"] for r in rows[:3]) / 3
+    last = sum(r["reward/mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    # on-policy: at the first step the learner reproduces the sampler's logprobs
+    assert abs(rows[0]["is/ratio_mean"] - 1) < 1e-3 and rows[0]["is/kl_sampler_learner"] < 1e-4
+    assert all(r["adapter/version"] >= 2 for r in rows)
+    for key in ("time/sample", "time/score", "time/learn", "time/push", "loss/grad_norm", "groups/dropped"):
+        assert key in rows[0]
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and (run / "reward_curve.png").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "step_000012"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_continues_where_it_stopped(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model)
+    res = _run(cfg, "train.steps=4", "train.save_every=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["data_position"] == 16
+    res = _run(cfg, "train.steps=6", "train.save_every=2", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [r["step"] for r in _metrics(run) if "reward/mean" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    state = json.loads((run / "checkpoints" / "step_000006" / "state.json").read_text())
+    assert state["data_position"] == 24 and state["version"] > 4
+
+
+def test_prompt_longer_than_context_fails_before_training(tmp_path, tiny_model):
+    res = _run(_config(tmp_path, tiny_model, model={"path": tiny_model, "max_model_len": 64}))
+    assert res.returncode == 2
+    assert "context" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_failing_reward_costs_zero_not_the_run(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model, train={"steps": 2, "eval_samples": 1},
+                  reward={"rewards": [{"name": "reward_fixtures:ascii_fraction"},
+                                      {"name": "reward_fixtures:explodes", "weight": 1.0}]})
+    res = _run(cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in _metrics(tmp_path / "run") if "reward/mean" in r]
+    assert all(r["reward/errors"] == 32 for r in rows)
