@@ -164,6 +164,8 @@ def _bare_answer(text: str) -> str | None:
     if t.startswith("$") and t.endswith("$") or t.startswith("\\(") or t.startswith("\\["):
         span = _math_span(t)
         return span.strip() if span else None
+    if "$" in t or _CUE.match(t):
+        return None
     # a bare answer has no sentence-like prose: at most a couple of words (units, "or", a letter)
     words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", t))
     if len(words) > 2:

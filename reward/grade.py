@@ -15,7 +15,8 @@ import re
 import sympy
 
 from reward.numeric import DPS, NumericError, evaluate, _CTX
-from reward.parse import (Mat, Parsed, ParseError, Rel, Seq, SetConst, Union, parse_answer, text_form)
+from reward.parse import (DEG, Mat, Parsed, ParseError, Rel, Seq, SetConst, Union, has_symbol, parse_answer,
+                          subs_value, text_form)
 
 _TOL = _CTX.mpf(10) ** (-(DPS - 20))
 
@@ -353,10 +354,13 @@ def values_equal(p, g) -> bool:
 
 
 def _candidates(parsed: Parsed):
+    """Readings of a value: degree marks dropped (45° = 45) or as pi/180 (sin 30° = 1/2); 50% as 50 or 1/2."""
     v = parsed.value
     out = [v]
-    if parsed.flags.percent and _is_scalar(v):
-        out.append(v / 100)
+    if has_symbol(v, DEG):
+        out = [subs_value(v, DEG, 1), subs_value(v, DEG, sympy.pi / 180)]
+    if parsed.flags.percent:
+        out += [x / 100 for x in out if _is_scalar(x)]
     return out
 
 
@@ -385,8 +389,15 @@ def equivalent(pred: str | None, gold: str | None) -> bool:
         return True
     pt, gt = text_form(P.cleaned), text_form(G.cleaned)
     if G.flags.text_like or P.flags.text_like or P.value is None or G.value is None:
-        if pt and pt == gt:
+        if pt and pt == gt and (G.flags.text_like or P.flags.text_like):
             return True
+        if P.flags.text_like and not G.flags.text_like:
+            # "\text{The area is } 6": a sentence inside the box that ends in the answer
+            m = re.search(r"(?:\bis\b|\bare\b|\bequals\b|=)([^=]*)$", P.cleaned)
+            if m and m.group(1).strip() and G.value is not None:
+                tail = parse_answer(m.group(1).strip())
+                if tail.value is not None and not tail.flags.text_like:
+                    return any(values_equal(pv, gv) for pv in _candidates(tail) for gv in _candidates(G))
         # number words: 'five' vs 5
         if pt in _NUMBER_WORDS and G.value is not None:
             P2 = parse_answer(_NUMBER_WORDS[pt])

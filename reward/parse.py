@@ -25,7 +25,7 @@ import sympy
 
 MAX_CHARS = 1000          # answer strings longer than this never match
 MAX_TOKENS = 400
-MAX_DEPTH = 40            # nesting depth of the parser
+MAX_DEPTH = 250           # parser recursion budget (about 50 levels of brackets)
 MAX_POW_BITS = 20_000     # refuse a numeric power whose result would need more bits than this
 MAX_FACTORIAL = 2_000
 MAX_BINOM = 5_000
@@ -41,6 +41,7 @@ class TooBig(ParseError):
 
 
 PM = sympy.Symbol("PLUSMINUS_")   # placeholder for \pm: expanded to +1 and -1 after parsing
+DEG = sympy.Symbol("DEGREE_")     # placeholder for a degree mark: compared both as 1 and as pi/180
 
 
 @dataclass
@@ -173,6 +174,7 @@ def clean(s: str) -> tuple[str, Flags]:
     """LaTeX clean-up: delimiters, spacing, \\left/\\right, \\dfrac, \\text{}, degrees, percent, separators."""
     flags = Flags()
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
+    s = s.replace("\x03", "").replace("\\\\", "\x03")  # protect \\ (matrix rows) from the spacing rules
     s = s.strip()
     s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).strip()
     s = _DROP_WITH_ARG_RE.sub("", s)
@@ -181,7 +183,8 @@ def clean(s: str) -> tuple[str, Flags]:
         s = rx.sub(rep, s)
     if "\x01" in s:
         flags.degree = True
-        s = s.replace("\x01", " ")
+        s = s.replace("\x01", " \\DEG ")
+    s = s.replace("\x03", " \\\\ ")
     if "\x02" in s:
         flags.percent = True
         s = s.replace("\x02", " ")
@@ -294,7 +297,7 @@ def _is_numeric_prefix(toks: list[Tok]) -> bool:
     """Tokens that make a number-like expression (no letters): 12, 3.5, \\frac{1}{2}, 2\\sqrt{3}, 4\\pi."""
     if not toks:
         return False
-    ok_cmds = {"\\frac", "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div"}
+    ok_cmds = {"\\frac", "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div", "\\DEG"}
     has_num = False
     for t in toks:
         if t.kind == "num":
@@ -384,6 +387,8 @@ def safe_pow(base, exp):
             if abs(float(exp)) * _bits(base) > MAX_POW_BITS:
                 raise TooBig("power too large")
             return sympy.Pow(base, exp)
+        if not base.is_number and exp.q == 1 and abs(exp.p).bit_length() <= 64:
+            return sympy.Pow(base, exp)  # x^(10^11) stays a symbolic power; nothing is expanded
         if abs(exp.p) > MAX_EXPONENT or exp.q > 1000:
             raise TooBig("exponent too large")
         if base.is_number and abs(exp.p) > 200:
@@ -636,7 +641,8 @@ class Parser:
             return True
         if t.kind == "cmd":
             return t.text not in _RELOPS and t.text not in _MULOPS and t.text not in _DIVOPS and t.text not in (
-                "\\pm", "\\mp", "\\cup", "\\cap", "\\}", "\\rfloor", "\\rceil", "\\dots", "\\setminus", "\\to")
+                "\\pm", "\\mp", "\\cup", "\\cap", "\\}", "\\rfloor", "\\rceil", "\\dots", "\\setminus", "\\to",
+                "\\DEG")
         if t.kind == "op":
             if t.text in ("(", "\\{"):
                 return True
@@ -699,6 +705,9 @@ class Parser:
             if self.at("!"):
                 self.take()
                 v = safe_factorial(_scalar(v))
+            elif self.at("\\DEG"):
+                self.take()
+                v = _scalar(v) * DEG
             elif self.at("_") and isinstance(v, sympy.Symbol):
                 self.take()
                 v = sympy.Symbol(v.name + "_" + self.subscript_name())
@@ -1062,6 +1071,35 @@ class Parsed:
     flags: Flags = field(default_factory=Flags)
     cleaned: str = ""             # after clean(); used for string / text comparison
     error: str = ""
+
+
+def subs_value(v, sym, val):
+    """Substitute a placeholder symbol everywhere in a parsed value."""
+    if isinstance(v, sympy.Basic):
+        return _check(v.subs(sym, val)) if v.has(sym) else v
+    if isinstance(v, Seq):
+        return Seq(v.kind, [subs_value(x, sym, val) for x in v.items], v.open, v.close)
+    if isinstance(v, Rel):
+        return Rel([subs_value(x, sym, val) for x in v.parts], v.ops, v.simple_lhs)
+    if isinstance(v, Union):
+        return Union([subs_value(x, sym, val) for x in v.items])
+    if isinstance(v, Mat):
+        return Mat([[subs_value(x, sym, val) for x in row] for row in v.rows])
+    return v
+
+
+def has_symbol(v, sym) -> bool:
+    if isinstance(v, sympy.Basic):
+        return v.has(sym)
+    if isinstance(v, Seq):
+        return any(has_symbol(x, sym) for x in v.items)
+    if isinstance(v, Rel):
+        return any(has_symbol(x, sym) for x in v.parts)
+    if isinstance(v, Union):
+        return any(has_symbol(x, sym) for x in v.items)
+    if isinstance(v, Mat):
+        return any(has_symbol(x, sym) for row in v.rows for x in row)
+    return False
 
 
 def expand_pm(v):
