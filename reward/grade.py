@@ -88,13 +88,28 @@ def scalar_equal(a, b) -> bool:
             good += 1
     if good >= (2 if names else 1):
         return True
-    # numerics were inconclusive (e.g. unsupported functions): a small symbolic check
+    # numerics were inconclusive (e.g. unsupported functions): a symbolic check, on small tame trees only
     try:
-        if sympy.count_ops(d) <= 40:
+        if _tame(d):
             return sympy.simplify(d) == 0
     except Exception:
         return False
     return False
+
+
+def _tame(e, max_nodes: int = 80, max_exponent: int = 12) -> bool:
+    """Small tree, small integer exponents, small numbers: safe to hand to sympy.simplify."""
+    n = 0
+    for node in sympy.preorder_traversal(e):
+        n += 1
+        if n > max_nodes:
+            return False
+        if node.is_Pow and node.exp.is_number:
+            if not node.exp.is_Rational or abs(node.exp.p) > max_exponent or node.exp.q > max_exponent:
+                return False
+        if node.is_Rational and (abs(node.p) > 10 ** 12 or node.q > 10 ** 12):
+            return False
+    return True
 
 
 def _is_scalar(v) -> bool:

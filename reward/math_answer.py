@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from reward.extract import extract, extract_gold
+from reward.extraction import extract, extract_gold
 from reward.grade import equivalent
 from reward.parse import MAX_CHARS
 

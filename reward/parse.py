@@ -999,7 +999,7 @@ class Parser:
         if not rows or len({len(r) for r in rows}) != 1:
             raise ParseError("ragged matrix")
         if env in ("vmatrix", "Vmatrix"):
-            if len(rows) != len(rows[0]) or len(rows) > 4:
+            if len(rows) != len(rows[0]) or len(rows) > 4 or not all(x.is_number for r in rows for x in r):
                 raise ParseError("determinant")
             return sympy.Matrix(rows).det()
         return Mat(rows)

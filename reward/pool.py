@@ -238,15 +238,18 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        polite = []
         for w in self._workers:
             if w.task is None and w.ready:
                 try:
                     w.conn.send(None)
+                    polite.append(w)
                 except (OSError, BrokenPipeError):
                     pass
         deadline = time.monotonic() + 2.0
-        for w in self._workers:
+        for w in polite:
             w.proc.join(max(0.0, deadline - time.monotonic()))
+        for w in self._workers:  # busy or still starting: no need to wait
             self._kill(w)
         self._workers = []
 

@@ -43,7 +43,7 @@ def math_answer(prompt: str, completion: str, answer=None, **_) -> float:
 
 def boxed_format(prompt: str, completion: str, **_) -> float:
     """1.0 if the completion contains a complete, non-empty \\boxed{...}, else 0.0."""
-    from reward.extract import _BOX_RE, _match_brace
+    from reward.extraction import _BOX_RE, _match_brace
 
     if not isinstance(completion, str):
         return 0.0

@@ -75,17 +75,18 @@ def last_boxed(s: str) -> tuple[str | None, bool]:
     matches = list(_BOX_RE.finditer(s))
     if not matches:
         return None, False
-    boxes = []
-    for m in matches:
-        content, end, complete = _box_at(s, m)
-        boxes.append((m.start(), end, content, complete))
-    start, end, content, complete = boxes[-1]
+    content, end, complete = _box_at(s, matches[-1])
+    start = matches[-1].start()
     if not complete or content is None:
         return None, True
     parts = [content]
-    # join boxes that sit side by side at the end: "\boxed{2} and \boxed{3}"
-    for prev in reversed(boxes[:-1]):
-        p_start, p_end, p_content, p_complete = prev
+    # join boxes that sit side by side at the end: "\boxed{2} and \boxed{3}" (only boxes that close before
+    # the next one starts are looked at, so this stays linear)
+    for m in reversed(matches[:-1][-10:]):
+        if start - m.end() > 2000:
+            break
+        p_content, p_end, p_complete = _box_at(s[:start], m)
+        p_start = m.start()
         if not p_complete or p_content is None or p_end > start:
             break
         if not _BETWEEN_BOXES.match(s[p_end:start]):
