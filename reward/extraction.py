@@ -174,37 +174,58 @@ def _bare_answer(text: str) -> str | None:
     return t
 
 
+_CUE_ANY = re.compile(r"\b(?:therefore|thus|hence|so|finally|in\s+total|altogether|in\s+conclusion|consequently|"
+                      r"overall)\b,?", re.IGNORECASE)
+_VERB = re.compile(r"(?:=|\bis\b|\bequals\b|\bare\b|\bgives\b|\bwas\b)")
+
+
+def _short_math_tail(tail: str, max_words: int) -> str | None:
+    tail = tail.strip().rstrip(",;").strip()
+    span = _math_span(tail)
+    if span is not None:
+        rest = tail[tail.index("$", 1) + 1:] if tail.startswith("$") else ""
+        if len(re.findall(r"[A-Za-z]{2,}", rest)) <= max_words:
+            return span.strip()
+        return None
+    if not tail or len(tail) > 40 or "$" in tail or not re.search(r"\d", tail):
+        return None
+    if len(re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", tail))) > max_words:
+        return None
+    return tail
+
+
 def _conclusion_answer(text: str) -> str | None:
     t = _strip_md(text).rstrip()
-    if not t or t[-1] not in ".!$)":
+    if not t or t[-1] not in ".!$":  # a finished sentence, not a cut-off one
         return None
-    if t[-1] == "$" or t[-1] == ")":
-        pass
     last_line = t.split("\n")[-1].strip()
-    # last sentence of the last line
     pieces = re.split(r"(?<=[.!?])\s+(?=[A-Z$\\])", last_line)
     sent = pieces[-1].strip().rstrip(".!").strip()
-    if not _CUE.match(sent):
+    cues = list(_CUE_ANY.finditer(sent))
+    if cues:
+        seg = sent[cues[-1].end():]
+        verbs = [m for m in _VERB.finditer(seg) if not _inside_math(seg, m.start())]
+        if verbs:
+            ans = _short_math_tail(seg[verbs[-1].end():], 2)
+            if ans is not None:
+                return ans
+        spans = re.findall(r"\$([^$]+)\$", seg)
+        if len(spans) == 1:
+            return spans[0].strip()
+        if not spans:
+            nums = _NUMBER.findall(seg)
+            if len(nums) == 1:
+                return nums[0].strip()
         return None
-    # "... = X" or "... is X"
-    m = None
-    for m in re.finditer(r"(?:=|\bis\b|\bequals\b|\bare\b)", sent):
-        pass
-    if m is not None:
-        tail = sent[m.end():].strip()
-        span = _math_span(tail)
-        if span is not None:
-            return span.strip()
-        if tail and len(tail) <= 40 and "$" not in tail:
-            return tail.rstrip(",;").strip()
-    spans = re.findall(r"\$([^$]+)\$", sent)
-    if len(spans) == 1:
-        return spans[0].strip()
-    if not spans:
-        nums = _NUMBER.findall(sent)
-        if len(nums) == 1:
-            return nums[0].strip()
+    # no cue word: only "<subject> is <short answer>." as the very last sentence
+    verbs = [m for m in _VERB.finditer(sent) if m.group(0) != "=" and not _inside_math(sent, m.start())]
+    if verbs:
+        return _short_math_tail(sent[verbs[-1].end():], 1)
     return None
+
+
+def _inside_math(s: str, pos: int) -> bool:
+    return s.count("$", 0, pos) % 2 == 1
 
 
 def extract(response: str | None) -> str | None:

@@ -33,9 +33,16 @@ def _mc_letter_gold(cleaned: str) -> str | None:
     return m.group(1) if m else None
 
 
+_MC_ANY = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
+
+
 def _mc_letter_pred(cleaned: str) -> str | None:
     m = _MC_PRED.match(cleaned.strip())
-    return m.group(1).upper() if m else None
+    if not m:
+        return None
+    letter = m.group(1).upper()
+    others = {x for x in _MC_ANY.findall(cleaned)} - {letter}
+    return None if others else letter  # "(C) and (D)" names two options: no single answer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,7 +308,8 @@ def _rels_equal(p: Rel, g: Rel) -> bool:
         return True
     pa, ga = _answer_side(p), _answer_side(g)
     if pa is not None and ga is not None and p.simple_lhs and g.simple_lhs:
-        return values_equal(pa, ga)
+        # x = 5 vs y = 5: the named quantity must be the same one
+        return p.parts[0] == g.parts[0] and values_equal(pa, ga)
     if _equations_equal(p, g):
         return True
     return False
@@ -341,7 +349,8 @@ def values_equal(p, g) -> bool:
         if kinds == {"tuple", "list"}:
             t = p if p.kind == "tuple" else g
             if (t.open, t.close) == ("(", ")"):
-                return _ordered(p.items, g.items)
+                # gold "(1, 2)" is ordered; gold "1, 2" (a list of solutions) is not
+                return _ordered(p.items, g.items) if g.kind == "tuple" else _unordered(p.items, g.items)
         return False
 
     if isinstance(p, Mat) and isinstance(g, Mat):

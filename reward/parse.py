@@ -178,6 +178,7 @@ def clean(s: str) -> tuple[str, Flags]:
     s = s.strip()
     s = re.sub(r"^\\\[|\\\]$|^\\\(|\\\)$", "", s).strip()
     s = _DROP_WITH_ARG_RE.sub("", s)
+    s = re.sub(r"(\d),\s*\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # 11,\! 111 (MATH's thousands separator)
     s = _unwrap_text(s)
     for rx, rep in _SIMPLE_SUBS:
         s = rx.sub(rep, s)
@@ -239,7 +240,9 @@ UNIT_WORDS = {
     "liter", "liters", "litre", "litres", "gallon", "gallons", "cup", "cups", "dollar", "dollars", "cent", "cents",
     "usd", "USD", "euro", "euros", "degree", "degrees", "deg", "radian", "radians", "rad", "unit", "units", "sq",
     "square", "cubic", "mph", "kph", "kmh", "percent", "per", "kmph", "mps", "pt", "pts", "points", "point",
+    "C", "F", "K", "celsius", "fahrenheit", "kelvin",
 }
+MULTIPLIERS = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
 TEXT_SHORT = {"yes", "no", "odd", "all", "not", "nor", "any", "one", "two", "six", "ten", "and", "or", "the",
               "none", "true", "false", "even", "both", "neither"}
 
@@ -334,6 +337,12 @@ def strip_units(toks: list[Tok]) -> list[Tok]:
     prefix = toks[:i]
     if not _is_numeric_prefix(prefix):
         return toks
+    if unit[0].kind == "word" and unit[0].text.lower() in MULTIPLIERS:  # 1.5 million -> 1.5 * 1000000
+        mult = [Tok("op", "*"), Tok("num", str(MULTIPLIERS[unit[0].text.lower()]))]
+        rest = strip_units(prefix + [Tok("num", "1", True)] + unit[1:]) if len(unit) > 1 else None
+        if rest is not None and rest[-1].text != "1":
+            return toks
+        return [Tok("op", "(")] + prefix + [Tok("op", ")")] + mult
     words = [t.text for t in unit if t.kind == "word"]
     for w in words:
         if w in UNIT_WORDS or w.lower() in UNIT_WORDS:
@@ -497,6 +506,9 @@ class Parser:
         t = self.peek()
         return t is not None and t.kind in ("op", "cmd", "sep", "rowsep") and t.text in texts
 
+    def at_sep(self) -> bool:
+        return self.at(",", ";", "\\\\") or (self.peek() is not None and self.peek().kind == "sep")
+
     def take(self) -> Tok:
         t = self.peek()
         if t is None:
@@ -522,8 +534,9 @@ class Parser:
     # -- grammar
     def parse_answer(self):
         items = [self.element()]
-        while self.at(",", ";", "\\\\") or (self.peek() is not None and self.peek().kind == "sep"):
-            self.take()
+        while self.at_sep():
+            while self.at_sep():  # "1, 2, and 3"
+                self.take()
             if self.peek() is None:
                 break
             items.append(self.element())
@@ -630,6 +643,8 @@ class Parser:
                 rhs = self.factor()
                 acc = _div(acc, rhs)
             elif self.starts_atom(t):
+                if t.kind == "num" and self.i > 0 and self.t[self.i - 1].kind == "num":
+                    raise ParseError("two numbers side by side")
                 rhs = self.factor(implicit=True)
                 acc = _mul(acc, rhs)
             else:
@@ -799,7 +814,8 @@ class Parser:
                 return SetConst("empty")
             items.append(self.element())
             while self.at(",", ";") or (self.peek() is not None and self.peek().kind == "sep"):
-                self.take()
+                while self.at(",", ";") or (self.peek() is not None and self.peek().kind == "sep"):
+                    self.take()
                 items.append(self.element())
             close = self.take()
             if open_text == "\\{":
@@ -1013,6 +1029,12 @@ def _simple_lhs(toks: list[Tok]) -> bool:
     if not (t0.kind == "word" and len(t0.text) == 1 or t0.kind == "cmd" and t0.text[1:] in GREEK):
         return False
     rest = toks[1:]
+    if [t.text for t in rest[:5]] == ["^", "{", "-", "1", "}"]:
+        rest = rest[5:]
+    elif [t.text for t in rest[:3]] == ["^", "-", "1"]:
+        rest = rest[3:]
+    while rest and rest[0].text == "'":
+        rest = rest[1:]
     if rest and rest[0].text == "_":
         if len(rest) >= 2 and rest[1].text == "{":
             k = next((j for j, t in enumerate(rest) if t.text == "}"), None)
