@@ -430,6 +430,8 @@ def equivalent(pred: str | None, gold: str | None) -> bool:
             G2 = parse_answer(_NUMBER_WORDS[gt])
             return values_equal(P.value, G2.value)
         return False
+    if P.flags.units and G.flags.units and P.flags.units != G.flags.units:
+        return False  # "6 inches" vs "6 feet": both name a unit, and not the same one
     for pv in _candidates(P):
         for gv in _candidates(G):
             try:

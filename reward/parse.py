@@ -79,6 +79,7 @@ class Flags:
     percent: bool = False
     degree: bool = False
     text_like: bool = False
+    units: tuple = ()         # unit words stripped after a number, canonical ('inch',), ('dollar',)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ _UNICODE = {
 }
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 
-_TEXT_CMDS = ("text", "textbf", "textit", "textrm", "textsf", "texttt", "textnormal", "mathrm", "mathbf", "mathit",
+_TEXT_CMDS = ("boxed", "fbox", "text", "textbf", "textit", "textrm", "textsf", "texttt", "textnormal", "mathrm", "mathbf", "mathit",
               "mathsf", "mathtt", "mbox", "hbox", "operatorname", "emph", "boldsymbol", "bm", "mathnormal", "rm",
               "bf", "it", "textup", "textmd", "mathbfit", "pmb")
 _TEXT_CMD_RE = re.compile(r"\\(?:%s)\s*\{" % "|".join(_TEXT_CMDS))
@@ -354,6 +355,33 @@ def strip_units(toks: list[Tok]) -> list[Tok]:
     if len(words) == 1 and len(words[0]) == 1 and not unit[0].space_before:
         return toks
     return prefix
+
+
+_UNIT_CANON = {"in": "inch", "inches": "inch", "ft": "foot", "feet": "foot", "yd": "yard", "mi": "mile",
+               "m": "meter", "metre": "meter", "cm": "centimeter", "mm": "millimeter", "km": "kilometer",
+               "g": "gram", "kg": "kilogram", "mg": "milligram", "lb": "pound", "lbs": "pound", "oz": "ounce",
+               "s": "second", "sec": "second", "secs": "second", "min": "minute", "mins": "minute", "h": "hour",
+               "hr": "hour", "hrs": "hour", "l": "liter", "litre": "liter", "ml": "milliliter",
+               "usd": "dollar", "deg": "degree", "rad": "radian", "pt": "point", "pts": "point", "kph": "kmh",
+               "kmph": "kmh"}
+_UNIT_IGNORE = {"sq", "square", "cubic", "per", "of", "and"}
+
+
+def canonical_units(unit_toks: list[Tok]) -> tuple:
+    """('5 sq ft' -> ('foot',)): unit words, singular and canonical, without square/cubic/powers."""
+    out = []
+    for t in unit_toks:
+        if t.kind != "word":
+            continue
+        w = t.text.lower()
+        if w in _UNIT_IGNORE:
+            continue
+        w = _UNIT_CANON.get(w, w)
+        if w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+            w = w[:-1]
+        w = _UNIT_CANON.get(w, w)
+        out.append(w)
+    return tuple(out)
 
 
 def text_form(s: str) -> str:
@@ -806,13 +834,20 @@ class Parser:
         self.take()
         self.enter()
         abs_saved = self.abs_depth
-        self.abs_depth = 0
+        self.abs_depth = 1 if open_text == "\\{" else 0  # in a set, '|' may be set-builder notation
         try:
             items = []
             if open_text == "\\{" and self.at("\\}"):
                 self.take()
                 return SetConst("empty")
             items.append(self.element())
+            if open_text == "\\{" and self.at("|", ":") and isinstance(items[0], sympy.Symbol):
+                self.take()  # {x | x > 0}: the condition, when it is an inequality in x
+                cond = self.element()
+                self.expect("\\}")
+                if isinstance(cond, Rel) and any(p == items[0] for p in cond.parts):
+                    return cond
+                raise ParseError("set-builder condition")
             while self.at(",", ";") or (self.peek() is not None and self.peek().kind == "sep"):
                 while self.at(",", ";") or (self.peek() is not None and self.peek().kind == "sep"):
                     self.take()
@@ -1164,7 +1199,10 @@ def parse_answer(s: str) -> Parsed:
         return out
     try:
         toks = tokenize(cleaned)
-        toks = strip_units(toks)
+        stripped = strip_units(toks)
+        if len(stripped) < len(toks):
+            flags.units = canonical_units(toks[len(stripped):] if stripped[-1].text != "*" else [])
+        toks = stripped
         if is_text_like(toks):
             flags.text_like = True
             out.error = "text"
