@@ -40,8 +40,8 @@ class TooBig(ParseError):
     pass
 
 
-PM = sympy.Symbol("PLUSMINUS_")   # placeholder for \pm: expanded to +1 and -1 after parsing
-DEG = sympy.Symbol("DEGREE_")     # placeholder for a degree mark: compared both as 1 and as pi/180
+PM = sympy.Symbol("PLUSMINUS_", real=True)   # placeholder for \pm: expanded to +1 and -1 after parsing
+DEG = sympy.Symbol("DEGREE_", positive=True)     # placeholder for a degree mark: compared both as 1 and as pi/180
 
 
 @dataclass
@@ -413,6 +413,10 @@ def safe_pow(base, exp):
         raise ParseError("power of a non-scalar")
     if base.has(sympy.zoo, sympy.nan) or exp.has(sympy.zoo, sympy.nan):
         raise ParseError("undefined")
+    if base.has(sympy.oo, -sympy.oo) or exp.has(sympy.oo, -sympy.oo):
+        raise ParseError("power with infinity")
+    if base == 0 and not exp.is_number:
+        raise ParseError("0 to a symbolic power")
     if exp.is_Rational:
         if base in (sympy.S.Zero, sympy.S.One, sympy.S.NegativeOne):
             if base == 0 and exp.is_negative:
@@ -442,7 +446,10 @@ def safe_pow(base, exp):
         if approx is None or approx > 1e6:
             raise TooBig("exponent too large")
         return sympy.Pow(base, exp, evaluate=base.is_number is False or approx < 1e4)
-    # symbolic exponent
+    # symbolic exponent: no huge numbers inside it, or sympy may combine b^x * b^(N - x) into b^N
+    for atom in exp.atoms(sympy.Number):
+        if atom.is_Rational and (abs(atom.p) > MAX_EXPONENT or atom.q > MAX_EXPONENT):
+            raise TooBig("large number in a symbolic exponent")
     return sympy.Pow(base, exp)
 
 
@@ -472,19 +479,19 @@ def safe_factorial(n):
             raise TooBig("factorial too large")
         return sympy.factorial(n)
     if n.is_number:
-        a = _approx_abs(n)
-        if a is None or a > MAX_FACTORIAL:
-            raise TooBig("factorial too large")
-        return sympy.factorial(n, evaluate=False) if not n.is_Rational else sympy.gamma(n + 1)
+        raise ParseError("factorial of a non-integer number")
     return sympy.factorial(n)
 
 
 def safe_binomial(n, k):
     for v in (n, k):
         if v.is_number:
-            a = _approx_abs(v)
-            if a is None or a > MAX_BINOM:
+            if not v.is_Integer:
+                raise ParseError("binomial of a non-integer number")
+            if abs(v) > MAX_BINOM:
                 raise TooBig("binomial too large")
+    if k.is_Integer and not n.is_number and abs(k) > 50:
+        raise TooBig("symbolic binomial too large")
     return sympy.binomial(n, k)
 
 
@@ -753,11 +760,11 @@ class Parser:
                 v = _scalar(v) * DEG
             elif self.at("_") and isinstance(v, sympy.Symbol):
                 self.take()
-                v = sympy.Symbol(v.name + "_" + self.subscript_name())
+                v = sympy.Symbol(v.name + "_" + self.subscript_name(), real=True)
             elif self.at("'"):
                 self.take()
                 if isinstance(v, sympy.Symbol):
-                    v = sympy.Symbol(v.name + "'")
+                    v = sympy.Symbol(v.name + "'", real=True)
                 else:
                     raise ParseError("prime")
             else:
@@ -828,7 +835,7 @@ class Parser:
             return sympy.E
         if ch == "i":
             return sympy.I
-        return sympy.Symbol(ch)
+        return sympy.Symbol(ch, real=True)
 
     def bracketed(self, open_text: str):
         self.take()
@@ -975,7 +982,7 @@ class Parser:
             if name == "emptyset":
                 return SetConst("empty")
             if name in GREEK:
-                return sympy.Symbol(name.replace("var", ""))
+                return sympy.Symbol(name.replace("var", ""), real=True)
             if name in ("lfloor", "lceil"):
                 inner = _scalar(self.sum())
                 self.expect("\\rfloor" if name == "lfloor" else "\\rceil")
@@ -1012,6 +1019,8 @@ class Parser:
                 raise ParseError("log base")
             val = sympy.log(arg) / sympy.log(base)
         else:
+            if arg.has(sympy.oo, -sympy.oo):
+                raise ParseError("function of infinity")
             val = FUNCS[name](arg)
         if power is not None:
             val = safe_pow(val, power)
