@@ -41,7 +41,11 @@ def ours(response: str, gold: str) -> float:
 
 
 def math_verify_score(response: str, gold: str) -> float:
+    import logging
+
     import math_verify  # lazily: a dev dependency
+
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it logs every parse timeout
 
     if any(t in gold for t in ("\\boxed", "$", "\\(", "\\[", "####")):
         g = math_verify.parse(gold)
@@ -119,14 +123,17 @@ def main(argv=None) -> int:
 
     # latency
     print()
-    print(f"{'verifier':12s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>9s} {'pairs/s':>8s} {'timeouts':>9s} {'errors':>7s}")
+    print("latency of one call (ms); 'excl. hostile' leaves out the hostile category")
+    print(f"{'verifier':12s} {'p50':>8s} {'p99':>8s} {'max':>9s} {'p99 excl. hostile':>18s} {'pairs/s':>8s} "
+          f"{'timeouts':>9s} {'errors':>7s}")
     for name in names:
         res, wall = report[name]
         lat = [r.elapsed if r.status != "timeout" else args.timeout for r in res]
+        benign = [x for x, c in zip(lat, CASES) if c.category != "hostile"]
         timeouts = sum(r.status == "timeout" for r in res)
         errors = sum(r.status == "error" for r in res)
         print(f"{name:12s} {1000 * percentile(lat, 50):8.2f} {1000 * percentile(lat, 99):8.2f} "
-              f"{1000 * max(lat):9.1f} {n / wall:8.1f} {timeouts:9d} {errors:7d}")
+              f"{1000 * max(lat):9.1f} {1000 * percentile(benign, 99):18.2f} {n / wall:8.1f} {timeouts:9d} {errors:7d}")
 
     for name in names:
         res = report[name][0]

@@ -40,3 +40,17 @@ def is_correct(response: str, answer) -> bool:
 def score(response: str, answer) -> float:
     """1.0 if the final answer in `response` is equivalent to the reference `answer`, else 0.0."""
     return 1.0 if is_correct(response, answer) else 0.0
+
+
+_WARMUP = [
+    (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{(x+1)^2}", "x^2+2x+1"), (r"\boxed{x^{2}+\frac{1}{x^{2}}}", "x^2+x^{-2}"),
+    (r"\boxed{\sin 30^\circ}", r"\frac12"), (r"\boxed{[0, \infty)}", r"x \ge 0"), (r"\boxed{\pm 2}", "2, -2"),
+    (r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", "(1,2)"), ("The answer is (B).", "B"), (r"\boxed{3+4i}", "|3+4i|"),
+    (r"\boxed{\text{Monday}}", "monday"), ("#### 1,000", "1000"),
+]
+
+
+def warmup() -> None:
+    """Exercise the main code paths once (sympy lazily imports and caches a lot on first use)."""
+    for response, answer in _WARMUP:
+        score(response, answer)

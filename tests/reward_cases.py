@@ -41,6 +41,8 @@ CASES: list[Case] = [
     C("boxed", r"\[\boxed{-\frac{7}{3}}\]", r"-\frac{7}{3}", True),
     C("boxed", r"\boxed{}", "0", False, "empty box"),
     C("boxed", r"The probability is $\boxed{\dfrac{5}{36}}$.", r"\frac{5}{36}", True),
+    C("boxed", r"$\boxed{\boxed{8}}$", "8", True, "nested boxes"),
+    C("boxed", r"The side is $\boxed{6\text{ cm}}$ and the area is $\boxed{36\text{ cm}^2}$.", "36", True, "last box"),
     # ------------------------------------------------------------------------------------------ gsm8k
     C("gsm8k", "Natalia sold 48/2 = 24 clips in May.\nAltogether she sold 48+24 = 72 clips.\n#### 72", "72", True),
     C("gsm8k", "She earns 12/60 = 0.2 per minute. 0.2*50 = 10.\n#### 10", "10", True),
@@ -70,6 +72,10 @@ CASES: list[Case] = [
     C("answer_phrase", "The answer is 7. Wait, no: the answer is 8.", "8", True, "last phrase wins"),
     C("answer_phrase", "The answer is 7. Wait, no: the answer is 8.", "7", False, "last phrase wins"),
     C("answer_phrase", "After simplifying, the answer is -3.", "-3", True),
+    C("answer_phrase", "Final answer: x = 5, y = 3", "(5, 3)", True),
+    C("answer_phrase", "The answer is 5 or 6.", "5", False, "hedged between two answers"),
+    C("answer_phrase", r"The answer is \(\frac{1}{2}\).", "0.5", True),
+    C("answer_phrase", "The answer is $5$ dollars.", "5", True),
     # ------------------------------------------------------------------------------------------ truncated
     C("truncated", r"So the result is $\boxed{\frac{1}{2", r"\frac12", False, "unclosed box"),
     C("truncated", r"The answer is \boxed{12", "12", False, "unclosed box"),
@@ -99,6 +105,8 @@ CASES: list[Case] = [
     C("multiple_choice", "After eliminating the others, the best choice is D.", "D", True),
     C("multiple_choice", "After eliminating the others, the best choice is D.", "A", False),
     C("multiple_choice", r"\boxed{b}", "B", True, "lower-case letter"),
+    C("multiple_choice", "The answer is (C) and (D).", "C", False, "two options named"),
+    C("multiple_choice", "So the correct choice is (B).", "B", True),
     # ------------------------------------------------------------------------------------------ fallback
     C("fallback", "42", "42", True, "bare answer"),
     C("fallback", r"$\frac{3}{4}$", "0.75", True, "bare LaTeX answer"),
@@ -117,6 +125,10 @@ CASES: list[Case] = [
     C("fallback", "So the perimeter is $24$ cm.", "24", True),
     C("fallback", "In total, 35 students attended.", "35", True),
     C("fallback", "So the perimeter is $24$ cm.", "26", False),
+    C("fallback", "The total number of apples is 14.", "14", True, "final 'X is N' sentence"),
+    C("fallback", "This is 5 more than before.", "5", False, "not an answer statement"),
+    C("fallback", "We need $x$ such that $2x = 10$, so $x = 5$.", "5", True),
+    C("fallback", "The value is 3.14159.", r"\pi", False),
     # ------------------------------------------------------------------------------------------ latex_cleanup
     C("latex_cleanup", r"\boxed{\left( \frac{1}{2}, 3 \right)}", r"(\frac12,3)", True),
     C("latex_cleanup", r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", True),
@@ -140,6 +152,10 @@ CASES: list[Case] = [
     C("latex_cleanup", r"\boxed{\mathrm{50}}", "50", True),
     C("latex_cleanup", r"\boxed{7 \text{ km/h}}", "7", True),
     C("latex_cleanup", r"\boxed{\left|-3\right|}", "3", True),
+    C("latex_cleanup", r"\boxed{11,\! 111}", "11111", True, "MATH-style thousands separator"),
+    C("latex_cleanup", r"\boxed{6 \text{ inches}}", r"6\text{ feet}", False, "different units"),
+    C("latex_cleanup", r"\boxed{1.5 \text{ million}}", "1500000", True),
+    C("latex_cleanup", r"\boxed{100^\circ \text{C}}", "100", True),
     # ------------------------------------------------------------------------------------------ rational
     C("rational", r"\boxed{0.5}", r"\frac{1}{2}", True),
     C("rational", r"\boxed{\frac{1}{2}}", "0.5", True),
@@ -225,6 +241,9 @@ CASES: list[Case] = [
     C("sets_intervals", r"\boxed{\mathbb{R}}", r"(-\infty, \infty)", True),
     C("sets_intervals", r"\boxed{\emptyset}", r"\varnothing", True),
     C("sets_intervals", r"\boxed{x \in [2, 5)}", "[2,5)", True),
+    C("sets_intervals", r"\boxed{\{x \mid x > 0\}}", r"(0, \infty)", True, "set-builder"),
+    C("sets_intervals", r"\boxed{(1, 2)}", r"\{1, 2\}", False, "pair vs set"),
+    C("sets_intervals", r"\boxed{x < -3 \text{ or } x > 3}", r"(-\infty,-3)\cup(3,\infty)", True),
     # ------------------------------------------------------------------------------------------ lists
     C("lists", r"\boxed{2, 3}", "3, 2", True, "unordered list of solutions"),
     C("lists", r"\boxed{x = 2 \text{ or } x = 3}", "2, 3", True),
@@ -240,6 +259,8 @@ CASES: list[Case] = [
     C("lists", r"The solutions are $\boxed{-3}$ and $\boxed{4}$.", "4, -3", True),
     C("lists", r"\boxed{0, 1, -1}", "-1, 0, 1", True),
     C("lists", r"\boxed{3, 4}", "3, 5", False),
+    C("lists", r"\boxed{1, 2, \text{ and } 3}", "3, 2, 1", True),
+    C("lists", r"\boxed{a=3, b=2}", "a=2, b=3", False, "values swapped between named unknowns"),
     # ------------------------------------------------------------------------------------------ matrices
     C("matrices", r"\boxed{\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", True),
     C("matrices", r"\boxed{\begin{bmatrix} 1 & 2 \\ 3 & 4 \end{bmatrix}}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}", True),
@@ -267,6 +288,8 @@ CASES: list[Case] = [
     C("complex", r"\boxed{\frac{1}{i}}", "-i", True),
     C("complex", r"\boxed{5}", r"|3+4i|", True),
     C("complex", r"\boxed{2 + 3i, 2 - 3i}", r"2 \pm 3i", True),
+    C("complex", r"\boxed{-4 + 3i}", "3i - 4", True),
+    C("complex", r"\boxed{\sqrt{-1}}", "i", True),
     # ------------------------------------------------------------------------------------------ text
     C("text", r"\boxed{\text{Monday}}", "Monday", True),
     C("text", r"\boxed{\text{monday}}", r"\text{Monday}", True, "case"),
