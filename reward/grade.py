@@ -15,7 +15,7 @@ import re
 import sympy
 
 from reward.numeric import DPS, NumericError, evaluate, _CTX
-from reward.parse import (DEG, Mat, Parsed, ParseError, Rel, Seq, SetConst, Union, has_symbol, parse_answer,
+from reward.parse import (DEG, Mat, Parsed, ParseError, Rel, Seq, SetConst, SetDiff, Union, has_symbol, parse_answer,
                           subs_value, text_form)
 
 _TOL = _CTX.mpf(10) ** (-(DPS - 20))
@@ -128,7 +128,7 @@ def _is_scalar(v) -> bool:
 
 
 def _is_intervalish(v) -> bool:
-    if isinstance(v, (SetConst, Union)):
+    if isinstance(v, (SetConst, Union, SetDiff)):
         return True
     if isinstance(v, Rel):
         return any(op not in ("=",) for op in v.ops)
@@ -173,6 +173,9 @@ def to_set(v):
         if isinstance(v, Union):
             sets = [to_set(x) for x in v.items]
             return None if any(s is None for s in sets) else sympy.Union(*sets)
+        if isinstance(v, SetDiff):
+            a, b = to_set(v.left), to_set(v.right)
+            return None if a is None or b is None else sympy.Complement(a, b)
         if isinstance(v, Rel):
             if v.ops == ["in"]:
                 return to_set(v.parts[1])
@@ -189,6 +192,11 @@ _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}
 
 def _inequality_set(r: Rel):
     parts, ops = r.parts, r.ops
+    if ops == ["!="] and all(_is_scalar(p) for p in parts):  # x != 2  ->  (-oo, 2) U (2, oo)
+        var, other = (parts[0], parts[1]) if isinstance(parts[0], sympy.Symbol) else (parts[1], parts[0])
+        if isinstance(var, sympy.Symbol) and not other.has(var) and _real_number(other):
+            return sympy.Union(sympy.Interval.open(-sympy.oo, other), sympy.Interval.open(other, sympy.oo))
+        return None
     if any(op not in ("<", ">", "<=", ">=", "=") for op in ops) or not all(_is_scalar(p) for p in parts):
         return None
     syms = [i for i, p in enumerate(parts) if isinstance(p, sympy.Symbol)]

@@ -70,6 +70,12 @@ class Union:
 
 
 @dataclass
+class SetDiff:
+    left: object
+    right: object
+
+
+@dataclass
 class SetConst:
     name: str                 # 'R' | 'empty'
 
@@ -91,7 +97,7 @@ _UNICODE = {
     "\u22c5": r"\cdot ", "\u221a": r"\sqrt ", "\u03c0": r"\pi ", "\u221e": r"\infty ", "\u2264": r"\le ",
     "\u2265": r"\ge ", "\u2260": r"\ne ", "\u222a": r"\cup ", "\u2229": r"\cap ", "\u00b0": r"^\circ ",
     "\u2205": r"\emptyset ", "\u211d": r"\mathbb{R}", "\u00bd": "(1/2)", "\u00bc": "(1/4)", "\u00be": "(3/4)",
-    "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u2007": " ", "\u2032": "'", "\u00b2": "^2", "\u00b3": "^3",
+    "\u200b": "", "\ufeff": "", "\u2060": "", "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u2007": " ", "\u2032": "'", "\u00b2": "^2", "\u00b3": "^3",
     "\u2248": r"\approx ", "\u00b1": r"\pm ", "\u2213": r"\mp ", "\u2208": r"\in ", "\uff0c": ",",
 }
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
@@ -590,7 +596,10 @@ class Parser:
                 while self.at("\\cup"):
                     self.take()
                     items.append(self.relation())
-                return Union(items)
+                first = Union(items)
+            if self.at("\\setminus", "\\backslash"):
+                self.take()
+                return SetDiff(first, self.relation())
             return first
         finally:
             self.leave()
