@@ -21,7 +21,7 @@ from reward.parse import (DEG, Mat, Parsed, ParseError, Rel, Seq, SetConst, SetD
 _TOL = _CTX.mpf(10) ** (-(DPS - 20))
 
 _MC_GOLD = re.compile(r"^\(?\s*([A-J])\s*\)?$")
-_MC_PRED = re.compile(r"^(?:(?:option|choice|answer)\s*:?\s*)?\(?\s*([A-Ja-j])\s*\)?(?=$|[\s.:,)])", re.I)
+_MC_PRED = re.compile(r"^(?:(?:option|choice|answer)\s*:?\s*)?\(?\s*([A-Ja-j])\s*\)?(?=$|[\s.:,)])(?!(?-i:\s+[a-z]))", re.I)
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -36,13 +36,23 @@ def _mc_letter_gold(cleaned: str) -> str | None:
 _MC_ANY = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
 
 
+_MC_NAMED = re.compile(r"\(([A-J])\)|(?:option|choice|answer)\s*:?\s*\(?([A-J])\b|(?<![A-Za-z\\'])([A-J])(?![A-Za-z'])"
+                       r"(?!(?-i:\s+[a-z]))", re.I)
+
+
 def _mc_letter_pred(cleaned: str) -> str | None:
-    m = _MC_PRED.match(cleaned.strip())
-    if not m:
-        return None
-    letter = m.group(1).upper()
-    others = {x for x in _MC_ANY.findall(cleaned)} - {letter}
-    return None if others else letter  # "(C) and (D)" names two options: no single answer
+    """The option a prediction names: '(B)', 'B', 'B) 12', '\\textbf{(B)} 48', 'I choose C', 'option d'."""
+    text = cleaned.strip()
+    letters = set()
+    for m in _MC_NAMED.finditer(text):
+        if m.group(1) or m.group(2):
+            letters.add((m.group(1) or m.group(2)).upper())
+        elif m.group(3).isupper():  # a bare capital not used as a word ('I think', 'A cat')
+            letters.add(m.group(3))
+    m = _MC_PRED.match(text)
+    if m:
+        letters.add(m.group(1).upper())
+    return letters.pop() if len(letters) == 1 else None  # "(C) and (D)" names two options: no single answer
 
 
 # ----------------------------------------------------------------------------------------------------------
