@@ -79,7 +79,7 @@ def execute(ref: str, args: tuple, kwargs: dict) -> CallResult:
         return CallResult("ok", value, "", time.perf_counter() - t0)
     except RewardValueError as exc:
         return CallResult("error", None, str(exc), time.perf_counter() - t0)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a reward calling sys.exit() must not end the run
         return CallResult("error", None, _describe(exc), time.perf_counter() - t0)
 
 

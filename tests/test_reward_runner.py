@@ -55,6 +55,10 @@ def returns_inf(prompt, completion, **_):
     return math.inf
 
 
+def exits(prompt, completion, **_):
+    raise SystemExit(1)
+
+
 def dies(prompt, completion, **_):
     os._exit(3)
 
@@ -151,7 +155,7 @@ def test_kwargs_filtered_for_functions_without_var_kwargs():
     assert res.rewards == [1.0, 0.0] and res.errors == 0
 
 
-@pytest.mark.parametrize("bad", [raises, returns_nan, returns_none, returns_str, returns_inf])
+@pytest.mark.parametrize("bad", [raises, returns_nan, returns_none, returns_str, returns_inf, exits])
 def test_failing_rewards_score_zero_and_are_counted(bad, caplog):
     specs = [{"name": "math_answer"}, {"name": ref(bad), "weight": 1.0}]
     with caplog.at_level(logging.WARNING, logger="reward.registry"):
