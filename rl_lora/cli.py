@@ -38,6 +38,7 @@ def _eval(args) -> int:
                      out_dir=args.out or "", dtype=args.dtype, max_model_len=args.max_model_len,
                      gpu_memory_utilization=args.gpu_memory_utilization,
                      tensor_parallel_size=args.tensor_parallel_size, reward_workers=args.reward_workers,
+                     reward_timeout_s=args.reward_timeout_s,
                      train_data=args.train_data or "")
     cfg.validate()  # before the data config, which may read a run's config.yaml
     payload = run_eval(cfg, eval_data_config(args.config, args.overrides, cfg.adapters), progress=not args.quiet)
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU only (default 0.9)")
     e.add_argument("--tensor-parallel-size", type=int, default=1, help="GPU only")
     e.add_argument("--reward-workers", type=int, default=2, help="verifier worker processes (default 2)")
+    e.add_argument("--reward-timeout-s", type=float, default=5.0, help="verifier time limit per completion")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_eval)
     return parser

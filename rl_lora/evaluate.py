@@ -23,6 +23,7 @@ loop's periodic eval on the live adapter through the running sampler; returns `e
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -34,6 +35,9 @@ from rl_lora.config import ConfigError, DataConfig
 
 BOOTSTRAP_RESAMPLES = 2000  # percentile-interval endpoints move < 0.005 between seeds at this count (AIME, k=16)
 LIVE_EVAL_SEED = 7_000_000  # fixed request seeds: every in-training eval sees the same random numbers (paired)
+# Adapter versions pushed by `run_eval`: a range of their own, never reused in this process. A reused version is
+# a reused vLLM LoRA name, and vLLM's prefix cache (keyed by name) would serve KV computed by the old adapter.
+_EVAL_VERSIONS = itertools.count(1_000_001)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ def eval_live(sampler, adapter_ref, prompts_P: list[list[int]], problems, scorer
 
 def evaluate_models(sampler, models: list[tuple[str, object]], evalsets, data_cfg: DataConfig, scorer, *, k: int,
                     temperature: float, max_tokens: int, top_p: float = 1.0, seed: int = 0,
-                    progress: bool = False) -> tuple[list[dict], list[dict]]:
+                    progress: bool = False, log=None) -> tuple[list[dict], list[dict]]:
     """Every (model, eval set) pair from ONE generate call: prompts under different adapters are batched
     together (multi-LoRA). `models` are (label, AdapterRef or None for the base). Returns (result rows,
     sample rows)."""
@@ -209,9 +213,11 @@ def evaluate_models(sampler, models: list[tuple[str, object]], evalsets, data_cf
         raise ConfigError(f"--max-tokens: longest prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
                           f"engine's context ({sampler.max_model_len}); raise --max-model-len or lower --max-tokens")
     requests = [(m, e, ids) for m in range(len(models)) for e in range(len(evalsets)) for ids in prompts_E[e]]
+    t0 = time.perf_counter()
     groups = sampler.generate([ids for _, _, ids in requests], n=k, adapters=[models[m][1] for m, _, _ in requests],
                               seed=seed, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
                               use_tqdm=progress)
+    t1 = time.perf_counter()
     rows, sample_rows, start = [], [], 0
     for label, _ in models:
         for es in evalsets:
@@ -231,6 +237,8 @@ def evaluate_models(sampler, models: list[tuple[str, object]], evalsets, data_cf
         if b is not None and r is not b:
             delta, ci = paired_delta(r["correct_per_problem"], b["correct_per_problem"], k, seed=seed)
             r["delta_avg_vs_base"], r["delta_avg_vs_base_ci95"] = delta, ci
+    if log is not None:
+        log(f"sampled {len(requests) * k} completions in {t1 - t0:.1f} s, verified in {time.perf_counter() - t1:.1f} s")
     return rows, sample_rows
 
 
@@ -380,16 +388,16 @@ def run_eval(cfg: EvalConfig, data_cfg: DataConfig | None = None, *, sampler=Non
     scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers)
     pushed = []
     try:
-        first = max(sampler.live, default=0) + 1  # versions must be new in this engine
         models: list[tuple[str, object]] = [("base", None)]
-        for i, (label, path, _) in enumerate(adapters):
-            ref = sampler.push(first + i, lambda d, src=path: shutil.copytree(src, d), evict_older=False)
+        for label, path, _ in adapters:
+            version = next(v for v in _EVAL_VERSIONS if v not in sampler.live)
+            ref = sampler.push(version, lambda d, src=path: shutil.copytree(src, d), evict_older=False)
             pushed.append(ref.version)
             models.append((label, ref))
         t0 = time.perf_counter()
         rows, sample_rows = evaluate_models(sampler, models, evalsets, data_cfg, scorer, k=cfg.k,
                                             temperature=cfg.temperature, max_tokens=cfg.max_tokens, top_p=cfg.top_p,
-                                            seed=cfg.seed, progress=progress)
+                                            seed=cfg.seed, progress=progress, log=log)
         elapsed = time.perf_counter() - t0
     finally:
         scorer.close()
