@@ -138,7 +138,8 @@ def _sentence_end(s: str) -> str:
     return s[:m.start()] if m else s
 
 
-def _phrase_answer(text: str) -> str | None:
+def _phrase_answer(text: str) -> tuple[str | None, int]:
+    """(answer after the last answer phrase, where that phrase starts) or (None, -1)."""
     matches = list(_ANSWER_PHRASE.finditer(text))
     for m in reversed(matches):
         rest = _strip_md(text[m.end():]).lstrip(" \t:*")
@@ -153,8 +154,15 @@ def _phrase_answer(text: str) -> str | None:
             ans = re.split(r"\s+(?:because|since|as|which|so|for|when|where)\b|;|\s+\(since", ans, maxsplit=1)[0]
         ans = ans.strip().rstrip(".,;:!").strip()
         if ans:
-            return ans
-    return None
+            return ans, m.start()
+    return None, -1
+
+
+def _last_sentence_start(text: str) -> int:
+    t = text.rstrip().rstrip(".!").rstrip()
+    start = t.rfind("\n") + 1
+    ends = [m.end() for m in re.finditer(r"[.!?]\s+(?=[A-Z$\\])", t[start:])]
+    return start + (ends[-1] if ends else 0)
 
 
 def _bare_answer(text: str) -> str | None:
@@ -194,7 +202,7 @@ def _short_math_tail(tail: str, max_words: int) -> str | None:
     return tail
 
 
-def _conclusion_answer(text: str) -> str | None:
+def _conclusion_answer(text: str, require_cue: bool = False) -> str | None:
     t = _strip_md(text).rstrip()
     if not t or t[-1] not in ".!$":  # a finished sentence, not a cut-off one
         return None
@@ -216,6 +224,8 @@ def _conclusion_answer(text: str) -> str | None:
             nums = _NUMBER.findall(seg)
             if len(nums) == 1:
                 return nums[0].strip()
+        return None
+    if require_cue:
         return None
     # no cue word: only "<subject> is <short answer>." as the very last sentence
     verbs = [m for m in _VERB.finditer(sent) if m.group(0) != "=" and not _inside_math(sent, m.start())]
@@ -240,8 +250,13 @@ def extract(response: str | None) -> str | None:
     if gsm:
         ans = gsm[-1].strip().rstrip(".")
         return ans or None
-    phrase = _phrase_answer(text)
+    phrase, where = _phrase_answer(text)
     if phrase is not None:
+        # "I first thought the answer is 5. ... So the total is 12." -- a later concluding sentence wins
+        if where < _last_sentence_start(text):
+            later = _conclusion_answer(text, require_cue=True)
+            if later is not None:
+                return later
         return phrase
     bare = _bare_answer(text)
     if bare is not None:

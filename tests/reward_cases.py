@@ -76,6 +76,10 @@ CASES: list[Case] = [
     C("answer_phrase", "The answer is 5 or 6.", "5", False, "hedged between two answers"),
     C("answer_phrase", r"The answer is \(\frac{1}{2}\).", "0.5", True),
     C("answer_phrase", "The answer is $5$ dollars.", "5", True),
+    C("answer_phrase", "I first thought the answer is 5. But recalculating, 3 * 4 = 12. So the total is 12.", "12", True,
+      "a later concluding sentence overrides an earlier answer phrase"),
+    C("answer_phrase", "I first thought the answer is 5. But recalculating, 3 * 4 = 12. So the total is 12.", "5", False),
+    C("boxed", r"\boxed{\text{Answer: } 17}", "17", True, "label inside the box"),
     # ------------------------------------------------------------------------------------------ truncated
     C("truncated", r"So the result is $\boxed{\frac{1}{2", r"\frac12", False, "unclosed box"),
     C("truncated", r"The answer is \boxed{12", "12", False, "unclosed box"),
