@@ -435,7 +435,7 @@ def equivalent(pred: str | None, gold: str | None) -> bool:
             return True
         if P.flags.text_like and not G.flags.text_like:
             # "\text{The area is } 6": a sentence inside the box that ends in the answer
-            m = re.search(r"(?:\bis\b|\bare\b|\bequals\b|=|\banswer\s*:)([^=:]*)$", P.cleaned)
+            m = re.search(r"(?:\bis\b|\bare\b|\bequals\b|=|\banswer\s*:)([^=:]*)$", P.cleaned, re.I)
             if m and m.group(1).strip() and G.value is not None:
                 tail = parse_answer(m.group(1).strip())
                 if tail.value is not None and not tail.flags.text_like:
