@@ -144,6 +144,8 @@ _SIMPLE_SUBS = [
 _PHRASES = [
     (re.compile(r"^(?:the\s+set\s+of\s+)?all\s+real\s+numbers$|^all\s+reals$|^\(\s*-\s*\\infty\s*,\s*\\infty\s*\)$",
                 re.I), r"\\REALS"),
+    (re.compile(r"^(?:there\s+(?:is|are)\s+)?no\s+(?:real\s+)?(?:solutions?|roots?)$|^the\s+empty\s+set$", re.I),
+     r"\\emptyset"),
 ]
 
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d])(?!,\d)")
@@ -396,6 +398,7 @@ def text_form(s: str) -> str:
     s = re.sub(r"\\[a-z]+", " ", s)
     s = re.sub(r"[{}()\[\].,;:!?\"'`*]", " ", s)
     s = re.sub(r"\b(?:the|a|an)\b", " ", s)
+    s = re.sub(r"\b(\w{3,}?)s\b", r"\1", s)  # plural: 'no solutions' ~ 'no solution'
     return re.sub(r"\s+", " ", s).strip()
 
 
