@@ -120,7 +120,8 @@ _SIMPLE_SUBS = [
     (re.compile(r"~"), " "),
     (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|\^\s*\{\s*o\s*\}(?![a-zA-Z])"), "\x01"),  # degree mark
     (re.compile(r"\\%|%|\\percent"), "\x02"),                                                       # percent mark
-    (re.compile(r"\\\$|\$"), ""),
+    (re.compile(r"\\textdollar(?![a-zA-Z])|\\\$|\$"), ""),
+    (re.compile(r"\\(?:angle|measuredangle|triangle)(?![a-zA-Z])\s*"), ""),
     (re.compile(r"\\lbrace(?![a-zA-Z])"), r"\\{"),
     (re.compile(r"\\rbrace(?![a-zA-Z])"), r"\\}"),
     (re.compile(r"\\langle(?![a-zA-Z])"), "("),
@@ -609,8 +610,12 @@ class Parser:
 
     def relation(self):
         start = self.i
+        j = start  # the left side's tokens as written (parsing splits words like 'ABC' in place)
+        while j < len(self.t) and j - start < 40 and not (self.t[j].text in _RELOPS or self.t[j].kind == "sep"
+                                                          or self.t[j].text in (",", ";")):
+            j += 1
+        lhs_toks = list(self.t[start:j])
         parts = [self.sum()]
-        lhs_end = self.i
         ops = []
         while True:
             t = self.peek()
@@ -624,7 +629,7 @@ class Parser:
                 parts.append(self.sum())
         if not ops:
             return parts[0]
-        return Rel(parts, ops, _simple_lhs(self.t[start:lhs_end]))
+        return Rel(parts, ops, _simple_lhs(lhs_toks))
 
     def set_operand(self):
         first = self.sum()
@@ -1082,6 +1087,8 @@ def _simple_lhs(toks: list[Tok]) -> bool:
     if not toks:
         return False
     t0 = toks[0]
+    if t0.kind == "word" and 2 <= len(t0.text) <= 4 and t0.text.isupper() and len(toks) == 1:
+        return True  # a segment or angle named by points: AB = 5, ABC = 30
     if not (t0.kind == "word" and len(t0.text) == 1 or t0.kind == "cmd" and t0.text[1:] in GREEK):
         return False
     rest = toks[1:]
