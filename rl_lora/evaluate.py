@@ -376,8 +376,8 @@ def run_eval(cfg: EvalConfig, data_cfg: DataConfig | None = None, *, sampler=Non
         for es in evalsets:
             report = decontamination_report([p.question for p in train], [p.question for p in es.problems])
             decontamination[es.name] = asdict(report)
-            if report.warning(es.name):
-                log(report.warning(es.name))
+            log(report.warning(es.name) or f"decontamination: none of the {report.eval_size} {es.name} questions "
+                                           f"appears in the training data ({cfg.train_data})")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(adapters)
 
     from reward import RewardRunner
