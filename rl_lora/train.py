@@ -17,7 +17,6 @@ Algorithmic choices (and where they come from):
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -185,8 +184,3 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         scorer.close()
         eval_scorer.close()
         sampler.close()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
