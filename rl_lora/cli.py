@@ -19,12 +19,13 @@ def _train(args) -> int:
     from rl_lora.train import train
 
     summary = train(cfg, resume=args.resume, quiet=args.quiet)
-    before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
-    print("\nheld-out accuracy (greedy, %d problems)" % cfg.data.eval_size)
-    print(f"  {'':8s} {'accuracy':>9s} {'mean len':>9s} {'truncated':>9s}")
-    for name, row in (("before", before), ("after", after)):
-        if row:
-            print(f"  {name:8s} {row['eval/accuracy']:9.3f} {row['eval/length_mean']:9.1f} {row['eval/truncated']:9.3f}")
+    if summary.get("eval_table"):
+        k = cfg.train.eval_samples
+        how = f"avg@{k} at temperature {cfg.sampler.temperature}" if k else "greedy"
+        print(f"\nheld-out accuracy, base model vs trained adapter ({cfg.data.eval_size} problems, {how}, "
+              "same engine, paired seeds):")
+        print(summary["eval_table"])
+        print(f"eval results: {summary['eval_dir']}/ (eval_results.json/.md, pass_at_k.png, eval_samples.jsonl)")
     print(f"run dir: {summary['run_dir']}  (adapter/, metrics.jsonl, reward_curve.png, checkpoints/)")
     return 0
 

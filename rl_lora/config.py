@@ -130,7 +130,8 @@ class TrainConfig:
     steps: int = 20
     # Distinct prompts per step; each is sampled samples_per_prompt times.
     prompts_per_step: int = 8
-    # Evaluate the live adapter on the held-out set every this many steps. 0 = only before and after.
+    # Evaluate the live adapter on the held-out set at step 0 and every this many steps. 0 = none during the
+    # run; the final table (base model vs trained adapter, one engine) is always produced.
     eval_every: int = 0
     # Held-out evaluation: completions per problem, sampled at sampler.temperature with fixed seeds (so before
     # and after are paired); accuracy is the mean over all of them (avg@k). 0 = greedy, one per problem.

@@ -78,7 +78,8 @@ def smollm2_from_gguf() -> Path:
     return target
 
 
-def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
+def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2,
+                     initializer_range: float = 0.1) -> Path:
     """A randomly initialised Llama with a byte-level tokenizer, loadable by HF and vLLM, made offline.
 
     Head size 64 (vLLM's CPU attention supports it); vocabulary = 256 bytes + ChatML specials.
@@ -107,7 +108,7 @@ def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, 
         num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1,
         head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-        torch_dtype="float32",
+        torch_dtype="float32", initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(target)

@@ -48,20 +48,35 @@ def preflight(cfg: Config, resume: bool) -> Path:
     return run_dir
 
 
-def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg: Config, step: int) -> dict:
-    """Accuracy of the live adapter on the held-out problems (avg@k), through the running sampler."""
-    if not prompts_P:
-        return {}
-    k = cfg.train.eval_samples
-    groups = sampler.generate(prompts_P, n=max(k, 1), adapters=adapter, seed=7_000_000,
-                              temperature=cfg.sampler.temperature if k else 0.0, max_tokens=cfg.sampler.max_tokens)
-    flat = [(p, c) for p, g in zip(problems, groups) for c in g]
-    texts = [c.text for _, c in flat]
-    result = scorer.score(texts, texts, [{"answer": p.answer, **p.fields} for p, _ in flat])
-    return {"eval/accuracy": sum(result.rewards) / len(flat),
-            "eval/length_mean": sum(len(c.token_ids) for _, c in flat) / len(flat),
-            "eval/truncated": sum(c.finish_reason == "length" for _, c in flat) / len(flat),
-            "eval/timeouts": float(result.timeouts)}
+def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg: Config) -> dict:
+    """Held-out metrics of the live adapter (avg@k with its 95% interval, pass@j, maj@k) through the running
+    sampler, with fixed request seeds so that evaluations along a run are paired."""
+    from rl_lora.evaluate import eval_live
+
+    return eval_live(sampler, adapter, prompts_P, problems, scorer, k=cfg.train.eval_samples,
+                     temperature=cfg.sampler.temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
+
+
+def final_table(sampler, adapter, problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
+    """Base model and the trained adapter side by side on the held-out set, in ONE generate call of the running
+    engine (multi-LoRA batching; the base rows run without an adapter). Written to run_dir/eval/."""
+    from rl_lora.evaldata import EvalSet
+    from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, write_results
+
+    k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
+    evalset = EvalSet("held-out", problems, f"{cfg.data.source} (held-out, disjoint from training)")
+    t0 = time.perf_counter()
+    rows, sample_rows = evaluate_models(sampler, [("base", None), (f"adapter@{step}", adapter)], [evalset], cfg.data,
+                                        scorer, k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens,
+                                        top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED)
+    payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
+                          "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
+                          "adapters": {f"adapter@{step}": str(run_dir / "adapter")}},
+               "data": {evalset.name: evalset.origin},
+               "prompt_format": {"system_prompt": cfg.data.system_prompt, "instruction": cfg.data.instruction},
+               "results": rows, "decontamination": {}, "time_s": round(time.perf_counter() - t0, 1)}
+    write_results(run_dir / "eval", payload, sample_rows)
+    return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
 
 
 def make_samples(groups: list[Group]) -> list[TrainSample]:
@@ -110,8 +125,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume=start is not None)
         adapter = sampler.push(version, learner.write_adapter)
         summary = {"trainable_parameters": learner.num_trainable()}
-        if start is None:
-            before = evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg, 0)
+        if start is None and cfg.train.eval_every and held_out:  # step 0 of the eval curve
+            before = evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg)
             logger.log(0, before)
             summary["eval_before"] = before
         bar = tqdm(range(step, cfg.train.steps), initial=step, total=cfg.train.steps, desc="train",
@@ -163,7 +178,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                  "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2, "time/push": t4 - t3,
                  "time/step": t4 - t0, **learn}
             if cfg.train.eval_every and step_num % cfg.train.eval_every == 0 and step_num < cfg.train.steps:
-                m.update(evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg, step_num))
+                m.update(evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg))
             logger.log(step_num, m)
             logger.log_samples(step_num, [(g.prompt, c.text, r) for g in groups[:2]
                                           for c, r in zip(g.completions[:2], g.rewards_G[:2])])
@@ -172,10 +187,15 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                 checkpoint.save(run_dir, step_num, learner,
                                 {"data_position": stream.position, "version": version})
         bar.close()
-        after = evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg, cfg.train.steps)
-        logger.log(cfg.train.steps, after)
-        summary["eval_after"] = after
         learner.write_adapter(run_dir / "adapter")
+        if held_out:
+            final = final_table(sampler, adapter, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
+            trained = final["rows"][1]
+            logger.log(cfg.train.steps, {"eval/accuracy": trained["avg_at_k"],
+                                         "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
+                                         "eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1],
+                                         "eval/base_accuracy": final["rows"][0]["avg_at_k"]})
+            summary["eval_table"], summary["eval_dir"] = final["table"], final["dir"]
         logger.close()
         summary["plot"] = str(plot_rewards(run_dir))
         summary["run_dir"] = str(run_dir)

@@ -1,10 +1,12 @@
 """Rewards used by the training tests (importable by name in reward worker processes)."""
 
 
-def ascii_fraction(prompt: str, completion: str, **fields) -> float:
-    """Fraction of ASCII characters in the completion: ~0.4 for the random tiny model, learnable to ~1."""
-    return sum(ord(ch) < 128 for ch in completion) / max(len(completion), 1)
-
-
 def explodes(prompt: str, completion: str, **fields) -> float:
     raise RuntimeError("this reward always fails")
+
+
+def ascii_start(prompt: str, completion: str, **fields) -> float:
+    """1 if the completion starts with an ASCII character. Trivially learnable even by a random model: the first
+    completion token always follows the same chat-template tokens, so a rank-1 update can shift that one
+    distribution consistently (~0.4 at the start, near 1 after a few dozen steps)."""
+    return float(bool(completion) and ord(completion[0]) < 128)
