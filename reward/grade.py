@@ -23,6 +23,25 @@ _TOL = _CTX.mpf(10) ** (-(DPS - 20))
 _MC_GOLD = re.compile(r"^\(?\s*([A-J])\s*\)?$")
 _MC_PRED = re.compile(r"^(?:(?:option|choice|answer)\s*:?\s*)?\(?\s*([A-Ja-j])\s*\)?(?=$|[\s.:,)])(?!(?-i:\s+[a-z]))", re.I)
 
+# Unsimplified arithmetic: numeric literals joined by + - x / (\\frac{a}{b} and a/b count as literals), e.g.
+# "13 - 17" or "3 \\times 4". A careful grader does not accept the question's own computation, left undone, as
+# its answer: an RL policy that boxes the question's expression would otherwise collect full reward.
+_LITERAL = r"(?:\d+(?:\.\d+)?|\.\d+|\\[dt]?frac\{\d+\}\{\d+\})"
+_BINARY_OP = r"(?:[-+*\u00d7\u00b7\u00f7]|\\times|\\cdot|\\div)"
+_TERM = rf"[(\s]*[-+]?\s*{_LITERAL}(?:\s*/\s*{_LITERAL})?[)\s]*"
+_UNSIMPLIFIED = re.compile(rf"^{_TERM}(?:{_BINARY_OP}{_TERM})+$")
+
+
+def unsimplified_arithmetic(cleaned: str) -> bool:
+    """'13 - 17', '3 \\times 4', '(2+3)*4': an answer that is still a computation on plain numbers."""
+    answer = cleaned.rsplit("=", 1)[-1].strip()  # 'x = 2 + 3': the answer side
+    return bool(_UNSIMPLIFIED.match(answer))
+
+
+def _plain_number(v) -> bool:
+    return isinstance(v, sympy.Basic) and v.is_number and (v.is_Rational or v.is_Float)
+
+
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
@@ -438,7 +457,8 @@ def equivalent(pred: str | None, gold: str | None) -> bool:
             m = re.search(r"(?:\bis\b|\bare\b|\bequals\b|=|\banswer\s*:)([^=:]*)$", P.cleaned, re.I)
             if m and m.group(1).strip() and G.value is not None:
                 tail = parse_answer(m.group(1).strip())
-                if tail.value is not None and not tail.flags.text_like:
+                if tail.value is not None and not tail.flags.text_like and not (
+                        _plain_number(G.value) and unsimplified_arithmetic(tail.cleaned)):
                     return any(values_equal(pv, gv) for pv in _candidates(tail) for gv in _candidates(G))
         # number words: 'five' vs 5
         if pt in _NUMBER_WORDS and G.value is not None:
@@ -448,6 +468,8 @@ def equivalent(pred: str | None, gold: str | None) -> bool:
             G2 = parse_answer(_NUMBER_WORDS[gt])
             return values_equal(P.value, G2.value)
         return False
+    if _plain_number(G.value) and unsimplified_arithmetic(P.cleaned) and not unsimplified_arithmetic(G.cleaned):
+        return False  # '\\boxed{13 - 17}' for -4: the computation was left undone
     if P.flags.units and G.flags.units and P.flags.units != G.flags.units:
         return False  # "6 inches" vs "6 feet": both name a unit, and not the same one
     for pv in _candidates(P):

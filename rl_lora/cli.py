@@ -48,6 +48,40 @@ def _eval(args) -> int:
     return 0
 
 
+def _lr_suggest(args) -> int:
+    from rl_lora.config import ALL_LINEAR, ConfigError
+    from rl_lora.models import resolve_model_path
+    from rl_lora.science import capacity_check, read_shape, suggest_lr
+
+    if args.fullft_lr is not None and not args.fullft_lr > 0:
+        raise ConfigError(f"--fullft-lr: must be > 0, got {args.fullft_lr}")
+    if args.rank < 1 or (args.steps is not None and args.steps < 1) or args.episodes_per_step < 1:
+        raise ConfigError("--rank, --steps and --episodes-per-step must be >= 1")
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else ALL_LINEAR
+    try:
+        shape = read_shape(resolve_model_path(args.model))
+    except ConfigError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"--model {args.model}: cannot read its config.json ({str(exc).splitlines()[0]})") from None
+    s = suggest_lr(shape, fullft_lr=args.fullft_lr, steps=args.steps)
+    print(f"model         {args.model} ({shape.model_type}, hidden {shape.hidden_size}, {shape.num_layers} layers)")
+    print(f"full-FT LR    {s.fullft_lr:.3g}" + ("" if args.fullft_lr is not None else " (fitted rule)"))
+    print(f"LoRA LR       {s.lora_lr:.3g}  = {s.multiplier:.3g} x full FT; {s.how}")
+    print(f"              (same for any rank: alpha/r makes the optimum rank-independent; LoRA+ would use "
+          f"lr_B = 16 x lr_A)")
+    if args.steps is not None:
+        cap = capacity_check(shape, args.rank, targets, args.steps * args.episodes_per_step)
+        print(cap.message().replace("capacity: ", "capacity      "))
+    else:
+        from rl_lora.science import adapter_parameters
+
+        print(f"adapter       {adapter_parameters(shape, args.rank, targets):,} parameters at rank {args.rank} "
+              f"on {', '.join(targets)}")
+    print(f"config        optim.lr: {s.lora_lr:.3g}   (or optim.lr: auto)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-lora", description="GRPO-style RL for rank-1 LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward-timeout-s", type=float, default=5.0, help="verifier time limit per completion")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_eval)
+    s = sub.add_parser("lr-suggest", help="the paper's LoRA learning rate for a model, and a capacity check",
+                       description="LoRA LR from LoRA Without Regret: 10x a known full-FT LR (15x under 100 steps), "
+                                   "or the fitted rule 9.8 x 5e-5 x (2000/hidden)^p (p: Llama 0.781, Qwen 0.0775). "
+                                   "Reads only the model's config.json.")
+    s.add_argument("--model", required=True, help="HF name, local HF dir, or smollm2-135m-gguf")
+    s.add_argument("--fullft-lr", type=float, help="a known-good full fine-tuning LR for this model and task")
+    s.add_argument("--steps", type=int, help="planned optimizer steps (short runs want a larger multiplier)")
+    s.add_argument("--episodes-per-step", type=int, default=256,
+                   help="completions per step, for the capacity check (default 256)")
+    s.add_argument("--rank", type=int, default=1, help="LoRA rank for the capacity check (default 1)")
+    s.add_argument("--target-modules", help="comma-separated; default: all linear layers")
+    s.set_defaults(func=_lr_suggest)
     return parser
 
 

@@ -111,8 +111,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    # AdamW learning rate (same for A and B unless lora.lora_plus_ratio != 1).
-    lr: float = 2e-3
+    # AdamW learning rate (same for A and B unless lora.lora_plus_ratio != 1), or "auto": the paper's fitted rule
+    # for the model (`rl-lora lr-suggest`), x1.5 for runs under 100 steps.
+    lr: float | str = 2e-3
     # AdamW betas.
     beta1: float = 0.9
     beta2: float = 0.99
@@ -322,7 +323,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.sampler.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", "must be >= 1")
     _require(cfg.loss.is_cap >= 1, "loss.is_cap", "must be >= 1 (inf = no cap)")
     _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
-    _require(cfg.optim.lr >= 0 and math.isfinite(cfg.optim.lr), "optim.lr", "must be a finite number >= 0")
+    if isinstance(cfg.optim.lr, str):
+        _require(cfg.optim.lr == "auto", "optim.lr", f"must be a number or 'auto', got {cfg.optim.lr!r}")
+    else:
+        _require(cfg.optim.lr >= 0 and math.isfinite(cfg.optim.lr), "optim.lr", "must be a finite number >= 0")
     _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
     _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")

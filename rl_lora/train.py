@@ -57,6 +57,23 @@ def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg
                      temperature=cfg.sampler.temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
 
 
+def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
+    """Resolve `optim.lr: auto` with the paper's rule and check the adapter's capacity for the planned run."""
+    import dataclasses
+
+    from rl_lora.science import capacity_check, read_shape, suggest_lr
+
+    shape = read_shape(model_path)
+    notes = []
+    if cfg.optim.lr == "auto":
+        s = suggest_lr(shape, steps=cfg.train.steps)
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=s.lora_lr))
+        notes.append(f"optim.lr: auto -> {s.lora_lr:.3g} ({s.how})")
+    episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
+    notes.append(capacity_check(shape, cfg.lora.rank, cfg.lora.target_modules, episodes).message())
+    return cfg, notes
+
+
 def final_table(sampler, adapter, problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
     """Base model and the trained adapter side by side on the held-out set, in ONE generate call of the running
     engine (multi-LoRA batching; the base rows run without an adapter). Written to run_dir/eval/."""
@@ -90,10 +107,13 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
 
     run_dir = preflight(cfg, resume)
     train_set, held_out = load_problems(cfg.data)  # data errors before any model loads
+    model_path = resolve_model_path(cfg.model.path)
+    cfg, notes = apply_science(cfg, model_path)
+    for line in notes:
+        print(line) if not quiet or "WARNING" in line else None
     scorer = RewardRunner(cfg.reward.rewards, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
     eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
                                num_workers=min(cfg.reward.num_workers, 1))
-    model_path = resolve_model_path(cfg.model.path)
     start = checkpoint.latest(run_dir) if resume else None
     if resume and start is None:
         print(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from step 0")

@@ -28,6 +28,7 @@ def test_overrides_are_typed():
     ("sampler.samples_per_prompt=1", "sampler.samples_per_prompt"),
     ("sampler.temperature=0", "sampler.temperature"),
     ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=fast", "optim.lr"),
     ("train.steps=1.5", "train.steps"),
 ])
 def test_bad_values_name_the_key(override, key):

@@ -1,0 +1,155 @@
+"""The paper's hyper-parameter rules (LoRA Without Regret), computed from a model's config.json alone.
+
+- Learning rate. Optimal LoRA LR is ~10x the full fine-tuning LR (~15x for runs under ~100 steps, because B
+  starts at zero and the effective step grows with B). Fitted rule, used when no full-FT LR is given:
+  LR_LoRA = 9.8 * M_FullFT * (2000 / hidden_size) ** p, with the public fitted values M_FullFT = 5e-5 and
+  p = 0.781 (Llama family) or 0.0775 (Qwen family). Rank does not enter: the 1/r in alpha/r makes the
+  optimal LR nearly rank-independent.
+- Capacity. Policy-gradient RL carries ~1 bit per episode (one scalar advantage per sequence) and a network
+  stores up to ~2 bits per parameter, so an adapter with P parameters is large enough for ~2P episodes.
+  Adapter parameters = sum over adapted matrices of r * (d_in + d_out).
+
+Nothing here loads weights: only config.json, so `rl-lora lr-suggest` answers in a second.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+M_FULLFT = 5e-5  # fitted full fine-tuning LR multiplier (public value)
+LORA_MULTIPLIER = 9.8  # M_LoRA = 9.8 * M_FullFT
+SHORT_RUN_STEPS = 100  # below this, LoRA's best LR is ~15x full FT instead of ~10x
+MODEL_POW = {"llama": 0.781, "qwen": 0.0775}  # fitted exponents per model family
+BITS_PER_EPISODE = 1.0
+BITS_PER_PARAMETER = 2.0
+
+
+@dataclass
+class ModelShape:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int = 0  # routed experts per MoE layer (0 = dense)
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+
+    @property
+    def family(self) -> str | None:
+        t = self.model_type.lower()
+        if t.startswith("qwen"):
+            return "qwen"
+        if t in ("llama", "mistral", "smollm3"):
+            return "llama"
+        return None
+
+
+def read_shape(model_path: str | Path) -> ModelShape:
+    """Model dimensions from a local HF directory's config.json (or a hub name's, via the HF cache)."""
+    path = Path(model_path)
+    if path.is_dir():
+        cfg = json.loads((path / "config.json").read_text())
+    else:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(model_path)).to_dict()
+    cfg = {**cfg, **cfg.get("text_config", {})}
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    return ModelShape(
+        model_type=str(cfg.get("model_type", "")), hidden_size=hidden,
+        intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+        num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+    )
+
+
+def matrix_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each linear module name in one decoder layer (dense MLP)."""
+    h, q, kv, f = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, \
+        shape.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def adapter_parameters(shape: ModelShape, rank: int, target_modules: list[str]) -> int:
+    """sum over adapted matrices of r * (d_in + d_out), over all layers. For MoE models the MLP modules count
+    once per expert, each with rank r * total/active experts (the paper's per-expert scaling)."""
+    per_layer = 0
+    for name, (d_in, d_out) in matrix_shapes(shape).items():
+        if name not in target_modules:
+            continue
+        if shape.num_experts and name in ("gate_proj", "up_proj", "down_proj"):
+            f = shape.moe_intermediate_size or shape.intermediate_size
+            d_in, d_out = (f, d_out) if name == "down_proj" else (d_in, f)
+            expert_rank = rank * max(shape.num_experts // max(shape.experts_per_token, 1), 1)
+            per_layer += shape.num_experts * expert_rank * (d_in + d_out)
+        else:
+            per_layer += rank * (d_in + d_out)
+    return per_layer * shape.num_layers
+
+
+@dataclass
+class LRSuggestion:
+    lora_lr: float
+    fullft_lr: float  # given by the user, or the fitted rule's full-FT LR
+    multiplier: float  # lora_lr / fullft_lr
+    how: str  # one line: which rule produced it
+
+
+def suggest_lr(shape: ModelShape, *, fullft_lr: float | None = None, steps: int | None = None) -> LRSuggestion:
+    """The paper's LoRA LR for this model: from a known full-FT LR (x10, or x15 for runs < 100 steps), else from
+    the fitted rule M_LoRA * (2000/hidden)^p."""
+    short = steps is not None and steps < SHORT_RUN_STEPS
+    if fullft_lr is not None:
+        if not fullft_lr > 0:
+            raise ValueError(f"full fine-tuning LR must be > 0, got {fullft_lr}")
+        mult = 15.0 if short else 10.0
+        return LRSuggestion(fullft_lr * mult, fullft_lr, mult,
+                            f"{mult:g} x the full fine-tuning LR" + (f" (run of {steps} < {SHORT_RUN_STEPS} steps)"
+                                                                    if short else ""))
+    family = shape.family
+    pow_ = MODEL_POW.get(family or "llama")
+    scale = (2000 / shape.hidden_size) ** pow_
+    fullft = M_FULLFT * scale
+    lora = LORA_MULTIPLIER * fullft
+    how = (f"fitted rule 9.8 x {M_FULLFT:g} x (2000/{shape.hidden_size})^{pow_:g}"
+           + ("" if family else f" (model_type {shape.model_type!r} has no fitted exponent; Llama's used)"))
+    if short:  # the fitted multiplier is the long-run ~10x; short runs want ~15x
+        lora *= 15.0 / 10.0
+        how += f", x1.5 for a run of {steps} < {SHORT_RUN_STEPS} steps"
+    return LRSuggestion(lora, fullft, lora / fullft, how)
+
+
+@dataclass
+class Capacity:
+    adapter_parameters: int
+    episodes: int
+    bits_needed: float  # episodes x ~1 bit
+    bits_capacity: float  # parameters x ~2 bits
+
+    @property
+    def ok(self) -> bool:
+        return self.bits_needed <= self.bits_capacity
+
+    def message(self) -> str:
+        ratio = self.bits_capacity / max(self.bits_needed, 1e-9)
+        line = (f"capacity: {self.adapter_parameters:,} adapter parameters (~{self.bits_capacity:,.0f} bits) for "
+                f"{self.episodes:,} episodes (~{self.bits_needed:,.0f} bits at ~1 bit/episode): {ratio:,.1f}x headroom")
+        if not self.ok:
+            line += " -- WARNING: the adapter may be too small for this run; raise lora.rank"
+        return line
+
+
+def capacity_check(shape: ModelShape, rank: int, target_modules: list[str], episodes: int) -> Capacity:
+    params = adapter_parameters(shape, rank, target_modules)
+    return Capacity(params, episodes, episodes * BITS_PER_EPISODE, params * BITS_PER_PARAMETER)
