@@ -11,10 +11,13 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 import torch
+
+from rl_lora import faults
 
 KEEP = 2  # complete checkpoints kept on disk
 
@@ -33,6 +36,8 @@ def save(run_dir: Path, step: int, learner, state: dict) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
     learner.write_adapter(tmp / "adapter")
+    if faults.fire("kill_in_checkpoint", step):  # tests/faults: die with the checkpoint half-written
+        os.kill(os.getpid(), signal.SIGKILL)
     payload = {"optimizer": learner.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                "python_rng": random.getstate()}
     if learner.full_finetune:

@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rl-lora: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ != "RunError":
+            raise
+        print(f"rl-lora: stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rl-lora: interrupted (the latest complete checkpoint is kept; use --resume)", file=sys.stderr)
         return 130

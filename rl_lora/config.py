@@ -145,6 +145,12 @@ class TrainConfig:
     seed: int = 0
     # Weights & Biases project. Offline mode unless WANDB_MODE / wandb login says otherwise. Empty = off.
     wandb_project: str = ""
+    # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped). 0 = never.
+    max_skipped_steps: int = 3
+    # Stale-adapter guard: after every push, mean |logp_sampler - logp_learner| per token on a fixed probe must
+    # be <= this, else the run stops. -1 = by dtype (1e-3 for float32, where they agree to ~1e-5; 0.1 for
+    # bf16/fp16). 0 = off.
+    push_check_tol: float = -1.0
 
 
 @dataclass
@@ -155,6 +161,8 @@ class RewardConfig:
     timeout_s: float = 5.0
     # Reward worker processes. 0 = score in-process (debugging).
     num_workers: int = 2
+    # Stop after this many consecutive steps in which every reward call failed or timed out. 0 = never.
+    max_failed_steps: int = 3
 
 
 @dataclass
@@ -337,6 +345,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.eval_samples >= 0, "train.eval_samples", "must be >= 0")
     _require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
     _require(bool(cfg.train.output_dir), "train.output_dir", "must not be empty")
+    _require(cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
+    _require(cfg.train.push_check_tol == -1 or cfg.train.push_check_tol >= 0, "train.push_check_tol",
+             "must be -1 (by dtype), 0 (off) or > 0")
+    _require(cfg.reward.max_failed_steps >= 0, "reward.max_failed_steps", "must be >= 0")
     _require(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _require(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
     _require(isinstance(cfg.reward.rewards, list) and len(cfg.reward.rewards) > 0, "reward.rewards",

@@ -9,11 +9,17 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, wandb_project: str = "", config: dict | None = None, resume: bool = False):
+    def __init__(self, run_dir: Path, wandb_project: str = "", config: dict | None = None,
+                 resume_step: int | None = None):
+        """resume_step: the checkpoint step a resumed run continues from. Rows logged after it (steps that were
+        in flight when the process died) are dropped, so no step appears twice. None = a fresh run."""
         self.path = run_dir / "metrics.jsonl"
-        if not resume:
-            for stale in (self.path, run_dir / "samples.jsonl"):
-                stale.unlink(missing_ok=True)
+        resume = resume_step is not None
+        for path in (self.path, run_dir / "samples.jsonl"):
+            if not resume:
+                path.unlink(missing_ok=True)
+            elif path.exists():
+                _truncate_after(path, resume_step)
         self._wandb = None
         if wandb_project:
             try:
@@ -43,6 +49,20 @@ class MetricsLogger:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of steps <= step (and any partial last line is dropped); atomic replace."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut by a kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -13,6 +13,17 @@ Algorithmic choices (and where they come from):
 - Update: one AdamW step per batch of rollouts (fully on-policy), gradient-norm clipping.
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
+
+Reliability (each behaviour has a test in tests/faults/):
+- After every push, the sampler's logprobs on a fixed probe must match the learner's for the new version
+  (`train.push_check_tol`), else the run stops: it would be training on a stale or wrong policy.
+- A step whose loss or gradient is not finite leaves adapter and optimizer untouched; `train.max_skipped_steps`
+  such steps in a row stop the run.
+- A sampler engine that dies is rebuilt, the current adapter version reloaded, and the step redone.
+- A step in which every reward call fails or times out carries no signal; `reward.max_failed_steps` in a row
+  stop the run (a broken reward should not burn a cluster for hours).
+- Checkpoints are atomic; a killed process resumes from the last complete one, and metrics logged after it
+  are dropped on resume, so no step is counted twice.
 """
 
 from __future__ import annotations
@@ -23,18 +34,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rl_lora import checkpoint
+from rl_lora import checkpoint, faults
 from rl_lora.advantages import group_advantages, has_signal
 from rl_lora.config import Config, ConfigError, dump_yaml, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
+from rl_lora.sampler import AdapterRef
+
+PROBE_SEED = 9_000_000  # request seed of the push-check probe
+PROBE_TOKENS = 16
+MAX_SAMPLER_RESTARTS = 2  # per step
+
+
+class RunError(RuntimeError):
+    """The run stopped on purpose (a fault it must not train through); the message says why and what to do."""
 from rl_lora.rollout import Group
 
 
 def preflight(cfg: Config, resume: bool) -> Path:
-    """Checks that need no model: output dir writable, nothing to overwrite by accident."""
+    """Checks that need no model: output dir writable, enough disk for checkpoints."""
+    import shutil
+
     run_dir = Path(cfg.train.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +67,49 @@ def preflight(cfg: Config, resume: bool) -> Path:
         raise ConfigError(f"train.output_dir: {run_dir} is not writable ({exc.strerror})") from None
     if cfg.sampler.max_loras < 1:
         raise ConfigError("sampler.max_loras: must be >= 1")
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"train.output_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; "
+                          f"checkpoints need at least {MIN_FREE_BYTES / 2**20:.0f} MiB")
     return run_dir
+
+
+MIN_FREE_BYTES = 64 * 2**20  # before the model is known; checked again against the real checkpoint size
+
+
+def check_disk(run_dir: Path, learner, full_finetune: bool = False) -> None:
+    """Adapter + AdamW state (3 copies of the trainable parameters, fp32), kept KEEP+1 times during a save."""
+    import shutil
+
+    need = 3 * 4 * learner.num_trainable() * (checkpoint.KEEP + 1) + MIN_FREE_BYTES
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(f"train.output_dir: {free / 2**20:.0f} MiB free on the disk of {run_dir}, checkpoints "
+                          f"need ~{need / 2**20:.0f} MiB ({checkpoint.KEEP} kept + 1 being written)")
+
+
+def check_context(cfg: Config, model_path: str, problems) -> None:
+    """prompt + sampler.max_tokens must fit the context: checked with the tokenizer alone, before any model loads."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    limit = cfg.model.max_model_len
+    config_file = Path(model_path) / "config.json"
+    if config_file.is_file():
+        own = json.loads(config_file.read_text()).get("max_position_embeddings")
+        if own and (not limit or limit > own):
+            if limit:
+                raise ConfigError(f"model.max_model_len: {limit} exceeds the model's context ({own} tokens)")
+            limit = own
+    if not limit:
+        return
+    tok = AutoTokenizer.from_pretrained(model_path)
+    longest = max(len(prompt_token_ids(tok, p, cfg.data)) for p in problems)
+    if longest + cfg.sampler.max_tokens > limit:
+        raise ConfigError(f"sampler.max_tokens: longest prompt ({longest} tokens) + max_tokens "
+                          f"({cfg.sampler.max_tokens}) exceeds the context ({limit}); "
+                          "raise model.max_model_len or shorten prompts")
 
 
 def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg: Config) -> dict:
@@ -101,63 +165,158 @@ def make_samples(groups: list[Group]) -> list[TrainSample]:
             for g in groups for c, a in zip(g.completions, g.advantages_G) if c.token_ids]
 
 
+def build_sampler(cfg: Config, model_path: str):
+    from rl_lora.sampler import Sampler
+
+    return Sampler(model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+                   max_lora_rank=cfg.lora.rank, max_loras=cfg.sampler.max_loras, kvcache_gib=cfg.sampler.cpu_kvcache_gib,
+                   gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+                   tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
+
+
+def push_check_tol(cfg: Config) -> float:
+    """Mean |logp_sampler - logp_learner| allowed on the probe. fp32 agrees to ~1e-5 (measured); bf16 kernels
+    differ more, so its default is looser. 0 = off."""
+    if cfg.train.push_check_tol >= 0:
+        return cfg.train.push_check_tol
+    return 1e-3 if cfg.model.dtype == "float32" else 0.1
+
+
+class Run:
+    """One training run: the live sampler and learner, the current adapter version, and what to do when a
+    component fails. `train()` drives it step by step."""
+
+    def __init__(self, cfg: Config, model_path: str, quiet: bool):
+        self.cfg, self.model_path, self.quiet = cfg, model_path, quiet
+        self.sampler = None
+        self.learner = None
+        self.version = 0
+        self.adapter: AdapterRef | None = None
+        self.probe_ids: list[int] = []
+        self.restarts = 0
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text)
+
+    # -- pushing, with the stale-adapter guard ---------------------------------------------------------------
+
+    def push(self, step: int) -> float:
+        """Load the learner's adapter into the sampler as a new version; check it. Returns the probe gap."""
+        from rl_lora import lora as lora_mod
+
+        self.version += 1
+        write = self.learner.write_adapter
+        if faults.fire("stale_push", step):  # the engine gets a wrong adapter (zeros: the base policy)
+            def write(path, learner=self.learner):
+                zeros = {k: torch.zeros_like(v) for k, v in lora_mod.peft_state_dict(learner.adapters).items()}
+                lora_mod.write_peft_adapter(path, zeros, learner.peft_config())
+        self.adapter = self.sampler.push(self.version, write)
+        return self.check_push(step)
+
+    def check_push(self, step: int) -> float:
+        tol = push_check_tol(self.cfg)
+        if tol == 0 or not self.probe_ids:
+            return 0.0
+        from rl_lora.learner import TrainSample
+
+        (c,), = self.sampler.generate([self.probe_ids], n=1, adapters=self.adapter, seed=PROBE_SEED,
+                                      temperature=self.cfg.sampler.temperature,
+                                      max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
+        if not c.token_ids:
+            return 0.0
+        learner_lp = self.learner.score([TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0)])[0]
+        gap = sum(abs(a - b) for a, b in zip(c.logprobs, learner_lp)) / len(learner_lp)
+        if not gap <= tol:
+            raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe differ from "
+                           f"the learner's by {gap:.2e} per token (tolerance {tol:g}, train.push_check_tol) for "
+                           f"adapter version {self.version}: the sampler is serving a stale or wrong adapter, and "
+                           "training on it would be off-policy without knowing it")
+        return gap
+
+    # -- sampling, with engine restarts ----------------------------------------------------------------------
+
+    def generate(self, step: int, prompts, **kwargs):
+        for attempt in range(MAX_SAMPLER_RESTARTS + 1):
+            try:
+                if faults.fire("sampler_crash", step):
+                    self.sampler.close()
+                    raise RuntimeError("injected fault: the sampler engine died")
+                return self.sampler.generate(prompts, adapters=self.adapter, **kwargs)
+            except (ValueError, ConfigError):
+                raise  # bad input, not a dead engine
+            except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild and redo the step
+                if attempt == MAX_SAMPLER_RESTARTS:
+                    raise RunError(f"the sampler failed {attempt + 1} times at step {step} "
+                                   f"({type(exc).__name__}: {exc}); stopping") from exc
+                self.say(f"step {step}: sampler failed ({type(exc).__name__}: {exc}); restarting the engine and "
+                         f"reloading adapter version {self.version}")
+                self.restart_sampler(step)
+        raise AssertionError("unreachable")
+
+    def restart_sampler(self, step: int) -> None:
+        try:
+            self.sampler.close()
+        except Exception:  # noqa: BLE001 -- it is already broken
+            pass
+        self.sampler = build_sampler(self.cfg, self.model_path)
+        self.restarts += 1
+        self.version -= 1  # push() takes the next id: the same weights under a fresh version
+        self.push(step)
+
+
 def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     from reward import RewardRunner
-    from rl_lora.sampler import Sampler
 
     run_dir = preflight(cfg, resume)
     train_set, held_out = load_problems(cfg.data)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
+    check_context(cfg, model_path, train_set + held_out)
     cfg, notes = apply_science(cfg, model_path)
     for line in notes:
         print(line) if not quiet or "WARNING" in line else None
-    scorer = RewardRunner(cfg.reward.rewards, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
-    eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
-                               num_workers=min(cfg.reward.num_workers, 1))
     start = checkpoint.latest(run_dir) if resume else None
     if resume and start is None:
         print(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from step 0")
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
-    sampler = Sampler(model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                      max_lora_rank=cfg.lora.rank, max_loras=cfg.sampler.max_loras,
-                      kvcache_gib=cfg.sampler.cpu_kvcache_gib,
-                      gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
-                      tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
+    run = Run(cfg, model_path, quiet)
+    scorer = RewardRunner(cfg.reward.rewards, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+    eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
+                               num_workers=min(cfg.reward.num_workers, 1))
     try:
-        tok = sampler.tokenizer
+        run.sampler = build_sampler(cfg, model_path)
+        tok = run.sampler.tokenizer
         train_prompts = [prompt_token_ids(tok, p, cfg.data) for p in train_set]
         eval_prompts = [prompt_token_ids(tok, p, cfg.data) for p in held_out]
-        longest = max(len(x) for x in train_prompts + eval_prompts)
-        if longest + cfg.sampler.max_tokens > sampler.max_model_len:
-            raise ConfigError(f"sampler.max_tokens: longest prompt ({longest} tokens) + max_tokens "
-                              f"({cfg.sampler.max_tokens}) exceeds the context ({sampler.max_model_len}); "
-                              "raise model.max_model_len or shorten prompts")
-        learner = Learner(model_path, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                          lr=cfg.optim.lr, lora_plus_ratio=cfg.lora.lora_plus_ratio,
-                          betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
-                          grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
-                          tokens_per_microbatch=cfg.optim.tokens_per_microbatch,
-                          temperature=cfg.sampler.temperature, seed=cfg.train.seed)
+        run.probe_ids = (eval_prompts or train_prompts)[0]
+        run.learner = learner = Learner(
+            model_path, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+            lr=cfg.optim.lr, lora_plus_ratio=cfg.lora.lora_plus_ratio, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
+            tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
+            seed=cfg.train.seed)
+        check_disk(run_dir, learner)
         state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": 0, "version": 0}
-        step, version = state["step"], state["version"] + 1
+        step, run.version = state["step"], state["version"]
         stream = PromptStream(len(train_set), cfg.train.seed, state["data_position"])
-        logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume=start is not None)
-        adapter = sampler.push(version, learner.write_adapter)
+        logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume_step=step if start else None)
+        run.push(step)
         summary = {"trainable_parameters": learner.num_trainable()}
         if start is None and cfg.train.eval_every and held_out:  # step 0 of the eval curve
-            before = evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg)
+            before = evaluate(run.sampler, run.adapter, eval_prompts, held_out, eval_scorer, cfg)
             logger.log(0, before)
             summary["eval_before"] = before
         bar = tqdm(range(step, cfg.train.steps), initial=step, total=cfg.train.steps, desc="train",
                    disable=quiet, dynamic_ncols=True)
+        skipped_streak = failed_streak = 0
         for step in bar:
             step_num = step + 1
             t0 = time.perf_counter()
             # 1. sample G completions per prompt under the live adapter
             idx_P = stream.next(cfg.train.prompts_per_step)
-            completions = sampler.generate(
-                [train_prompts[i] for i in idx_P], n=cfg.sampler.samples_per_prompt, adapters=adapter,
+            completions = run.generate(
+                step_num, [train_prompts[i] for i in idx_P], n=cfg.sampler.samples_per_prompt,
                 seed=(cfg.train.seed * 1_000_003 + step_num) * 10_000, temperature=cfg.sampler.temperature,
                 max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
             groups = [Group(i, train_set[i].question, train_prompts[i], c) for i, c in zip(idx_P, completions)]
@@ -170,6 +329,12 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             G = cfg.sampler.samples_per_prompt
             for j, g in enumerate(groups):
                 g.rewards_G = result.rewards[j * G:(j + 1) * G]
+            all_failed = result.timeouts + result.errors >= len(flat) * len(scorer.specs)
+            failed_streak = failed_streak + 1 if all_failed else 0
+            if cfg.reward.max_failed_steps and failed_streak >= cfg.reward.max_failed_steps:
+                raise RunError(f"every reward call failed or timed out in {failed_streak} steps in a row (last: "
+                               f"step {step_num}; {result.timeouts} timeouts, {result.errors} errors of {len(flat)}): "
+                               "the reward is broken; fix it (or raise reward.timeout_s) and --resume")
             t2 = time.perf_counter()
             # 3. group-centred advantages; zero-variance groups carry no signal
             kept = []
@@ -180,12 +345,21 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                     kept.append(g)
             # 4. learn: one on-policy AdamW step over all kept completions
             samples = make_samples(kept)
+            if samples and faults.fire("nan_logprobs", step_num):
+                samples[0].sampler_logprobs = [float("nan")] * len(samples[0].sampler_logprobs)
             learn = learner.train_step(samples, cfg.loss.is_cap, cfg.loss.ppo_clip) if samples else {}
             t3 = time.perf_counter()
-            # 5. push the new adapter version into the running sampler (new id, old one evicted)
-            if samples and not learn.get("loss/skipped"):
-                version += 1
-                adapter = sampler.push(version, learner.write_adapter)
+            # 5. push the new adapter version into the running sampler (new id, old one evicted), and check it
+            skipped = bool(learn.get("loss/skipped"))
+            skipped_streak = skipped_streak + 1 if skipped else 0
+            if skipped:
+                run.say(f"step {step_num}: non-finite loss or gradient, update skipped (adapter and optimizer "
+                        f"unchanged; {skipped_streak} in a row)")
+                if cfg.train.max_skipped_steps and skipped_streak >= cfg.train.max_skipped_steps:
+                    raise RunError(f"{skipped_streak} steps in a row had a non-finite loss or gradient (last: step "
+                                   f"{step_num}); stopping. Adapter and optimizer are those of the last good step; "
+                                   "lower optim.lr or check the sampler's logprobs, then --resume")
+            probe_gap = run.push(step_num) if samples and not skipped else None
             t4 = time.perf_counter()
             correct = result.per_reward.get("math_answer", result.rewards)
             lengths = [len(c.token_ids) for _, c in flat]
@@ -194,22 +368,24 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                  "response/length_mean": sum(lengths) / len(lengths),
                  "response/truncated": sum(c.finish_reason == "length" for _, c in flat) / len(flat),
                  "groups/total": float(len(groups)), "groups/kept": float(len(kept)),
-                 "groups/dropped": float(len(groups) - len(kept)), "adapter/version": float(version),
+                 "groups/dropped": float(len(groups) - len(kept)), "adapter/version": float(run.version),
+                 "sampler/restarts": float(run.restarts),
                  "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2, "time/push": t4 - t3,
                  "time/step": t4 - t0, **learn}
+            if probe_gap is not None:
+                m["push/probe_gap"] = probe_gap
             if cfg.train.eval_every and step_num % cfg.train.eval_every == 0 and step_num < cfg.train.steps:
-                m.update(evaluate(sampler, adapter, eval_prompts, held_out, eval_scorer, cfg))
+                m.update(evaluate(run.sampler, run.adapter, eval_prompts, held_out, eval_scorer, cfg))
             logger.log(step_num, m)
             logger.log_samples(step_num, [(g.prompt, c.text, r) for g in groups[:2]
                                           for c, r in zip(g.completions[:2], g.rewards_G[:2])])
             bar.write(format_step(step_num, m)) if not quiet else None
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
-                checkpoint.save(run_dir, step_num, learner,
-                                {"data_position": stream.position, "version": version})
+                checkpoint.save(run_dir, step_num, learner, {"data_position": stream.position, "version": run.version})
         bar.close()
         learner.write_adapter(run_dir / "adapter")
         if held_out:
-            final = final_table(sampler, adapter, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
+            final = final_table(run.sampler, run.adapter, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
             trained = final["rows"][1]
             logger.log(cfg.train.steps, {"eval/accuracy": trained["avg_at_k"],
                                          "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
@@ -223,4 +399,5 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     finally:
         scorer.close()
         eval_scorer.close()
-        sampler.close()
+        if run.sampler is not None:
+            run.sampler.close()

@@ -10,3 +10,14 @@ def ascii_start(prompt: str, completion: str, **fields) -> float:
     completion token always follows the same chat-template tokens, so a rank-1 update can shift that one
     distribution consistently (~0.4 at the start, near 1 after a few dozen steps)."""
     return float(bool(completion) and ord(completion[0]) < 128)
+
+
+def hangs(prompt: str, completion: str, **fields) -> float:
+    import time
+
+    time.sleep(60)
+    return 1.0
+
+
+def returns_nan(prompt: str, completion: str, **fields) -> float:
+    return float("nan")
