@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/learner.py
 	$(PY) benchmarks/sampler.py
+	$(PY) benchmarks/verifier.py
 
 clean:
 	rm -rf $(VENV) runs

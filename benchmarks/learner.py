@@ -1,5 +1,8 @@
 """Learner step time and peak memory: our rank-1 LoRA vs full fine-tuning vs stock HF+PEFT, same batch.
 
+Modes: lora (our learner), lora-ckpt (+ activation checkpointing), full (our learner, every parameter
+trained: completion-only chunked logits), full-hf (stock HF full fine-tuning: full-sequence, full-vocabulary
+logits), peft (stock HF + PEFT rank 1). Ratios are printed against both full fine-tuning baselines.
 Each mode runs in its own process (peak RSS is per process), one after the other in one invocation, so the
 ratios are measured side by side. Default batch: 16 sequences x 192 tokens (64 prompt + 128 completion)
 of SmolLM2-135M in fp32, as in DEVELOPERS.md.
@@ -44,10 +47,11 @@ def worker(args) -> dict:
     from rl_lora.models import resolve_model_path
 
     path = resolve_model_path(args.model)
-    if args.mode == "peft":
-        return _peft_worker(args, path)
-    learner = Learner(path, rank=1, target_modules=ALL_LINEAR, lr=1e-4, full_finetune=args.mode == "full",
-                      tokens_per_microbatch=args.seqs * (args.prompt + args.completion))
+    if args.mode in ("peft", "full-hf"):
+        return _stock_worker(args, path)
+    learner = Learner(path, rank=1, target_modules=ALL_LINEAR, lr=1e-4, full_finetune=args.mode.startswith("full"),
+                      tokens_per_microbatch=args.seqs * (args.prompt + args.completion),
+                      activation_checkpointing=args.mode.endswith("-ckpt"))
     loaded = _rss_gib()
     batch = _batch(args, learner.model.config.vocab_size)
     times = []
@@ -59,8 +63,9 @@ def worker(args) -> dict:
             "trainable": learner.num_trainable(), "threads": torch.get_num_threads()}
 
 
-def _peft_worker(args, path) -> dict:
-    """Stock HF + PEFT: full-sequence, full-vocabulary logits, the usual way a trainer computes logprobs."""
+def _stock_worker(args, path) -> dict:
+    """Stock HF (+ PEFT for mode peft; all parameters for full-hf): full-sequence, full-vocabulary logits, the
+    usual way a trainer computes logprobs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -68,7 +73,8 @@ def _peft_worker(args, path) -> dict:
     from rl_lora.config import ALL_LINEAR
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=1, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0))
+    if args.mode == "peft":
+        model = get_peft_model(model, LoraConfig(r=1, lora_alpha=32, target_modules=ALL_LINEAR, lora_dropout=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loaded = _rss_gib()
     batch = _batch(args, model.config.vocab_size)
@@ -86,7 +92,7 @@ def _peft_worker(args, path) -> dict:
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
-    return {"mode": "peft", "step_s": min(times[1:]), "peak_gib": _rss_gib(), "after_load_gib": loaded,
+    return {"mode": args.mode, "step_s": min(times[1:]), "peak_gib": _rss_gib(), "after_load_gib": loaded,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "threads": torch.get_num_threads()}
 
@@ -98,7 +104,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (min is reported)")
-    ap.add_argument("--modes", default="lora,full,peft")
+    ap.add_argument("--modes", default="lora,lora-ckpt,full,full-hf,peft")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
@@ -114,13 +120,17 @@ def main():
             continue
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\nlearner step, {args.seqs} x {args.prompt + args.completion} tokens, model {args.model}")
-    print(f"{'mode':<8}{'trainable':>12}{'step s':>9}{'peak GiB':>10}{'loaded GiB':>11}{'time/full':>10}{'mem/full':>9}")
-    full = results.get("full")
+    full, hf = results.get("full"), results.get("full-hf")
+
+    def ratio(r, base, key):
+        return f"{r[key] / base[key]:.2f}x" if base else "-"
+
+    print(f"{'mode':<10}{'trainable':>12}{'step s':>8}{'peak GiB':>10}{'loaded':>8}"
+          f"{'time/full':>11}{'mem/full':>10}{'time/full-hf':>14}{'mem/full-hf':>13}")
     for mode, r in results.items():
-        t = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
-        m = f"{r['peak_gib'] / full['peak_gib']:.2f}x" if full else "-"
-        print(f"{mode:<8}{r['trainable']:>12,}{r['step_s']:>9.1f}{r['peak_gib']:>10.2f}{r['after_load_gib']:>11.2f}"
-              f"{t:>10}{m:>9}")
+        print(f"{mode:<10}{r['trainable']:>12,}{r['step_s']:>8.1f}{r['peak_gib']:>10.2f}{r['after_load_gib']:>8.2f}"
+              f"{ratio(r, full, 'step_s'):>11}{ratio(r, full, 'peak_gib'):>10}"
+              f"{ratio(r, hf, 'step_s'):>14}{ratio(r, hf, 'peak_gib'):>13}")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Learner micro-batch budget in tokens (prompt + completion, padded). Bounds activation memory.
     tokens_per_microbatch: int = 4096
+    # Recompute decoder layers in backward instead of storing activations: much lower peak memory for one
+    # extra forward pass (benchmarks/learner.py measures both).
+    activation_checkpointing: bool = False
 
 
 @dataclass

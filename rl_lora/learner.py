@@ -42,7 +42,8 @@ class Learner:
     def __init__(self, model_path: str, *, rank: int = 1, alpha: float = 32.0, target_modules: list[str],
                  lr: float = 1e-4, lora_plus_ratio: float = 1.0, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
-                 temperature: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None):
+                 temperature: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
+                 activation_checkpointing: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,6 +67,12 @@ class Learner:
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                            foreach=True)
         self.backbone = getattr(self.model, self.model.base_model_prefix)
+        if activation_checkpointing:
+            # Recompute each decoder layer in backward instead of storing its activations: peak memory drops to
+            # ~one layer's activations, for one extra forward pass. (HF applies it only in train mode; Llama-family
+            # models have no dropout, so train mode changes nothing else.)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             lr=cfg.optim.lr, lora_plus_ratio=cfg.lora.lora_plus_ratio, betas=(cfg.optim.beta1, cfg.optim.beta2),
             weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
             tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
-            seed=cfg.train.seed)
+            seed=cfg.train.seed, activation_checkpointing=cfg.optim.activation_checkpointing)
         check_disk(run_dir, learner)
         state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": 0, "version": 0}
         step, run.version = state["step"], state["version"]
