@@ -30,7 +30,7 @@ _TAIL_CHARS = 20_000
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 
 
-def _match_brace(s: str, open_idx: int) -> int:
+def match_brace(s: str, open_idx: int) -> int:
     """Index of the '}' matching the '{' at open_idx, or -1. Escaped braces (\\{ \\}) do not count."""
     depth = 0
     i, n = open_idx, len(s)
@@ -55,7 +55,7 @@ def _box_at(s: str, m: re.Match) -> tuple[str | None, int, bool]:
     while j < len(s) and s[j] in " \t":
         j += 1
     if j < len(s) and s[j] == "{":
-        k = _match_brace(s, j)
+        k = match_brace(s, j)
         if k < 0:
             return None, len(s), False
         return s[j + 1:k], k + 1, True

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from reward.extraction import match_brace
+
 MAX_CHARS = 1000          # answer strings longer than this never match
 MAX_TOKENS = 400
 MAX_DEPTH = 250           # parser recursion budget (about 50 levels of brackets)
@@ -160,19 +162,8 @@ def _unwrap_text(s: str) -> str:
         if not m:
             break
         j = m.end() - 1
-        depth, k = 0, j
-        while k < len(s):
-            c = s[k]
-            if c == "\\":
-                k += 2
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            k += 1
+        k = match_brace(s, j)
+        k = len(s) if k < 0 else k
         if k >= len(s):
             s = s[:m.start()] + " " + s[m.end():]
             continue

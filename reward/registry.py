@@ -43,7 +43,7 @@ def math_answer(prompt: str, completion: str, answer=None, **_) -> float:
 
 def boxed_format(prompt: str, completion: str, **_) -> float:
     """1.0 if the completion contains a complete, non-empty \\boxed{...}, else 0.0."""
-    from reward.extraction import _BOX_RE, _match_brace
+    from reward.extraction import _BOX_RE, match_brace
 
     if not isinstance(completion, str):
         return 0.0
@@ -54,7 +54,7 @@ def boxed_format(prompt: str, completion: str, **_) -> float:
         while j < len(completion) and completion[j] in " \t":
             j += 1
         if j < len(completion) and completion[j] == "{":
-            k = _match_brace(completion, j)
+            k = match_brace(completion, j)
             if k > j + 1 and completion[j + 1:k].strip():
                 return 1.0
     return 0.0

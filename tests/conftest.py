@@ -22,3 +22,11 @@ def sampler(tiny_model):
     s = Sampler(tiny_model, max_model_len=512, max_lora_rank=1, max_loras=2, kvcache_gib=1)
     yield s
     s.close()
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model):
+    """make_config(section={...}, ...) -> path of a tiny-model run config (defaults in runhelpers.py)."""
+    from runhelpers import write_config
+
+    return lambda **sections: write_config(tmp_path, tiny_model, **sections)

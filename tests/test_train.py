@@ -1,50 +1,32 @@
 """The whole loop through the CLI with the tiny model: it learns, checkpoints, resumes, and refuses bad input."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+
+from runhelpers import run_cli, step_rows
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 
 
-def _config(tmp_path, tiny_model, **sections) -> Path:
-    cfg = {
-        "model": {"path": tiny_model, "max_model_len": 256},
-        "data": {"source": "arithmetic", "max_operand": 20, "train_size": 200, "eval_size": 4},
-        "sampler": {"samples_per_prompt": 8, "temperature": 1.0, "max_tokens": 4},
-        "train": {"steps": 16, "prompts_per_step": 4, "output_dir": str(tmp_path / "run"), "save_every": 4,
-                  "eval_samples": 2, "wandb_project": ""},
-        "optim": {"lr": 5e-3},
-        "reward": {"rewards": [{"name": "reward_fixtures:ascii_start"}], "num_workers": 1},
-    }
+def _config(make_config, **sections):
+    """The learning run: 16 steps of 4 prompts x 8 samples (other tests override sections)."""
+    base = {"data": {"train_size": 200, "eval_size": 4}, "sampler": {"samples_per_prompt": 8},
+            "train": {"steps": 16, "prompts_per_step": 4, "save_every": 4, "eval_samples": 2}}
     for section, values in sections.items():
-        cfg[section].update(values)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        base[section] = {**base.get(section, {}), **values}
+    return make_config(**base)
 
 
-def _run(*args, timeout=900):
-    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "rl_lora.cli", "train", *map(str, args), "--quiet"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+def _run(*args):
+    return run_cli(*args, "--quiet", timeout=900)
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_reward_rises_and_run_dir_is_complete(tmp_path, tiny_model):
-    res = _run(_config(tmp_path, tiny_model))
+def test_reward_rises_and_run_dir_is_complete(tmp_path, make_config):
+    res = _run(_config(make_config))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
-    rows = [r for r in _metrics(run) if "reward/mean" in r]
+    rows = step_rows(run)
     assert [r["step"] for r in rows] == list(range(1, 17))
     # A trivially learnable task (the completion's first character is ASCII; ~0.5 for the random model): the
     # reward must rise through the real sampler with hot-swapped adapters. Measured: 0.56 over the first four
@@ -68,8 +50,8 @@ def test_reward_rises_and_run_dir_is_complete(tmp_path, tiny_model):
     assert (run / "eval" / "eval_results.md").is_file() and (run / "eval" / "pass_at_k.png").is_file()
 
 
-def test_resume_continues_where_it_stopped(tmp_path, tiny_model):
-    cfg = _config(tmp_path, tiny_model)
+def test_resume_continues_where_it_stopped(tmp_path, make_config):
+    cfg = _config(make_config)
     res = _run(cfg, "train.steps=4", "train.save_every=2")
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
@@ -77,24 +59,24 @@ def test_resume_continues_where_it_stopped(tmp_path, tiny_model):
     assert state["step"] == 4 and state["data_position"] == 16
     res = _run(cfg, "train.steps=6", "train.save_every=2", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
-    steps = [r["step"] for r in _metrics(run) if "reward/mean" in r]
+    steps = [r["step"] for r in step_rows(run)]
     assert steps == [1, 2, 3, 4, 5, 6]
     state = json.loads((run / "checkpoints" / "step_000006" / "state.json").read_text())
     assert state["data_position"] == 24 and state["version"] > 4
 
 
-def test_prompt_longer_than_context_fails_before_training(tmp_path, tiny_model):
-    res = _run(_config(tmp_path, tiny_model, model={"path": tiny_model, "max_model_len": 64}))
+def test_prompt_longer_than_context_fails_before_training(tmp_path, make_config):
+    res = _run(_config(make_config, model={"max_model_len": 64}))
     assert res.returncode == 2
     assert "context" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_failing_reward_costs_zero_not_the_run(tmp_path, tiny_model):
-    cfg = _config(tmp_path, tiny_model, train={"steps": 2, "eval_samples": 1},
+def test_failing_reward_costs_zero_not_the_run(tmp_path, make_config):
+    cfg = _config(make_config, train={"steps": 2, "eval_samples": 1},
                   reward={"rewards": [{"name": "reward_fixtures:ascii_start"},
                                       {"name": "reward_fixtures:explodes", "weight": 1.0}]})
     res = _run(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [r for r in _metrics(tmp_path / "run") if "reward/mean" in r]
+    rows = step_rows(tmp_path / "run")
     assert all(r["reward/errors"] == 32 for r in rows)

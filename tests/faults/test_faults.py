@@ -9,7 +9,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import metrics, run_cli, step_rows
+from runhelpers import run_cli, step_rows
 
 pytestmark = pytest.mark.slow
 

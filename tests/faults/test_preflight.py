@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from runhelpers import run_cli
 from rl_lora.config import ConfigError, load_config
 
 
