@@ -88,8 +88,9 @@ def check_disk(run_dir: Path, learner, full_finetune: bool = False) -> None:
                           f"need ~{need / 2**20:.0f} MiB ({checkpoint.KEEP} kept + 1 being written)")
 
 
-def check_context(cfg: Config, model_path: str, problems) -> None:
-    """prompt + sampler.max_tokens must fit the context: checked with the tokenizer alone, before any model loads."""
+def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out) -> tuple[list, list]:
+    """Prompt token ids of the training and held-out problems (chat template), tokenized once with the model's
+    own tokenizer before any model loads, and checked: prompt + sampler.max_tokens must fit the context."""
     import json
 
     from transformers import AutoTokenizer
@@ -102,14 +103,15 @@ def check_context(cfg: Config, model_path: str, problems) -> None:
             if limit:
                 raise ConfigError(f"model.max_model_len: {limit} exceeds the model's context ({own} tokens)")
             limit = own
-    if not limit:
-        return
     tok = AutoTokenizer.from_pretrained(model_path)
-    longest = max(len(prompt_token_ids(tok, p, cfg.data)) for p in problems)
-    if longest + cfg.sampler.max_tokens > limit:
+    train_prompts = [prompt_token_ids(tok, p, cfg.data) for p in train_set]
+    eval_prompts = [prompt_token_ids(tok, p, cfg.data) for p in held_out]
+    longest = max(len(ids) for ids in train_prompts + eval_prompts)
+    if limit and longest + cfg.sampler.max_tokens > limit:
         raise ConfigError(f"sampler.max_tokens: longest prompt ({longest} tokens) + max_tokens "
                           f"({cfg.sampler.max_tokens}) exceeds the context ({limit}); "
                           "raise model.max_model_len or shorten prompts")
+    return train_prompts, eval_prompts
 
 
 def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg: Config) -> dict:
@@ -261,7 +263,7 @@ class Run:
             pass
         self.sampler = build_sampler(self.cfg, self.model_path)
         self.restarts += 1
-        self.version -= 1  # push() takes the next id: the same weights under a fresh version
+        self.version -= 1  # push() increments it: the current version's weights, reloaded in the new engine
         self.push(step)
 
 
@@ -271,7 +273,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     run_dir = preflight(cfg, resume)
     train_set, held_out = load_problems(cfg.data)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
-    check_context(cfg, model_path, train_set + held_out)
+    train_prompts, eval_prompts = tokenize_prompts(cfg, model_path, train_set, held_out)
     cfg, notes = apply_science(cfg, model_path)
     for line in notes:
         print(line) if not quiet or "WARNING" in line else None
@@ -286,9 +288,6 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                                num_workers=min(cfg.reward.num_workers, 1))
     try:
         run.sampler = build_sampler(cfg, model_path)
-        tok = run.sampler.tokenizer
-        train_prompts = [prompt_token_ids(tok, p, cfg.data) for p in train_set]
-        eval_prompts = [prompt_token_ids(tok, p, cfg.data) for p in held_out]
         run.probe_ids = (eval_prompts or train_prompts)[0]
         run.learner = learner = Learner(
             model_path, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
