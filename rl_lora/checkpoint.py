@@ -1,4 +1,4 @@
-"""Atomic checkpoints: adapter (PEFT files), optimizer state, step, data position, RNG.
+"""Atomic checkpoints: adapters (PEFT files, one directory each), optimizer state, step, data position, RNG.
 
 Each checkpoint is written into a hidden temp directory, fsynced, then renamed to `step_NNNNNN` in one
 `os.replace`; the `latest` pointer is replaced the same way. A process killed mid-write leaves only a
@@ -35,10 +35,11 @@ def save(run_dir: Path, step: int, learner, state: dict) -> Path:
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
-    learner.write_adapter(tmp / "adapter")
+    for k in range(learner.num_adapters):
+        learner.write_adapter(tmp / learner.adapter_dirname(k), k)
     if faults.fire("kill_in_checkpoint", step):  # tests/faults: die with the checkpoint half-written
         os.kill(os.getpid(), signal.SIGKILL)
-    payload = {"optimizer": learner.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+    payload = {"optimizers": learner.optimizer_states(), "torch_rng": torch.get_rng_state(),
                "python_rng": random.getstate()}
     if learner.full_finetune:
         payload["model"] = learner.model.state_dict()
@@ -73,8 +74,11 @@ def load(path: Path, learner) -> dict:
     if learner.full_finetune:
         learner.model.load_state_dict(payload["model"])
     else:
-        learner.load_adapter(path / "adapter")
-    learner.optimizer.load_state_dict(payload["optimizer"])
+        for k in range(learner.num_adapters):
+            if not (path / learner.adapter_dirname(k)).is_dir():
+                raise ValueError(f"checkpoint {path} has no {learner.adapter_dirname(k)}/ (a different adapter list?)")
+            learner.load_adapter(path / learner.adapter_dirname(k), k)
+    learner.load_optimizer_states(payload["optimizers"])
     torch.set_rng_state(payload["torch_rng"])
     random.setstate(payload["python_rng"])
     return state

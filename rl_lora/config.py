@@ -22,6 +22,23 @@ class ConfigError(ValueError):
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Shorthands accepted wherever target_modules is: "all" (the default), "attention" (the paper's weaker baseline),
+# "mlp".
+TARGET_PRESETS = {"all": ALL_LINEAR, "attention": ALL_LINEAR[:4], "mlp": ALL_LINEAR[4:]}
+ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed")
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter of a run, resolved: its shape, where it goes, and how it is trained."""
+
+    name: str = "adapter"
+    rank: int = 1
+    alpha: float = 32.0
+    target_modules: list = field(default_factory=lambda: list(ALL_LINEAR))
+    lr: float | str = 1e-4
+    lora_plus_ratio: float = 1.0
+    seed: int = 0  # init of A: same seed + same targets = same init, whatever the other adapters
 
 
 @dataclass
@@ -42,8 +59,9 @@ class LoraConfig:
     rank: int = 1
     # alpha in W' = W + (alpha/r) B A. 32 as in the paper; with the 1/r factor the best LR barely depends on r.
     alpha: float = 32.0
-    # Module names (suffixes) to adapt. Default: every linear layer, MLP included (attention-only learns worse).
-    target_modules: list = field(default_factory=lambda: list(ALL_LINEAR))
+    # Module names (suffixes) to adapt, or a preset: all | attention | mlp. Default: every linear layer, MLP
+    # included (attention-only learns worse).
+    target_modules: list | str = field(default_factory=lambda: list(ALL_LINEAR))
     # LoRA+ ratio lambda: lr_B = lambda * lr_A. 1.0 = same LR for A and B (the paper's default); ~16 for LoRA+.
     lora_plus_ratio: float = 1.0
 
@@ -178,6 +196,39 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # K adapters trained at once on one base (a sweep, tenants): a list of {name, lr, rank, alpha,
+    # lora_plus_ratio, target_modules, seed}; each missing key comes from lora.* / optim.lr / train.seed. Empty =
+    # one adapter from lora.* and optim.lr. The sampler must hold K + 1 (sampler.max_loras).
+    adapters: list = field(default_factory=list)
+
+
+def expand_targets(value, key: str) -> list:
+    if isinstance(value, str):
+        if value not in TARGET_PRESETS:
+            raise ConfigError(f"{key}: unknown preset {value!r} (presets: {', '.join(TARGET_PRESETS)}; or a list "
+                              "of module names)")
+        return list(TARGET_PRESETS[value])
+    if not (isinstance(value, list) and value and all(isinstance(m, str) and m for m in value)):
+        raise ConfigError(f"{key}: must be a non-empty list of module names or a preset, got {value!r}")
+    return list(value)
+
+
+def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
+    """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
+    if not cfg.adapters:
+        return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
+                            cfg.lora.lora_plus_ratio, cfg.train.seed)]
+    specs = []
+    for i, entry in enumerate(cfg.adapters):
+        default_name = f"lr={entry['lr']:g}" if isinstance(entry.get("lr"), (int, float)) else f"adapter{i}"
+        specs.append(AdapterSpec(
+            name=str(entry.get("name", default_name)), rank=entry.get("rank", cfg.lora.rank),
+            alpha=float(entry.get("alpha", cfg.lora.alpha)),
+            target_modules=expand_targets(entry.get("target_modules", cfg.lora.target_modules),
+                                          f"adapters[{i}].target_modules"),
+            lr=entry.get("lr", cfg.optim.lr), lora_plus_ratio=float(entry.get("lora_plus_ratio", cfg.lora.lora_plus_ratio)),
+            seed=entry.get("seed", cfg.train.seed)))
+    return specs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,6 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     cfg = _build(Config, _normalise_numbers(data), "")
+    cfg.lora.target_modules = expand_targets(cfg.lora.target_modules, "lora.target_modules")
     validate(cfg)
     return cfg
 
@@ -292,6 +344,8 @@ def _normalise_numbers(node):
     """YAML 1.1 leaves '1e-3' (no dot) as a string; turn such strings into floats before type checks."""
     if isinstance(node, dict):
         return {k: _normalise_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_normalise_numbers(v) for v in node]
     if isinstance(node, str):
         try:
             if any(c in node for c in "eE") and node.strip()[0] in "0123456789.-+":
@@ -314,8 +368,7 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.model.path), "model.path", "must not be empty")
     _require(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
     _require(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
-    _require(len(cfg.lora.target_modules) > 0 and all(isinstance(m, str) for m in cfg.lora.target_modules),
-             "lora.target_modules", "must be a non-empty list of module names")
+    expand_targets(cfg.lora.target_modules, "lora.target_modules")
     _require(cfg.lora.lora_plus_ratio > 0, "lora.lora_plus_ratio", "must be > 0")
     _require(cfg.data.eval_size >= 0, "data.eval_size", "must be >= 0")
     _require(cfg.data.train_size >= 1, "data.train_size", "must be >= 1")
@@ -362,6 +415,44 @@ def validate(cfg: Config) -> None:
         extra = sorted(set(spec) - {"name", "weight", "kwargs"})
         if extra:
             raise ConfigError(f"reward.rewards[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs)")
+    _validate_adapters(cfg)
+
+
+def _validate_adapters(cfg: Config) -> None:
+    _require(isinstance(cfg.adapters, list), "adapters", "must be a list of adapter specs")
+    if not cfg.adapters:
+        return
+    names = set()
+    for i, entry in enumerate(cfg.adapters):
+        key = f"adapters[{i}]"
+        _require(isinstance(entry, dict), key, f"must be a mapping of {', '.join(ADAPTER_KEYS)}, got {entry!r}")
+        extra = sorted(set(entry) - set(ADAPTER_KEYS))
+        if extra:
+            raise ConfigError(f"{key}: unknown key '{extra[0]}' (known: {', '.join(ADAPTER_KEYS)})")
+        if "lr" in entry:
+            lr = entry["lr"]
+            ok = lr == "auto" or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0
+                                  and math.isfinite(lr))
+            _require(ok, f"{key}.lr", f"must be a finite number >= 0 or 'auto', got {lr!r}")
+        for field_name, lo in (("rank", 1), ("seed", 0)):
+            if field_name in entry:
+                v = entry[field_name]
+                _require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key}.{field_name}",
+                         f"must be an integer >= {lo}, got {v!r}")
+        for field_name in ("alpha", "lora_plus_ratio"):
+            if field_name in entry:
+                v = entry[field_name]
+                _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"{key}.{field_name}",
+                         f"must be a number > 0, got {v!r}")
+    for i, spec in enumerate(adapter_specs(cfg)):
+        ok = bool(spec.name) and all(c.isalnum() or c in "._=+-" for c in spec.name) and spec.name[0] != "."
+        _require(ok, f"adapters[{i}].name", f"{spec.name!r} must be a non-empty file name (letters, digits, ._=+-)")
+        _require(spec.name not in names, f"adapters[{i}].name", f"{spec.name!r} is used twice")
+        names.add(spec.name)
+    K = len(cfg.adapters)
+    _require(cfg.sampler.max_loras >= K + 1, "sampler.max_loras",
+             f"{cfg.sampler.max_loras} is too small for {K} adapters: the engine holds every adapter plus the one "
+             f"being replaced; set sampler.max_loras={K + 1}")
 
 
 def to_dict(cfg: Config) -> dict:

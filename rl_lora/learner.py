@@ -6,7 +6,9 @@ Built for small adapters on small machines:
   what dominates a stock learner's peak memory;
 - micro-batches are packed by a token budget (padded prompt + completion tokens), so memory is bounded
   by `optim.tokens_per_microbatch` whatever the completion lengths;
-- a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were.
+- a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
+- K adapters on one base (`specs`) train in the same micro-batches: each sample names its adapter, the rows of
+  an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TrainSample:
     completion_ids: list[int]
     sampler_logprobs: list[float]
     advantage: float
+    adapter: int = 0  # which adapter of the run produced it (and is trained on it)
 
 
 def _chunk_token_logprobs(hidden_N: torch.Tensor, weight: torch.Tensor, targets_N: torch.Tensor,
@@ -43,29 +46,43 @@ class Learner:
                  lr: float = 1e-4, lora_plus_ratio: float = 1.0, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
                  temperature: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None):
+        """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`
+        (each with its own AdamW and LR, all trained in one forward/backward per micro-batch)."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.config.use_cache = False
         self.model_path = model_path
-        self.rank, self.alpha, self.target_modules = rank, alpha, list(target_modules)
         self.full_finetune = full_finetune
         self.grad_clip = grad_clip
         self.tokens_per_microbatch = tokens_per_microbatch
         self.inv_temperature = 1.0 / temperature
+        self.specs = specs or [lora_mod.AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules), lr=lr,
+                                                    lora_plus_ratio=lora_plus_ratio, seed=seed)]
+        spec0 = self.specs[0]
+        self.rank, self.alpha, self.target_modules = spec0.rank, spec0.alpha, list(spec0.target_modules)
+        self.routing = None
+        adamw = dict(betas=tuple(betas), weight_decay=weight_decay, foreach=True)
         if full_finetune:
-            self.adapters = {}
+            if len(self.specs) > 1:
+                raise ValueError("full fine-tuning trains the base itself: it cannot share it with other adapters")
+            self.adapter_sets = [{}]
             for p in self.model.parameters():
                 p.requires_grad_(True)
-            groups = [{"params": [p for p in self.model.parameters()], "lr": lr}]
+            self.param_sets = [list(self.model.parameters())]
+            self.optimizers = [torch.optim.AdamW(self.param_sets[0], lr=spec0.lr, **adamw)]
         else:
-            self.adapters = lora_mod.inject_lora(self.model, self.target_modules, rank, alpha, seed)
-            groups = lora_mod.adapter_parameters(self.adapters, lora_plus_ratio, lr)
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                           foreach=True)
+            self.routing, self.adapter_sets = lora_mod.inject_adapters(self.model, self.specs)
+            self.optimizers, self.param_sets = [], []
+            for spec, views in zip(self.specs, self.adapter_sets):
+                groups = lora_mod.adapter_parameters(views, spec.lora_plus_ratio, spec.lr)
+                self.param_sets.append([p for g in groups for p in g["params"]])
+                self.optimizers.append(torch.optim.AdamW(groups, lr=spec.lr, **adamw))
+        self.adapters = self.adapter_sets[0]  # the single-adapter view
+        self.optimizer = self.optimizers[0]
+        self.params = [p for ps in self.param_sets for p in ps]
         self.backbone = getattr(self.model, self.model.base_model_prefix)
         if activation_checkpointing:
             # Recompute each decoder layer in backward instead of storing its activations: peak memory drops to
@@ -74,6 +91,10 @@ class Learner:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()
         self.skipped_steps = 0
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.specs)
 
     # ------------------------------------------------------------------------------------------------------
     # Per-token logprobs
@@ -90,7 +111,8 @@ class Learner:
             longest = max(longest, length)
         if current:
             batches.append(current)
-        return batches
+        # Rows of one adapter contiguous (the LoRA layers apply each adapter to a slice of rows).
+        return [sorted(mb, key=lambda s: s.adapter) for mb in batches]
 
     def token_logprobs(self, samples: list[TrainSample]) -> torch.Tensor:
         """[N] log p_learner of every completion token of `samples`, concatenated in order."""
@@ -108,6 +130,12 @@ class Learner:
             cols += pos
             targets += s.completion_ids
         ids, mask = ids.to(self.device), mask.to(self.device)
+        if self.routing is not None:
+            segments, start = [], 0
+            for k, run in _runs(samples):
+                segments.append((k, start, start + len(run)))
+                start += len(run)
+            self.routing.segments = segments
         hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         hidden_N = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
         targets_N = torch.tensor(targets, device=self.device)
@@ -138,54 +166,109 @@ class Learner:
     # One optimizer step
 
     def train_step(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0) -> dict:
-        num_tokens = sum(len(s.completion_ids) for s in samples)
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = {"is/ratio_sum": 0.0, "is/limited_sum": 0.0, "is/kl_sum": 0.0}
-        ratio_max, loss_total = 0.0, 0.0
+        """One AdamW step of every adapter on its own samples (one forward/backward per micro-batch for all).
+
+        Each adapter's loss is normalised by its own completion tokens, clipped by its own gradient norm and
+        skipped on its own if not finite: the result for adapter k is that of a single-adapter step on its
+        samples. With K > 1 the metrics carry `<name>/...` keys per adapter beside the totals."""
+        K = self.num_adapters
+        tokens_K = [0] * K
+        for s in samples:
+            tokens_K[s.adapter] += len(s.completion_ids)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        sums_K = [{"is/ratio_sum": 0.0, "is/limited_sum": 0.0, "is/kl_sum": 0.0, "loss": 0.0, "ratio_max": 0.0}
+                  for _ in range(K)]
         for mb in self._microbatches(samples):
             logp_T = self.token_logprobs(mb)
-            inputs = LossInputs(
-                logp_learner_T=logp_T,
-                logp_sampler_T=torch.tensor([lp for s in mb for lp in s.sampler_logprobs], device=self.device),
-                advantages_T=torch.tensor([s.advantage for s in mb for _ in s.completion_ids], device=self.device),
-                num_tokens=num_tokens,
-            )
-            out = ppo_clip_loss(inputs, ppo_clip) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
-            out.loss.backward()
-            loss_total += out.loss.item()
-            for k in sums:
-                sums[k] += out.metrics[k]
-            ratio_max = max(ratio_max, out.metrics["is/ratio_max"])
-        clip = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
-        finite = math.isfinite(grad_norm) and math.isfinite(loss_total) and math.isfinite(sums["is/ratio_sum"])
-        if finite:
-            self.optimizer.step()
-        else:  # leave adapter and optimizer state untouched
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss/pg": loss_total,
-            "loss/grad_norm": grad_norm,
-            "loss/skipped": 0.0 if finite else 1.0,
-            "is/ratio_mean": sums["is/ratio_sum"] / max(num_tokens, 1),
-            "is/ratio_max": ratio_max,
-            "is/frac_limited": sums["is/limited_sum"] / max(num_tokens, 1),
-            "is/kl_sampler_learner": sums["is/kl_sum"] / max(num_tokens, 1),
-            "learn/tokens": float(num_tokens),
-        }
+            loss, offset = 0.0, 0
+            for k, run in _runs(mb):
+                n = sum(len(s.completion_ids) for s in run)
+                inputs = LossInputs(
+                    logp_learner_T=logp_T[offset: offset + n],
+                    logp_sampler_T=torch.tensor([lp for s in run for lp in s.sampler_logprobs], device=self.device),
+                    advantages_T=torch.tensor([s.advantage for s in run for _ in s.completion_ids], device=self.device),
+                    num_tokens=tokens_K[k],
+                )
+                offset += n
+                out = ppo_clip_loss(inputs, ppo_clip) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
+                loss = loss + out.loss
+                sums = sums_K[k]
+                sums["loss"] += out.loss.item()
+                for key in ("is/ratio_sum", "is/limited_sum", "is/kl_sum"):
+                    sums[key] += out.metrics[key]
+                sums["ratio_max"] = max(sums["ratio_max"], out.metrics["is/ratio_max"])
+            loss.backward()
+        per_K = []
+        for k in range(K):
+            sums, n = sums_K[k], tokens_K[k]
+            clip = self.grad_clip if self.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.param_sets[k], clip).item() if n else 0.0
+            finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"]) and math.isfinite(sums["is/ratio_sum"])
+            if n and finite:
+                self.optimizers[k].step()
+            # else: this adapter and its optimizer state stay as they were
+            self.optimizers[k].zero_grad(set_to_none=True)
+            per_K.append({
+                "loss/pg": sums["loss"], "loss/grad_norm": grad_norm, "loss/skipped": 0.0 if finite or not n else 1.0,
+                "is/ratio_mean": sums["is/ratio_sum"] / max(n, 1), "is/ratio_max": sums["ratio_max"],
+                "is/frac_limited": sums["is/limited_sum"] / max(n, 1),
+                "is/kl_sampler_learner": sums["is/kl_sum"] / max(n, 1), "learn/tokens": float(n)})
+        skipped = all(m["loss/skipped"] for m, n in zip(per_K, tokens_K) if n)
+        self.skipped_steps += skipped
+        if K == 1:
+            return per_K[0]
+        total = max(sum(tokens_K), 1)
+        out = {"loss/pg": sum(m["loss/pg"] for m in per_K),
+               "loss/grad_norm": max(m["loss/grad_norm"] for m in per_K),
+               # the step counts as skipped only if every adapter that had samples was skipped
+               "loss/skipped": float(skipped),
+               "is/ratio_mean": sum(s["is/ratio_sum"] for s in sums_K) / total,
+               "is/ratio_max": max(m["is/ratio_max"] for m in per_K),
+               "is/frac_limited": sum(s["is/limited_sum"] for s in sums_K) / total,
+               "is/kl_sampler_learner": sum(s["is/kl_sum"] for s in sums_K) / total,
+               "learn/tokens": float(sum(tokens_K))}
+        for spec, m in zip(self.specs, per_K):
+            out.update({f"{spec.name}/{key}": v for key, v in m.items()})
+        return out
 
     # ------------------------------------------------------------------------------------------------------
     # Adapter export / state
 
-    def peft_config(self) -> dict:
-        return lora_mod.peft_config(self.rank, self.alpha, self.target_modules, self.model_path)
+    def peft_config(self, k: int = 0) -> dict:
+        spec = self.specs[k]
+        return lora_mod.peft_config(spec.rank, spec.alpha, spec.target_modules, self.model_path)
 
-    def write_adapter(self, path) -> None:
-        lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapters), self.peft_config())
+    def write_adapter(self, path, k: int = 0) -> None:
+        lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapter_sets[k]), self.peft_config(k))
 
-    def load_adapter(self, path) -> None:
-        lora_mod.load_peft_adapter(path, self.adapters)
+    def load_adapter(self, path, k: int = 0) -> None:
+        lora_mod.load_peft_adapter(path, self.adapter_sets[k])
+
+    def adapter_dirname(self, k: int) -> str:
+        """Where adapter k lives in a run or checkpoint directory: `adapter` (K = 1) or `adapters/<name>`."""
+        return "adapter" if self.num_adapters == 1 else f"adapters/{self.specs[k].name}"
+
+    def optimizer_states(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_optimizer_states(self, states: list[dict]) -> None:
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"checkpoint has {len(states)} optimizer states, the run has {len(self.optimizers)} "
+                             "adapters (a different adapter list?)")
+        for opt, st in zip(self.optimizers, states):
+            opt.load_state_dict(st)
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
+
+
+def _runs(mb: list[TrainSample]) -> list[tuple[int, list[TrainSample]]]:
+    """Consecutive samples of the same adapter: [(adapter, samples)] in order."""
+    out: list[tuple[int, list[TrainSample]]] = []
+    for s in mb:
+        if out and out[-1][0] == s.adapter:
+            out[-1][1].append(s)
+        else:
+            out.append((s.adapter, [s]))
+    return out

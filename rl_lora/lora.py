@@ -1,9 +1,15 @@
-"""Our own low-rank adapter: W' = W + (alpha/r) B A on every targeted linear layer, base frozen.
+"""Our own low-rank adapters: W' = W + (alpha/r) B A on every targeted linear layer, base frozen.
 
 Parametrisation follows LoRA Without Regret (and PEFT's defaults, so files load in PEFT and vLLM as they
 are): A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0, alpha = 32. The update is computed as two skinny matmuls
 x -> (x A^T) -> (x A^T) B^T, so a rank-1 adapter adds ~2(d_in + d_out) FLOPs per token and saves only the
 layer input (already alive) and a [tokens, r] activation for the backward pass.
+
+One base can carry K adapters at once (a learning-rate sweep, several tenants). Each `LoRALinear` holds
+every adapter that targets it, each with its own parameters (so each has its own optimizer and LR); a shared
+`Routing` says which contiguous rows of the batch belong to which adapter, and each adapter's update is
+applied only to its rows (views, no copies). A gradient of one adapter never touches another: the rows of
+adapter k see only A_k and B_k. With one adapter the forward is exactly the single-adapter computation.
 """
 
 from __future__ import annotations
@@ -18,57 +24,139 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rl_lora.config import AdapterSpec
+
 PEFT_PREFIX = "base_model.model."
 
 
+class Routing:
+    """Row segments of the current batch, [(adapter index, start row, end row)], set by the learner before each
+    forward. None = every row under adapter 0."""
+
+    def __init__(self):
+        self.segments: list[tuple[int, int, int]] | None = None
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear, routing: Routing | None = None):
         super().__init__()
         self.base = base
-        self.rank = rank
-        self.scale = alpha / rank
-        d_out, d_in = base.weight.shape
+        self.routing = routing or Routing()
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.scales: list[float] = []
+        self.slots: dict[int, int] = {}  # adapter index -> position in lora_A / lora_B
+
+    def add_adapter(self, index: int, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
+        d_out, d_in = self.base.weight.shape
         bound = 1.0 / math.sqrt(d_in)
         a = torch.empty(rank, d_in, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
         # Adapters are kept in fp32 (tiny) whatever the base dtype; cast at use.
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32, device=base.weight.device))
+        self.slots[index] = len(self.lora_A)
+        self.lora_A.append(nn.Parameter(a.to(self.base.weight.device)))
+        self.lora_B.append(nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32, device=self.base.weight.device)))
+        self.scales.append(alpha / rank)
+
+    def _low(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        i = self.slots[index]
+        return self.scales[i] * F.linear(F.linear(x, self.lora_A[i].to(x.dtype)), self.lora_B[i].to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        low = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return out + self.scale * low
+        segments = self.routing.segments
+        if segments is None or len(segments) == 1:
+            index = 0 if segments is None else segments[0][0]
+            return out + self._low(index, x) if index in self.slots else out
+        pieces = [out[s:e] + self._low(k, x[s:e]) if k in self.slots else out[s:e] for k, s, e in segments]
+        return torch.cat(pieces)
 
 
-def inject_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, seed: int) -> dict[str, LoRALinear]:
-    """Replace every nn.Linear whose name ends with a target suffix; freeze everything else.
+class AdapterView:
+    """Adapter `index` of one LoRALinear, seen as a single-adapter layer (.lora_A, .lora_B, .rank, .scale)."""
 
-    Returns {module path: LoRALinear}. Raises ValueError if no module matches (a typo in target_modules).
+    __slots__ = ("module", "slot")
+
+    def __init__(self, module: LoRALinear, index: int):
+        self.module, self.slot = module, module.slots[index]
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.module.lora_A[self.slot]
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.module.lora_B[self.slot]
+
+    @property
+    def base(self) -> nn.Linear:
+        return self.module.base
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.module.scales[self.slot]
+
+
+def _targets(model: nn.Module, target_modules: list[str], key: str) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        leaf = name.split(".")[-1]
+        if isinstance(module, LoRALinear):
+            continue
+        if leaf == "base" and isinstance(model.get_submodule(name.rpartition(".")[0]), LoRALinear):
+            name = name.rpartition(".")[0]  # already wrapped by an earlier adapter
+            leaf = name.split(".")[-1]
+        elif not isinstance(module, nn.Linear):
+            continue
+        if leaf in target_modules and "lm_head" not in name:
+            names.append(name)
+    if not names:
+        raise ValueError(f"{key} {target_modules} match no linear layer of the model")
+    found = {n.split(".")[-1] for n in names}
+    missing = [m for m in target_modules if m not in found]
+    if missing:
+        raise ValueError(f"{key}: {missing} match no linear layer of the model")
+    return sorted(names)  # sorted: the init does not depend on module registration order
+
+
+def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing, list[dict[str, AdapterView]]]:
+    """Wrap every linear layer that some adapter targets; add each adapter where it is targeted; freeze the rest.
+
+    Returns the shared routing and, per adapter, {module path: AdapterView}. Raises ValueError if a spec's
+    target_modules match no module (a typo).
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    targets = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in target_modules and "lm_head" not in name:
-            targets.append(name)
-    if not targets:
-        raise ValueError(f"lora.target_modules {target_modules} match no linear layer of the model")
-    found = {name.split(".")[-1] for name in targets}
-    missing = [m for m in target_modules if m not in found]
-    if missing:
-        raise ValueError(f"lora.target_modules: {missing} match no linear layer of the model")
-    adapters = {}
-    for name in sorted(targets):  # sorted: the init does not depend on module registration order
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapped = LoRALinear(getattr(parent, child), rank, alpha, gen)
-        setattr(parent, child, wrapped)
-        adapters[name] = wrapped
-    return adapters
+    routing = Routing()
+    sets = []
+    for index, spec in enumerate(specs):
+        key = "lora.target_modules" if len(specs) == 1 else f"adapters[{index}].target_modules"
+        gen = torch.Generator().manual_seed(spec.seed)
+        views = {}
+        for name in _targets(model, spec.target_modules, key):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            layer = getattr(parent, child)
+            if not isinstance(layer, LoRALinear):
+                layer = LoRALinear(layer, routing)
+                setattr(parent, child, layer)
+            layer.add_adapter(index, spec.rank, spec.alpha, gen)
+            views[name] = AdapterView(layer, index)
+        sets.append(views)
+    return routing, sets
 
 
-def adapter_parameters(adapters: dict[str, LoRALinear], lora_plus_ratio: float, lr: float) -> list[dict]:
+def inject_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, seed: int) -> dict[str, AdapterView]:
+    """One adapter on every linear layer whose name ends with a target suffix (the K = 1 case)."""
+    _, (views,) = inject_adapters(model, [AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules),
+                                                      seed=seed)])
+    return views
+
+
+def adapter_parameters(adapters: dict[str, AdapterView], lora_plus_ratio: float, lr: float) -> list[dict]:
     """Optimizer parameter groups: A at lr, B at lr * lora_plus_ratio (LoRA+; 1.0 = same LR)."""
     a_params = [m.lora_A for m in adapters.values()]
     b_params = [m.lora_B for m in adapters.values()]
@@ -76,7 +164,7 @@ def adapter_parameters(adapters: dict[str, LoRALinear], lora_plus_ratio: float, 
             {"params": b_params, "lr": lr * lora_plus_ratio, "name": "lora_B"}]
 
 
-def num_adapter_parameters(adapters: dict[str, LoRALinear]) -> int:
+def num_adapter_parameters(adapters: dict[str, AdapterView]) -> int:
     return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapters.values())
 
 
@@ -84,7 +172,7 @@ def num_adapter_parameters(adapters: dict[str, LoRALinear]) -> int:
 # PEFT-format files (adapter_config.json + adapter_model.safetensors), loadable by PEFT and `vllm serve`.
 
 
-def peft_state_dict(adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+def peft_state_dict(adapters: dict[str, AdapterView]) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in adapters.items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
@@ -117,7 +205,7 @@ def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], confi
     os.replace(tmp, path)
 
 
-def load_peft_adapter(path: str | Path, adapters: dict[str, LoRALinear]) -> dict:
+def load_peft_adapter(path: str | Path, adapters: dict[str, AdapterView]) -> dict:
     """Copy a PEFT adapter's tensors into our modules (shapes must match). Returns its config."""
     from safetensors.torch import load_file
 

@@ -73,17 +73,31 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def format_step(step: int, m: dict) -> str:
-    return (f"step {step:4d} | reward {m.get('reward/mean', 0):.3f} acc {m.get('reward/accuracy', 0):.3f} "
+    line = (f"step {step:4d} | reward {m.get('reward/mean', 0):.3f} acc {m.get('reward/accuracy', 0):.3f} "
             f"len {m.get('response/length_mean', 0):5.1f} | rho {m.get('is/ratio_mean', 0):.4f} "
             f"max {m.get('is/ratio_max', 0):.3f} kl {m.get('is/kl_sampler_learner', 0):.2e} | "
             f"loss {m.get('loss/pg', 0):+.4f} gn {m.get('loss/grad_norm', 0):.3f} | "
             f"groups {int(m.get('groups/kept', 0))}/{int(m.get('groups/total', 0))} | "
             f"t sample {m.get('time/sample', 0):.1f}s score {m.get('time/score', 0):.1f}s "
             f"learn {m.get('time/learn', 0):.1f}s push {1000 * m.get('time/push', 0):.0f}ms")
+    per = adapter_names(m)
+    if per:
+        line += " | " + " ".join(f"{n} {m[f'{n}/reward/mean']:.3f}" for n in per)
+    return line
+
+
+def adapter_names(m: dict) -> list[str]:
+    """Names of the adapters with per-adapter metrics in `m` (K > 1 runs), in logged order."""
+    return [k[: -len("/reward/mean")] for k in m if k.endswith("/reward/mean") and k != "reward/mean"]
 
 
 def plot_rewards(run_dir: Path) -> Path | None:
+    """reward_curve.png: the train reward and held-out accuracy along the run; with K adapters, one colour per
+    adapter (train reward solid, held-out accuracy dots)."""
     rows = read_metrics(run_dir)
+    names = next((adapter_names(r) for r in rows if adapter_names(r)), [])
+    if names:
+        return _plot_adapters(run_dir, rows, names)
     train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     if not train and not evals:
@@ -103,6 +117,36 @@ def plot_rewards(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "reward_curve.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _plot_adapters(run_dir: Path, rows: list[dict], names: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    base = [(r["step"], r["eval/base_accuracy"]) for r in rows if "eval/base_accuracy" in r]
+    for i, name in enumerate(names):
+        color = f"C{i % 10}"
+        train = [(r["step"], r[f"{name}/reward/mean"]) for r in rows if f"{name}/reward/mean" in r]
+        evals = [(r["step"], r[f"{name}/eval/accuracy"]) for r in rows if f"{name}/eval/accuracy" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, label=f"{name} train reward")
+        if evals:
+            ax.plot(*zip(*evals), "o--", color=color, alpha=0.8, label=f"{name} held-out")
+    if base:
+        ax.axhline(base[-1][1], color="grey", ls=":", label="base held-out")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
+    ax.set_title(f"{run_dir.name}: {len(names)} adapters on one base")
     fig.tight_layout()
     out = run_dir / "reward_curve.png"
     fig.savefig(out, dpi=120)

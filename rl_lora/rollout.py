@@ -26,3 +26,4 @@ class Group:
     completions: list[Completion]
     rewards_G: list[float] = field(default_factory=list)
     advantages_G: list[float] = field(default_factory=list)
+    adapter: int = 0  # index of the run's adapter that sampled it (K > 1: sweeps, tenants)

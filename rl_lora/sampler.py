@@ -125,9 +125,14 @@ class Sampler:
 
     def generate(self, prompt_ids_P: list[list[int]], *, n: int, adapters: list[AdapterRef | None] | AdapterRef | None,
                  seed: int, temperature: float, max_tokens: int, top_p: float = 1.0, top_k: int = -1,
-                 use_tqdm: bool = False) -> list[list[Completion]]:
+                 use_tqdm: bool = False, seeds: list[int] | None = None) -> list[list[Completion]]:
         """For each prompt, `n` completions with the sampled tokens' logprobs. `adapters` is one ref for all
-        prompts or one per prompt (multi-LoRA batching: prompts under different adapters share a call)."""
+        prompts or one per prompt (multi-LoRA batching: prompts under different adapters share a call).
+        Request seeds are seed + i*n for prompt i, or `seeds` (one per prompt, spaced >= n apart)."""
+        if seeds is None:
+            seeds = [seed + i * n for i in range(len(prompt_ids_P))]
+        if len(seeds) != len(prompt_ids_P):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids_P)} prompts")
         if not isinstance(adapters, list):
             adapters = [adapters] * len(prompt_ids_P)
         for ids in prompt_ids_P:
@@ -142,12 +147,11 @@ class Sampler:
             out: list = [None] * len(prompt_ids_P)
             for idx in (base_idx, lora_idx):
                 for i, g in zip(idx, self._generate_seeded([prompt_ids_P[i] for i in idx], [adapters[i] for i in idx],
-                                                           [seed + i * n for i in idx], n, temperature, max_tokens,
+                                                           [seeds[i] for i in idx], n, temperature, max_tokens,
                                                            top_p, top_k, use_tqdm)):
                     out[i] = g
             return out
-        return self._generate_seeded(prompt_ids_P, adapters, [seed + i * n for i in range(len(prompt_ids_P))], n,
-                                     temperature, max_tokens, top_p, top_k, use_tqdm)
+        return self._generate_seeded(prompt_ids_P, adapters, seeds, n, temperature, max_tokens, top_p, top_k, use_tqdm)
 
     def _generate_seeded(self, prompt_ids_P, adapters, seeds_P, n, temperature, max_tokens, top_p, top_k, use_tqdm):
         from vllm import SamplingParams

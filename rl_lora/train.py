@@ -13,6 +13,9 @@ Algorithmic choices (and where they come from):
 - Update: one AdamW step per batch of rollouts (fully on-policy), gradient-norm clipping.
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
+- K adapters (`adapters:`, `rl-lora sweep`): every adapter gets the same prompts with the same request seeds
+  (paired), all K x P groups are sampled in one generate call (multi-LoRA), learned in one forward/backward per
+  micro-batch (each adapter its own optimizer and LR), and all K are pushed as new versions each step.
 
 Reliability (each behaviour has a test in tests/faults/):
 - After every push, the sampler's logprobs on a fixed probe must match the learner's for the new version
@@ -36,7 +39,7 @@ from tqdm import tqdm
 
 from rl_lora import checkpoint, faults
 from rl_lora.advantages import group_advantages, has_signal
-from rl_lora.config import Config, ConfigError, dump_yaml, to_dict
+from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
@@ -131,30 +134,42 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
 
     shape = read_shape(model_path)
     notes = []
-    if cfg.optim.lr == "auto":
+    auto = [i for i, a in enumerate(cfg.adapters) if a.get("lr") == "auto"]
+    if cfg.optim.lr == "auto" or auto:
         s = suggest_lr(shape, steps=cfg.train.steps)
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=s.lora_lr))
-        notes.append(f"optim.lr: auto -> {s.lora_lr:.3g} ({s.how})")
+        adapters = [dict(a, lr=s.lora_lr) if i in auto else a for i, a in enumerate(cfg.adapters)]
+        lr = s.lora_lr if cfg.optim.lr == "auto" else cfg.optim.lr
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
+        notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
     episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
-    notes.append(capacity_check(shape, cfg.lora.rank, cfg.lora.target_modules, episodes).message())
+    seen = set()
+    for spec in adapter_specs(cfg):
+        key = (spec.rank, tuple(spec.target_modules))
+        if key not in seen:
+            seen.add(key)
+            line = capacity_check(shape, spec.rank, spec.target_modules, episodes).message()
+            notes.append(line if len(cfg.adapters) < 2 else f"{line} [{spec.name}]")
     return cfg, notes
 
 
-def final_table(sampler, adapter, problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
-    """Base model and the trained adapter side by side on the held-out set, in ONE generate call of the running
-    engine (multi-LoRA batching; the base rows run without an adapter). Written to run_dir/eval/."""
+def final_table(sampler, refs: list, names: list[str], problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
+    """Base model and the trained adapter(s) side by side on the held-out set, in ONE generate call of the
+    running engine (multi-LoRA batching; the base rows run without an adapter). Written to run_dir/eval/."""
     from rl_lora.evaldata import EvalSet
     from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, write_results
 
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
     evalset = EvalSet("held-out", problems, f"{cfg.data.source} (held-out, disjoint from training)")
     t0 = time.perf_counter()
-    rows, sample_rows = evaluate_models(sampler, [("base", None), (f"adapter@{step}", adapter)], [evalset], cfg.data,
+    labels = [f"adapter@{step}"] if len(refs) == 1 else [f"{name}@{step}" for name in names]
+    dirs = ["adapter"] if len(refs) == 1 else [f"adapters/{name}" for name in names]
+    models = [("base", None)] + list(zip(labels, refs))
+    rows, sample_rows = evaluate_models(sampler, models, [evalset], cfg.data,
                                         scorer, k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens,
                                         top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED)
     payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
                           "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
-                          "adapters": {f"adapter@{step}": str(run_dir / "adapter")}},
+                          "adapters": {label: str(run_dir / d) for label, d in zip(labels, dirs)}},
                "data": {evalset.name: evalset.origin},
                "prompt_format": {"system_prompt": cfg.data.system_prompt, "instruction": cfg.data.instruction},
                "results": rows, "decontamination": {}, "time_s": round(time.perf_counter() - t0, 1)}
@@ -162,8 +177,17 @@ def final_table(sampler, adapter, problems, scorer, cfg: Config, run_dir: Path, 
     return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
 
 
+def evaluate_all(run, specs: list[AdapterSpec], prompts_P, problems, scorer, cfg: Config) -> dict:
+    """Held-out metrics of every live adapter in one generate call; keys `eval/...` (K = 1) or
+    `<name>/eval/...`."""
+    outs = evaluate(run.sampler, run.refs, prompts_P, problems, scorer, cfg)
+    if len(specs) == 1:
+        return outs[0]
+    return {f"{spec.name}/{key}": v for spec, out in zip(specs, outs) for key, v in out.items()}
+
+
 def make_samples(groups: list[Group]) -> list[TrainSample]:
-    return [TrainSample(g.prompt_ids, c.token_ids, c.logprobs, a)
+    return [TrainSample(g.prompt_ids, c.token_ids, c.logprobs, a, g.adapter)
             for g in groups for c, a in zip(g.completions, g.advantages_G) if c.token_ids]
 
 
@@ -171,7 +195,7 @@ def build_sampler(cfg: Config, model_path: str):
     from rl_lora.sampler import Sampler
 
     return Sampler(model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                   max_lora_rank=cfg.lora.rank, max_loras=cfg.sampler.max_loras, kvcache_gib=cfg.sampler.cpu_kvcache_gib,
+                   max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=cfg.sampler.max_loras, kvcache_gib=cfg.sampler.cpu_kvcache_gib,
                    gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
                    tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
 
@@ -193,7 +217,7 @@ class Run:
         self.sampler = None
         self.learner = None
         self.version = 0
-        self.adapter: AdapterRef | None = None
+        self.refs: list[AdapterRef] = []  # the live version of each adapter, in adapter order
         self.probe_ids: list[int] = []
         self.restarts = 0
 
@@ -204,16 +228,25 @@ class Run:
     # -- pushing, with the stale-adapter guard ---------------------------------------------------------------
 
     def push(self, step: int) -> float:
-        """Load the learner's adapter into the sampler as a new version; check it. Returns the probe gap."""
+        """Load every adapter of the learner into the sampler as a new version (LoRA id (version-1)*K + k + 1,
+        unique per engine), evicting each one's previous version; check them. Returns the worst probe gap."""
         from rl_lora import lora as lora_mod
 
         self.version += 1
-        write = self.learner.write_adapter
-        if faults.fire("stale_push", step):  # the engine gets a wrong adapter (zeros: the base policy)
-            def write(path, learner=self.learner):
-                zeros = {k: torch.zeros_like(v) for k, v in lora_mod.peft_state_dict(learner.adapters).items()}
-                lora_mod.write_peft_adapter(path, zeros, learner.peft_config())
-        self.adapter = self.sampler.push(self.version, write)
+        K = self.learner.num_adapters
+        stale = faults.fire("stale_push", step)
+        refs = []
+        for k in range(K):
+            def write(path, k=k, learner=self.learner):
+                if stale:  # the engine gets a wrong adapter (zeros: the base policy)
+                    zeros = {n: torch.zeros_like(v) for n, v in lora_mod.peft_state_dict(learner.adapter_sets[k]).items()}
+                    lora_mod.write_peft_adapter(path, zeros, learner.peft_config(k))
+                else:
+                    learner.write_adapter(path, k)
+            refs.append(self.sampler.push((self.version - 1) * K + k + 1, write, evict_older=False))
+            if len(self.refs) > k:
+                self.sampler.evict(self.refs[k].version)
+        self.refs = refs
         return self.check_push(step)
 
     def check_push(self, step: int) -> float:
@@ -222,29 +255,38 @@ class Run:
             return 0.0
         from rl_lora.learner import TrainSample
 
-        (c,), = self.sampler.generate([self.probe_ids], n=1, adapters=self.adapter, seed=PROBE_SEED,
-                                      temperature=self.cfg.sampler.temperature,
-                                      max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
-        if not c.token_ids:
-            return 0.0
-        learner_lp = self.learner.score([TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0)])[0]
-        gap = sum(abs(a - b) for a, b in zip(c.logprobs, learner_lp)) / len(learner_lp)
-        if not gap <= tol:
-            raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe differ from "
-                           f"the learner's by {gap:.2e} per token (tolerance {tol:g}, train.push_check_tol) for "
-                           f"adapter version {self.version}: the sampler is serving a stale or wrong adapter, and "
-                           "training on it would be off-policy without knowing it")
-        return gap
+        K = len(self.refs)
+        groups = self.sampler.generate([self.probe_ids] * K, n=1, adapters=self.refs, seed=PROBE_SEED,
+                                       seeds=[PROBE_SEED] * K, temperature=self.cfg.sampler.temperature,
+                                       max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
+        probes = [TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, k)
+                  for k, (c,) in enumerate(groups) if c.token_ids]
+        worst = 0.0
+        for s, learner_lp in zip(probes, self.learner.score(probes) if probes else []):
+            gap = sum(abs(a - b) for a, b in zip(s.sampler_logprobs, learner_lp)) / len(learner_lp)
+            if not gap <= tol:
+                which = "" if K == 1 else f" of adapter {self.learner.specs[s.adapter].name!r}"
+                raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe differ "
+                               f"from the learner's by {gap:.2e} per token (tolerance {tol:g}, train.push_check_tol) "
+                               f"for version {self.version}{which}: the sampler is serving a stale or wrong adapter, "
+                               "and training on it would be off-policy without knowing it")
+            worst = max(worst, gap)
+        return worst
 
     # -- sampling, with engine restarts ----------------------------------------------------------------------
 
-    def generate(self, step: int, prompts, **kwargs):
+    def generate(self, step: int, prompts_P, seed: int, n: int, **kwargs):
+        """G = n completions of every prompt under every adapter (adapter-major: K x P groups), the same request
+        seeds for every adapter."""
+        P = len(prompts_P)
         for attempt in range(MAX_SAMPLER_RESTARTS + 1):
             try:
                 if faults.fire("sampler_crash", step):
                     self.sampler.close()
                     raise RuntimeError("injected fault: the sampler engine died")
-                return self.sampler.generate(prompts, adapters=self.adapter, **kwargs)
+                return self.sampler.generate(list(prompts_P) * len(self.refs), n=n, seed=seed,
+                                             adapters=[r for r in self.refs for _ in range(P)],
+                                             seeds=[seed + i * n for i in range(P)] * len(self.refs), **kwargs)
             except (ValueError, ConfigError):
                 raise  # bad input, not a dead engine
             except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild and redo the step
@@ -289,21 +331,21 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     try:
         run.sampler = build_sampler(cfg, model_path)
         run.probe_ids = (eval_prompts or train_prompts)[0]
+        specs = adapter_specs(cfg)
         run.learner = learner = Learner(
-            model_path, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-            lr=cfg.optim.lr, lora_plus_ratio=cfg.lora.lora_plus_ratio, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            model_path, target_modules=cfg.lora.target_modules, specs=specs, betas=(cfg.optim.beta1, cfg.optim.beta2),
             weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
             tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
-            seed=cfg.train.seed, activation_checkpointing=cfg.optim.activation_checkpointing)
+            activation_checkpointing=cfg.optim.activation_checkpointing)
         check_disk(run_dir, learner)
         state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": 0, "version": 0}
         step, run.version = state["step"], state["version"]
         stream = PromptStream(len(train_set), cfg.train.seed, state["data_position"])
         logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume_step=step if start else None)
         run.push(step)
-        summary = {"trainable_parameters": learner.num_trainable()}
+        summary = {"trainable_parameters": learner.num_trainable(), "adapters": [s.name for s in specs]}
         if start is None and cfg.train.eval_every and held_out:  # step 0 of the eval curve
-            before = evaluate(run.sampler, run.adapter, eval_prompts, held_out, eval_scorer, cfg)
+            before = evaluate_all(run, specs, eval_prompts, held_out, eval_scorer, cfg)
             logger.log(0, before)
             summary["eval_before"] = before
         bar = tqdm(range(step, cfg.train.steps), initial=step, total=cfg.train.steps, desc="train",
@@ -318,7 +360,9 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                 step_num, [train_prompts[i] for i in idx_P], n=cfg.sampler.samples_per_prompt,
                 seed=(cfg.train.seed * 1_000_003 + step_num) * 10_000, temperature=cfg.sampler.temperature,
                 max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
-            groups = [Group(i, train_set[i].question, train_prompts[i], c) for i, c in zip(idx_P, completions)]
+            P = len(idx_P)
+            groups = [Group(i, train_set[i].question, train_prompts[i], c, adapter=j // P)
+                      for j, (i, c) in enumerate(zip(idx_P * len(specs), completions))]
             t1 = time.perf_counter()
             # 2. score every completion (wall-clock limited; failures score 0 and are counted)
             flat = [(g, c) for g in groups for c in g.completions]
@@ -373,8 +417,14 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                  "time/step": t4 - t0, **learn}
             if probe_gap is not None:
                 m["push/probe_gap"] = probe_gap
+            if len(specs) > 1:
+                per = len(flat) // len(specs)
+                for k, spec in enumerate(specs):
+                    mine = range(k * per, (k + 1) * per)
+                    m[f"{spec.name}/reward/mean"] = sum(result.rewards[j] for j in mine) / per
+                    m[f"{spec.name}/reward/accuracy"] = sum(correct[j] for j in mine) / per
             if cfg.train.eval_every and step_num % cfg.train.eval_every == 0 and step_num < cfg.train.steps:
-                m.update(evaluate(run.sampler, run.adapter, eval_prompts, held_out, eval_scorer, cfg))
+                m.update(evaluate_all(run, specs, eval_prompts, held_out, eval_scorer, cfg))
             logger.log(step_num, m)
             logger.log_samples(step_num, [(g.prompt, c.text, r) for g in groups[:2]
                                           for c, r in zip(g.completions[:2], g.rewards_G[:2])])
@@ -382,15 +432,20 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
                 checkpoint.save(run_dir, step_num, learner, {"data_position": stream.position, "version": run.version})
         bar.close()
-        learner.write_adapter(run_dir / "adapter")
+        for k in range(len(specs)):
+            learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
         if held_out:
-            final = final_table(run.sampler, run.adapter, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
-            trained = final["rows"][1]
-            logger.log(cfg.train.steps, {"eval/accuracy": trained["avg_at_k"],
-                                         "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
-                                         "eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1],
-                                         "eval/base_accuracy": final["rows"][0]["avg_at_k"]})
+            final = final_table(run.sampler, run.refs, [s.name for s in specs], held_out, eval_scorer, cfg, run_dir,
+                                cfg.train.steps)
+            final_m = {"eval/base_accuracy": final["rows"][0]["avg_at_k"]}
+            for spec, trained in zip(specs, final["rows"][1:]):
+                prefix = "" if len(specs) == 1 else f"{spec.name}/"
+                final_m.update({f"{prefix}eval/accuracy": trained["avg_at_k"],
+                                f"{prefix}eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
+                                f"{prefix}eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]})
+            logger.log(cfg.train.steps, final_m)
             summary["eval_table"], summary["eval_dir"] = final["table"], final["dir"]
+            summary["eval_rows"] = final["rows"]
         logger.close()
         summary["plot"] = str(plot_rewards(run_dir))
         summary["run_dir"] = str(run_dir)

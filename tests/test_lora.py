@@ -26,7 +26,7 @@ def test_all_linear_layers_adapted_with_paper_init(learner):
         assert torch.count_nonzero(m.lora_B) == 0
         assert m.scale == 32.0
     trainable = {n for n, p in learner.model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert trainable and all(n.rsplit(".", 2)[-2] in ("lora_A", "lora_B") for n in trainable)
 
 
 def test_unknown_target_module_is_an_error(tiny_model):
@@ -83,12 +83,35 @@ def test_peft_round_trip_gives_same_logits(learner, tiny_model, tmp_path):
 
 def test_lora_linear_is_base_plus_scaled_low_rank():
     base = torch.nn.Linear(8, 6, bias=False)
-    layer = LoRALinear(base, rank=1, alpha=32, generator=torch.Generator().manual_seed(0))
+    layer = LoRALinear(base)
+    layer.add_adapter(0, rank=1, alpha=32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        layer.lora_B.fill_(0.1)
+        layer.lora_B[0].fill_(0.1)
     x = torch.randn(3, 8)
-    expected = x @ (base.weight + 32 * layer.lora_B @ layer.lora_A).T
+    expected = x @ (base.weight + 32 * layer.lora_B[0] @ layer.lora_A[0]).T
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_routed_rows_see_only_their_adapter():
+    """Rows 0-1 under adapter 0, row 2 under adapter 1 (rank 2), row 3 under adapter 2 (not on this layer)."""
+    base = torch.nn.Linear(8, 6, bias=False)
+    layer = LoRALinear(base)
+    layer.add_adapter(0, rank=1, alpha=32, generator=torch.Generator().manual_seed(0))
+    layer.add_adapter(1, rank=2, alpha=16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.lora_B[0].fill_(0.1)
+        layer.lora_B[1].fill_(-0.2)
+    layer.routing.segments = [(0, 0, 2), (1, 2, 3), (2, 3, 4)]
+    x = torch.randn(4, 5, 8)
+    out = layer(x)
+    w0 = base.weight + 32 * layer.lora_B[0] @ layer.lora_A[0]
+    w1 = base.weight + 8 * layer.lora_B[1] @ layer.lora_A[1]
+    torch.testing.assert_close(out[:2], x[:2] @ w0.T)
+    torch.testing.assert_close(out[2:3], x[2:3] @ w1.T)
+    torch.testing.assert_close(out[3:], x[3:] @ base.weight.T)
+    out[:2].sum().backward()  # adapter 0's rows only: adapter 1 gets no gradient at all
+    assert layer.lora_A[0].grad is not None and layer.lora_A[0].grad.abs().sum() > 0
+    assert layer.lora_B[1].grad is None or layer.lora_B[1].grad.abs().sum() == 0
 
 
 def test_nonfinite_step_is_skipped(learner):
