@@ -30,6 +30,21 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from rl_lora.sweep import parse_lrs, summarise, sweep_config
+
+    cfg = sweep_config(args.config, parse_lrs(args.lr), args.overrides)
+    from rl_lora.train import train
+
+    summary = train(cfg, resume=args.resume, quiet=args.quiet)
+    result = summarise(cfg, summary)
+    print(f"\nsweep of {len(cfg.adapters)} learning rates as {len(cfg.adapters)} adapters of one run "
+          f"({cfg.train.steps} steps; held-out: {cfg.data.eval_size} problems, paired seeds):")
+    print(result["table"])
+    print(f"run dir: {summary['run_dir']}  (sweep.md, sweep.json, reward_curve.png, adapters/<name>/, eval/)")
+    return 0
+
+
 def _eval(args) -> int:
     from rl_lora.evaldata import parse_data_arg
     from rl_lora.evaluate import EvalConfig, eval_data_config, format_table, run_eval
@@ -93,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
+    w = sub.add_parser("sweep", help="train K learning rates at once: K adapters on one base, one run",
+                       description="Learning-rate sweep as K adapters of one run (one sampler, one learner, shared "
+                                   "batches, one optimizer per adapter). Prints and writes a summary table; the best "
+                                   "adapter by held-out score is marked.")
+    w.add_argument("config", help="YAML run config (see configs/); lora.* applies to every adapter")
+    w.add_argument("--lr", required=True, help="comma-separated learning rates, e.g. 1e-4,3e-4,1e-3,3e-3")
+    w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+    w.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    w.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
+    w.set_defaults(func=_sweep)
     e = sub.add_parser("eval", help="evaluate the base model and adapters: avg@k, pass@k, maj@k with 95% intervals",
                        description="Evaluate the base model and every --adapter in one vLLM engine (multi-LoRA), "
                                    "k samples per problem. Writes eval_results.json/.md, pass_at_k.png and "

@@ -165,12 +165,9 @@ class Learner:
     # ------------------------------------------------------------------------------------------------------
     # One optimizer step
 
-    def train_step(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0) -> dict:
-        """One AdamW step of every adapter on its own samples (one forward/backward per micro-batch for all).
-
-        Each adapter's loss is normalised by its own completion tokens, clipped by its own gradient norm and
-        skipped on its own if not finite: the result for adapter k is that of a single-adapter step on its
-        samples. With K > 1 the metrics carry `<name>/...` keys per adapter beside the totals."""
+    def backward(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0):
+        """Forward/backward of the step's loss into every adapter's .grad (zeroed first), one pass per
+        micro-batch for all adapters. Returns (completion tokens per adapter, per-adapter loss/ratio sums)."""
         K = self.num_adapters
         tokens_K = [0] * K
         for s in samples:
@@ -199,6 +196,16 @@ class Learner:
                     sums[key] += out.metrics[key]
                 sums["ratio_max"] = max(sums["ratio_max"], out.metrics["is/ratio_max"])
             loss.backward()
+        return tokens_K, sums_K
+
+    def train_step(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0) -> dict:
+        """One AdamW step of every adapter on its own samples (one forward/backward per micro-batch for all).
+
+        Each adapter's loss is normalised by its own completion tokens, clipped by its own gradient norm and
+        skipped on its own if not finite: the result for adapter k is that of a single-adapter step on its
+        samples. With K > 1 the metrics carry `<name>/...` keys per adapter beside the totals."""
+        K = self.num_adapters
+        tokens_K, sums_K = self.backward(samples, is_cap, ppo_clip)
         per_K = []
         for k in range(K):
             sums, n = sums_K[k], tokens_K[k]

@@ -24,7 +24,10 @@ def write_config(tmp_path: Path, tiny_model: str, **sections) -> Path:
         "reward": {"rewards": [{"name": "reward_fixtures:ascii_start"}], "num_workers": 1},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        if isinstance(cfg.get(section), dict):
+            cfg[section].update(values)
+        else:  # a top-level list such as adapters
+            cfg[section] = values
     path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

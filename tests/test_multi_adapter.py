@@ -1,0 +1,180 @@
+"""K adapters on one base: isolation, equality with K separate single-adapter learners and samplers, and the
+whole loop with two adapters (issue 6)."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rl_lora.config import ALL_LINEAR, AdapterSpec
+from rl_lora.learner import Learner, TrainSample
+from runhelpers import run_cli, step_rows
+
+ATTENTION = ALL_LINEAR[:4]
+
+
+def _samples(adapter: int, seed: int, n: int = 6) -> list[TrainSample]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(4, 12))]
+        completion = [rng.randrange(3, 200) for _ in range(rng.randrange(2, 9))]
+        out.append(TrainSample(prompt, completion, [-5.0 + rng.random() for _ in completion],
+                               rng.choice([-1.0, -0.5, 0.5, 1.0]), adapter))
+    return out
+
+
+def _perturb_B(learner: Learner, seed: int) -> None:
+    """Non-zero B (as after some training), the same in every learner built with the same specs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for views in learner.adapter_sets:
+            for name in sorted(views):
+                views[name].lora_B.copy_(torch.randn(views[name].lora_B.shape, generator=gen) * 0.02)
+
+
+def _grads(learner: Learner, k: int) -> dict:
+    return {name: (v.lora_A.grad.clone(), v.lora_B.grad.clone()) for name, v in learner.adapter_sets[k].items()}
+
+
+SPECS = [AdapterSpec("all-r1", rank=1, target_modules=ALL_LINEAR, lr=1e-2, seed=0),
+         AdapterSpec("attn-r2", rank=2, alpha=16, target_modules=ATTENTION, lr=3e-2, seed=1)]
+
+
+@pytest.mark.parametrize("tokens_per_microbatch", [4096, 40])  # one mixed micro-batch / many small ones
+def test_per_adapter_gradients_equal_separate_learners(tiny_model, tokens_per_microbatch):
+    data = _samples(0, seed=1) + _samples(1, seed=2, n=5)
+    random.Random(0).shuffle(data)
+    joint = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS, temperature=0.7,
+                    tokens_per_microbatch=tokens_per_microbatch)
+    _perturb_B(joint, 7)
+    joint.backward(data)
+    for k, spec in enumerate(SPECS):
+        alone = Learner(tiny_model, target_modules=ALL_LINEAR, specs=[spec], temperature=0.7)
+        with torch.no_grad():  # the same B as adapter k of the joint learner
+            for name in sorted(alone.adapters):
+                alone.adapters[name].lora_B.copy_(joint.adapter_sets[k][name].lora_B)
+        mine = [TrainSample(s.prompt_ids, s.completion_ids, s.sampler_logprobs, s.advantage, 0)
+                for s in data if s.adapter == k]
+        alone.backward(mine)
+        got, want = _grads(joint, k), _grads(alone, 0)
+        assert got.keys() == want.keys()
+        for name in want:
+            for g, w in zip(got[name], want[name]):
+                assert w.abs().sum() > 0
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_lr_zero_adapter_is_untouched_by_its_neighbour(tiny_model):
+    specs = [AdapterSpec("frozen", lr=0.0, target_modules=ALL_LINEAR), AdapterSpec("live", lr=1e-2, target_modules=ALL_LINEAR)]
+    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=specs)
+    before = [{n: (v.lora_A.detach().clone(), v.lora_B.detach().clone()) for n, v in views.items()}
+              for views in learner.adapter_sets]
+    for _ in range(2):
+        m = learner.train_step(_samples(0, seed=3) + _samples(1, seed=4))
+    assert m["frozen/learn/tokens"] > 0 and m["live/learn/tokens"] > 0 and m["frozen/loss/grad_norm"] > 0
+    for name, v in learner.adapter_sets[0].items():
+        assert torch.equal(v.lora_A, before[0][name][0]) and torch.equal(v.lora_B, before[0][name][1])
+    moved = sum((v.lora_B - before[1][n][1]).abs().sum().item() for n, v in learner.adapter_sets[1].items())
+    assert moved > 0
+    # each adapter exports as its own PEFT adapter
+    assert learner.peft_config(0)["r"] == 1
+    assert not torch.equal(*(learner.adapter_sets[k]["model.layers.0.mlp.down_proj"].lora_B for k in (0, 1)))
+
+
+def test_one_sampler_call_equals_single_adapter_calls(sampler, tiny_model):
+    """Two adapters in one generate call, same seeds: each group equals that adapter sampled alone."""
+    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS[:1] + [
+        AdapterSpec("other", target_modules=ALL_LINEAR, seed=3)], temperature=0.7)
+    _perturb_B(learner, 11)
+    with torch.no_grad():  # make the two policies clearly different
+        for v in learner.adapter_sets[1].values():
+            v.lora_B.mul_(-3)
+    refs = [sampler.push(301 + k, lambda d, k=k: learner.write_adapter(d, k), evict_older=False) for k in range(2)]
+    prompt = sampler.tokenizer.encode("What is 2 + 3?")
+    kw = dict(n=4, seed=0, temperature=0.7, max_tokens=8)
+    try:
+        mixed = sampler.generate([prompt, prompt], adapters=refs, seeds=[77, 77], **kw)
+        alone = [sampler.generate([prompt], adapters=[r], seeds=[77], **kw)[0] for r in refs]
+    finally:
+        for r in refs:
+            sampler.evict(r.version)
+    assert [c.token_ids for c in mixed[0]] != [c.token_ids for c in mixed[1]], "adapters should differ"
+    for k in range(2):
+        assert all(c.adapter_version == refs[k].version for c in mixed[k])
+        assert [c.token_ids for c in mixed[k]] == [c.token_ids for c in alone[k]]
+        for c, d in zip(mixed[k], alone[k]):
+            assert max(abs(a - b) for a, b in zip(c.logprobs, d.logprobs)) < 1e-4
+        scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0, k) for c in mixed[k]])
+        assert max(abs(a - b) for c, lp in zip(mixed[k], scored) for a, b in zip(c.logprobs, lp)) < 1e-3
+
+
+@pytest.mark.slow
+def test_two_adapters_train_checkpoint_and_resume(tmp_path, make_config):
+    cfg = make_config(adapters=[{"name": "frozen", "lr": 0}, {"name": "live", "lr": 5e-3, "target_modules": "attention"}],
+                      sampler={"max_loras": 3}, train={"steps": 2, "save_every": 1, "eval_samples": 1})
+    res = run_cli(cfg, "--quiet", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(cfg, "train.steps=3", "--resume", "--quiet", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = step_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {"frozen/reward/mean", "live/reward/mean", "frozen/loss/grad_norm", "live/is/ratio_mean"} <= r.keys()
+        assert r["push/probe_gap"] < 1e-3  # both adapters checked after every push
+    assert abs(rows[0]["frozen/is/ratio_mean"] - 1) < 1e-3 and abs(rows[0]["live/is/ratio_mean"] - 1) < 1e-3
+    frozen = load_file(str(run / "adapters" / "frozen" / "adapter_model.safetensors"))
+    live = load_file(str(run / "adapters" / "live" / "adapter_model.safetensors"))
+    assert all(not t.any() for k, t in frozen.items() if "lora_B" in k)  # lr 0: B stays 0
+    assert any(t.any() for k, t in live.items() if "lora_B" in k)
+    assert not any("mlp" in k for k in live) and any("mlp" in k for k in frozen)  # attention-only baseline
+    assert json.loads((run / "adapters" / "live" / "adapter_config.json").read_text())["target_modules"] == sorted(ATTENTION)
+    ckpt = run / "checkpoints" / "step_000003"
+    assert (ckpt / "adapters" / "frozen").is_dir() and (ckpt / "adapters" / "live").is_dir()
+    results = json.loads((run / "eval" / "eval_results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["base", "frozen@3", "live@3"]
+
+
+def test_too_many_adapters_for_the_engine_is_a_config_error(tmp_path, make_config):
+    cfg = make_config(adapters=[{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}])
+    res = run_cli(cfg)
+    assert res.returncode == 2
+    assert "sampler.max_loras" in res.stderr.strip().splitlines()[-1]
+
+
+def test_sweep_flags_are_checked_before_any_model_loads(tmp_path, make_config):
+    import subprocess
+    import sys
+
+    cfg = make_config()
+    for lr, message in (("1e-4", "at least 2"), ("1e-4,x", "comma-separated"), ("1e-4,1e-4", "twice"),
+                        ("1e-4,-1", ">= 0")):
+        res = subprocess.run([sys.executable, "-m", "rl_lora.cli", "sweep", str(cfg), "--lr", lr],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sweep_trains_every_lr_in_one_run_and_marks_the_best(tmp_path, make_config):
+    import subprocess
+    import sys
+
+    from runhelpers import ROOT, TESTS
+
+    cfg = make_config(train={"steps": 2, "save_every": 0, "eval_samples": 2}, data={"eval_size": 4})
+    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "rl_lora.cli", "sweep", str(cfg), "--lr", "0,5e-3", "--quiet"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    result = json.loads((run / "sweep.json").read_text())
+    assert [a["adapter"] for a in result["adapters"]] == ["lr=0", "lr=0.005"]
+    assert sum(a["best"] for a in result["adapters"]) == 1
+    assert all(a["heldout_avg"] is not None and a["train_reward_last"] is not None for a in result["adapters"])
+    assert "| lr=0.005 |" in (run / "sweep.md").read_text() and "best" in res.stdout
+    assert (run / "reward_curve.png").is_file()
+    assert "max_loras: 3" in (run / "config.yaml").read_text()
