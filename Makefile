@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rl-lora-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo sweep test test-fast bench install clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m rl_lora.cli train configs/demo_cpu.yaml
 
+# Four learning rates as four rank-1 adapters of one run (~20 min on 2 cores).
+sweep: $(STAMP)
+	$(PY) -m rl_lora.cli sweep configs/sweep_cpu.yaml --lr 1e-4,3e-4,1e-3,3e-3
+
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
@@ -36,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/learner.py
 	$(PY) benchmarks/sampler.py
 	$(PY) benchmarks/verifier.py
+	$(PY) benchmarks/multi_adapter.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -35,7 +35,7 @@ def save(run_dir: Path, step: int, learner, state: dict) -> Path:
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
-    for k in range(learner.num_adapters):
+    for k in range(0 if learner.full_finetune else learner.num_adapters):
         learner.write_adapter(tmp / learner.adapter_dirname(k), k)
     if faults.fire("kill_in_checkpoint", step):  # tests/faults: die with the checkpoint half-written
         os.kill(os.getpid(), signal.SIGKILL)

@@ -55,8 +55,10 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    # LoRA rank r (>= 1). Rank 1 matches full fine-tuning for policy-gradient RL (LoRA Without Regret).
-    rank: int = 1
+    # LoRA rank r (>= 1), or "full": full fine-tuning of every weight in the same loop (the baseline rank 1 should
+    # match; the engine's weights are updated in place each step). Rank 1 matches full fine-tuning for
+    # policy-gradient RL (LoRA Without Regret).
+    rank: int | str = 1
     # alpha in W' = W + (alpha/r) B A. 32 as in the paper; with the 1/r factor the best LR barely depends on r.
     alpha: float = 32.0
     # Module names (suffixes) to adapt, or a preset: all | attention | mlp. Default: every linear layer, MLP
@@ -213,8 +215,14 @@ def expand_targets(value, key: str) -> list:
     return list(value)
 
 
+def is_full_finetune(cfg: "Config") -> bool:
+    return cfg.lora.rank == "full"
+
+
 def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
+    if is_full_finetune(cfg):
+        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0, cfg.train.seed)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
                             cfg.lora.lora_plus_ratio, cfg.train.seed)]
@@ -366,7 +374,14 @@ def validate(cfg: Config) -> None:
              f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     _require(cfg.model.max_model_len >= 0, "model.max_model_len", "must be >= 0")
     _require(bool(cfg.model.path), "model.path", "must not be empty")
-    _require(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
+    if isinstance(cfg.lora.rank, str):
+        _require(cfg.lora.rank == "full", "lora.rank", f"must be an integer >= 1 or 'full', got {cfg.lora.rank!r}")
+        _require(not cfg.adapters, "adapters", "full fine-tuning (lora.rank: full) trains the base itself; it cannot "
+                 "share it with other adapters")
+        _require(cfg.sampler.tensor_parallel_size == 1, "sampler.tensor_parallel_size",
+                 "full fine-tuning updates the engine's weights in place: tensor parallelism is not supported")
+    else:
+        _require(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
     _require(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     expand_targets(cfg.lora.target_modules, "lora.target_modules")
     _require(cfg.lora.lora_plus_ratio > 0, "lora.lora_plus_ratio", "must be > 0")

@@ -246,6 +246,24 @@ class Learner:
         spec = self.specs[k]
         return lora_mod.peft_config(spec.rank, spec.alpha, spec.target_modules, self.model_path)
 
+    def save_model(self, path) -> None:
+        """Full fine-tuning: the whole model (HF format, with its tokenizer), written atomically."""
+        import os
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        self.model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
     def write_adapter(self, path, k: int = 0) -> None:
         lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapter_sets[k]), self.peft_config(k))
 

@@ -67,8 +67,14 @@ class LoRALinear(nn.Module):
         if segments is None or len(segments) == 1:
             index = 0 if segments is None else segments[0][0]
             return out + self._low(index, x) if index in self.slots else out
-        pieces = [out[s:e] + self._low(k, x[s:e]) if k in self.slots else out[s:e] for k, s, e in segments]
-        return torch.cat(pieces)
+        if not any(k in self.slots for k, _, _ in segments):
+            return out
+        # split/cat, not per-segment indexing: their backward is one cat/split, where indexing would materialise a
+        # full-size zero gradient per segment (measured 1.5x slower at K = 4).
+        rows = x.split([e - s for _, s, e in segments])
+        lows = [self._low(k, xs) if k in self.slots else out.new_zeros(xs.shape[:-1] + out.shape[-1:])
+                for (k, _, _), xs in zip(segments, rows)]
+        return out + torch.cat(lows)
 
 
 class AdapterView:

@@ -79,7 +79,8 @@ def format_step(step: int, m: dict) -> str:
             f"loss {m.get('loss/pg', 0):+.4f} gn {m.get('loss/grad_norm', 0):.3f} | "
             f"groups {int(m.get('groups/kept', 0))}/{int(m.get('groups/total', 0))} | "
             f"t sample {m.get('time/sample', 0):.1f}s score {m.get('time/score', 0):.1f}s "
-            f"learn {m.get('time/learn', 0):.1f}s push {1000 * m.get('time/push', 0):.0f}ms")
+            f"learn {m.get('time/learn', 0):.1f}s push {1000 * m.get('time/push', 0):.0f}ms "
+            f"check {1000 * m.get('time/push_check', 0):.0f}ms")
     per = adapter_names(m)
     if per:
         line += " | " + " ".join(f"{n} {m[f'{n}/reward/mean']:.3f}" for n in per)

@@ -108,6 +108,15 @@ class Sampler:
         self.last_push_s = time.perf_counter() - t0
         return ref
 
+    def load_weights(self, hf_state: dict) -> None:
+        """Overwrite the engine's base weights in place with `hf_state` (HF parameter names; full fine-tuning),
+        and drop the prefix cache (its KV was computed with the old weights). Llama-family layouts: vLLM fuses
+        q/k/v and gate/up. Raises ValueError if a weight of either side has no counterpart."""
+        missing = self.llm.apply_model(lambda model: _copy_hf_weights(model, hf_state))[0]
+        if missing:
+            raise ValueError(f"full fine-tuning: the engine has no place for {missing[:3]} (unsupported architecture)")
+        self.llm.reset_prefix_cache()
+
     def evict(self, version: int) -> None:
         ref = self.live.pop(version, None)
         if ref is None:
@@ -188,3 +197,33 @@ def _vllm_rank(rank: int) -> int:
         if rank <= allowed:
             return allowed
     return rank
+
+
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _copy_hf_weights(model, hf_state: dict) -> list[str]:
+    """Runs inside the engine: copy HF-named weights into vLLM's (LoRA-wrapped, fused) parameters. Returns the
+    HF names that found no place (tied lm_head excepted)."""
+    import torch
+
+    used = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                continue
+            key = name.replace(".base_layer", "")
+            prefix, _, rest = key.rpartition(".")
+            owner, _, module = prefix.rpartition(".")
+            if module in _FUSED:
+                parts = [f"{owner}.{m}.{rest}" for m in _FUSED[module]]
+                src = torch.cat([hf_state[k] for k in parts])
+            elif key in hf_state:
+                parts, src = [key], hf_state[key]
+            else:
+                raise ValueError(f"engine parameter {name} has no HF weight")
+            if src.shape[1:] != param.shape[1:] or src.shape[0] > param.shape[0]:
+                raise ValueError(f"{name}: engine shape {tuple(param.shape)} vs HF {tuple(src.shape)}")
+            param[: src.shape[0]].copy_(src.to(param.dtype))  # vocab rows may be padded in the engine
+            used.update(parts)
+    return sorted(k for k in set(hf_state) - used if k != "lm_head.weight" or "model.embed_tokens.weight" not in used)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from rl_lora import checkpoint, faults
 from rl_lora.advantages import group_advantages, has_signal
-from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, to_dict
+from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
@@ -47,7 +47,7 @@ from rl_lora.models import resolve_model_path
 from rl_lora.sampler import AdapterRef
 
 PROBE_SEED = 9_000_000  # request seed of the push-check probe
-PROBE_TOKENS = 16
+PROBE_TOKENS = 8
 MAX_SAMPLER_RESTARTS = 2  # per step
 
 
@@ -142,6 +142,10 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
         notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
     episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
+    if is_full_finetune(cfg):
+        notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
+                     "overwritten in place after every step")
+        return cfg, notes
     seen = set()
     for spec in adapter_specs(cfg):
         key = (spec.rank, tuple(spec.target_modules))
@@ -174,6 +178,38 @@ def final_table(sampler, refs: list, names: list[str], problems, scorer, cfg: Co
                "prompt_format": {"system_prompt": cfg.data.system_prompt, "instruction": cfg.data.instruction},
                "results": rows, "decontamination": {}, "time_s": round(time.perf_counter() - t0, 1)}
     write_results(run_dir / "eval", payload, sample_rows)
+    return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
+
+
+def final_table_full(run, problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
+    """Full fine-tuning: the engine holds the trained weights, so the trained model is evaluated first, then the
+    original weights are loaded back for the base row (two calls, the same request seeds: still paired)."""
+    from safetensors.torch import load_file
+
+    from rl_lora.evaldata import EvalSet
+    from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, paired_delta, write_results
+
+    k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
+    evalset = EvalSet("held-out", problems, f"{cfg.data.source} (held-out, disjoint from training)")
+    kw = dict(k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p,
+              seed=LIVE_EVAL_SEED)
+    t0 = time.perf_counter()
+    trained, trained_samples = evaluate_models(run.sampler, [(f"full-ft@{step}", None)], [evalset], cfg.data, scorer, **kw)
+    original = {}
+    for f in sorted(Path(run.model_path).glob("*.safetensors")):
+        original.update(load_file(str(f)))
+    run.sampler.load_weights(original)
+    base, base_samples = evaluate_models(run.sampler, [("base", None)], [evalset], cfg.data, scorer, **kw)
+    rows = base + trained
+    delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
+    rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
+    payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
+                          "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
+                          "adapters": {f"full-ft@{step}": str(run_dir / "model")}},
+               "data": {evalset.name: evalset.origin},
+               "prompt_format": {"system_prompt": cfg.data.system_prompt, "instruction": cfg.data.instruction},
+               "results": rows, "decontamination": {}, "time_s": round(time.perf_counter() - t0, 1)}
+    write_results(run_dir / "eval", payload, base_samples + trained_samples)
     return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
 
 
@@ -220,6 +256,7 @@ class Run:
         self.refs: list[AdapterRef] = []  # the live version of each adapter, in adapter order
         self.probe_ids: list[int] = []
         self.restarts = 0
+        self.push_s = self.check_s = 0.0  # the last push: loading the adapters, and the probe check after it
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -229,25 +266,36 @@ class Run:
 
     def push(self, step: int) -> float:
         """Load every adapter of the learner into the sampler as a new version (LoRA id (version-1)*K + k + 1,
-        unique per engine), evicting each one's previous version; check them. Returns the worst probe gap."""
+        unique per engine), evicting each one's previous version; check them. Returns the worst probe gap.
+        Full fine-tuning overwrites the engine's weights instead (and serves them without an adapter)."""
         from rl_lora import lora as lora_mod
 
         self.version += 1
         K = self.learner.num_adapters
         stale = faults.fire("stale_push", step)
-        refs = []
-        for k in range(K):
-            def write(path, k=k, learner=self.learner):
-                if stale:  # the engine gets a wrong adapter (zeros: the base policy)
-                    zeros = {n: torch.zeros_like(v) for n, v in lora_mod.peft_state_dict(learner.adapter_sets[k]).items()}
-                    lora_mod.write_peft_adapter(path, zeros, learner.peft_config(k))
-                else:
-                    learner.write_adapter(path, k)
-            refs.append(self.sampler.push((self.version - 1) * K + k + 1, write, evict_older=False))
-            if len(self.refs) > k:
-                self.sampler.evict(self.refs[k].version)
+        t0 = time.perf_counter()
+        if self.learner.full_finetune:  # the engine's base weights ARE the policy: overwrite them in place
+            if not stale:  # (the stale fault: the engine keeps the previous weights)
+                self.sampler.load_weights({n: p.detach() for n, p in self.learner.model.named_parameters()})
+            refs = [None]
+        else:
+            refs = []
+            for k in range(K):
+                def write(path, k=k, learner=self.learner):
+                    if stale:  # the engine gets a wrong adapter (zeros: the base policy)
+                        zeros = {n: torch.zeros_like(v)
+                                 for n, v in lora_mod.peft_state_dict(learner.adapter_sets[k]).items()}
+                        lora_mod.write_peft_adapter(path, zeros, learner.peft_config(k))
+                    else:
+                        learner.write_adapter(path, k)
+                refs.append(self.sampler.push((self.version - 1) * K + k + 1, write, evict_older=False))
+                if len(self.refs) > k:
+                    self.sampler.evict(self.refs[k].version)
         self.refs = refs
-        return self.check_push(step)
+        t1 = time.perf_counter()
+        gap = self.check_push(step)
+        self.push_s, self.check_s = t1 - t0, time.perf_counter() - t1
+        return gap
 
     def check_push(self, step: int) -> float:
         tol = push_check_tol(self.cfg)
@@ -334,6 +382,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         specs = adapter_specs(cfg)
         run.learner = learner = Learner(
             model_path, target_modules=cfg.lora.target_modules, specs=specs, betas=(cfg.optim.beta1, cfg.optim.beta2),
+            full_finetune=is_full_finetune(cfg),
             weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
             tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
             activation_checkpointing=cfg.optim.activation_checkpointing)
@@ -413,7 +462,9 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                  "groups/total": float(len(groups)), "groups/kept": float(len(kept)),
                  "groups/dropped": float(len(groups) - len(kept)), "adapter/version": float(run.version),
                  "sampler/restarts": float(run.restarts),
-                 "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2, "time/push": t4 - t3,
+                 "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2,
+                 "time/push": run.push_s if probe_gap is not None else t4 - t3,
+                 "time/push_check": run.check_s if probe_gap is not None else 0.0,
                  "time/step": t4 - t0, **learn}
             if probe_gap is not None:
                 m["push/probe_gap"] = probe_gap
@@ -432,9 +483,14 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
                 checkpoint.save(run_dir, step_num, learner, {"data_position": stream.position, "version": run.version})
         bar.close()
-        for k in range(len(specs)):
-            learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
-        if held_out:
+        if learner.full_finetune:
+            learner.save_model(run_dir / "model")
+        else:
+            for k in range(len(specs)):
+                learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
+        if held_out and learner.full_finetune:
+            final = final_table_full(run, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
+        elif held_out:
             final = final_table(run.sampler, run.refs, [s.name for s in specs], held_out, eval_scorer, cfg, run_dir,
                                 cfg.train.steps)
             final_m = {"eval/base_accuracy": final["rows"][0]["avg_at_k"]}

@@ -178,3 +178,23 @@ def test_sweep_trains_every_lr_in_one_run_and_marks_the_best(tmp_path, make_conf
     assert "| lr=0.005 |" in (run / "sweep.md").read_text() and "best" in res.stdout
     assert (run / "reward_curve.png").is_file()
     assert "max_loras: 3" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_full_finetune_baseline_runs_in_the_same_loop(tmp_path, make_config):
+    """lora.rank: full trains every weight and overwrites the engine's weights in place after each step; the push
+    check (sampler vs learner logprobs on a probe) proves the engine serves the updated weights."""
+    cfg = make_config(lora={"rank": "full"}, optim={"lr": 1e-3}, train={"steps": 2, "save_every": 1, "eval_samples": 1})
+    res = run_cli(cfg, "--quiet", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = step_rows(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["push/probe_gap"] < 1e-3 for r in rows)
+    assert abs(rows[0]["is/ratio_mean"] - 1) < 1e-3 and rows[0]["learn/tokens"] > 0
+    assert (run / "model" / "config.json").is_file() and not (run / "adapter").exists()
+    results = json.loads((run / "eval" / "eval_results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["base", "full-ft@2"] and "delta_avg_vs_base" in results[1]
+    # without the in-place weight update the check fails loudly
+    res = run_cli(cfg, "train.steps=3", "--resume", faults="stale_push@3", timeout=900)
+    assert res.returncode == 1 and "push check failed" in res.stderr.strip().splitlines()[-1]

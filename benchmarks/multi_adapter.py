@@ -1,0 +1,166 @@
+"""K concurrent adapters on one base vs one adapter, with the same per-adapter batch (issue 6).
+
+Two measurements, each configuration in its own process, one after the other in one invocation:
+
+1. learner: one train_step of K = 1, 2, 4 rank-1 adapters (SmolLM2-135M fp32 by default), each adapter with
+   the same per-adapter batch (default 4 sequences x 128 tokens). Two micro-batch settings:
+   - `packed`: the whole K-adapter batch in one micro-batch (the fastest; activations grow with K);
+   - `bounded`: optim.tokens_per_microbatch = one adapter's batch (activations fixed, so peak memory grows only
+     by what each adapter owns: parameters, gradients and AdamW state, counted exactly and compared with RSS);
+   - a reference: ONE adapter trained on the whole K = 4 batch, to separate the cost of K x the tokens (which
+     any K runs pay too) from the cost of routing rows to K adapters.
+   The `bounded` workers run with MALLOC_MMAP_THRESHOLD_=65536, so that freed activations return to the OS and
+   peak RSS measures live memory, not glibc's retained heap (it also makes them ~2x slower: compare their times
+   only with each other).
+2. loop: `rl-lora train` steps of the CPU demo task with K = 1 vs K = 4 adapters (same prompts per adapter):
+   sampling, learning and whole-step time per step (median of the steps after the first).
+
+K separate runs would cost K x the step time (and K copies of the base); the goal is K = 4 <= 1.5x K = 1.
+
+    python benchmarks/multi_adapter.py [--model smollm2-135m-gguf] [--parts learner,loop]
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def learner_worker(args) -> dict:
+    import torch
+
+    from rl_lora.config import ALL_LINEAR, AdapterSpec
+    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.models import resolve_model_path
+
+    K = args.k
+    per_tokens = args.seqs * (args.prompt + args.completion)
+    budget = per_tokens * K if args.packing == "packed" else per_tokens
+    specs = [AdapterSpec(f"a{k}", target_modules=ALL_LINEAR, lr=1e-4 * (k + 1)) for k in range(K)]
+    if args.packing == "one-adapter":  # the reference: ONE adapter with the K-adapter batch (same tokens)
+        specs, budget = specs[:1], per_tokens * K
+    learner = Learner(resolve_model_path(args.model), target_modules=ALL_LINEAR, specs=specs,
+                      tokens_per_microbatch=budget)
+    g = torch.Generator().manual_seed(0)
+    vocab = learner.model.config.vocab_size
+    batch = []
+    for k in range(K):
+        for i in range(args.seqs):
+            p = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
+            c = torch.randint(0, vocab, (args.completion,), generator=g).tolist()
+            batch.append(TrainSample(p, c, [-8.0] * args.completion, 1.0 if i % 2 else -1.0,
+                                     0 if args.packing == "one-adapter" else k))
+    times = []
+    for _ in range(args.steps + 1):
+        t0 = time.perf_counter()
+        learner.train_step(batch)
+        times.append(time.perf_counter() - t0)
+    # what the adapters own: parameters + AdamW exp_avg/exp_avg_sq (+ gradients while a step runs)
+    state = sum(t.numel() * t.element_size() for opt in learner.optimizers for st in opt.state.values()
+                for t in st.values() if torch.is_tensor(t))
+    params = sum(p.numel() * p.element_size() for p in learner.params)
+    return {"k": K, "packing": args.packing, "step_s": min(times[1:]), "peak_gib": _rss_gib(),
+            "adapter_bytes": params * 2 + state, "trainable": learner.num_trainable()}
+
+
+def loop_worker(args) -> dict:
+    from rl_lora.config import load_config
+    from rl_lora.metrics import read_metrics
+    from rl_lora.train import train
+
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3][: args.k]
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"model.path={args.model}", f"train.steps={args.loop_steps}", "train.save_every=0",
+                     "train.eval_every=0", "data.eval_size=0", f"train.output_dir={tmp}/run", "train.wandb_project=",
+                     f"train.prompts_per_step={args.loop_prompts}", f"sampler.max_loras={args.k + 1}"]
+        if args.k > 1:
+            overrides.append("adapters=[" + ", ".join(f"{{lr: {lr}}}" for lr in lrs) + "]")
+        train(load_config(ROOT / "configs" / "demo_cpu.yaml", overrides), quiet=True)
+        rows = [r for r in read_metrics(Path(tmp) / "run") if "time/step" in r][1:]
+    med = {key: statistics.median(r[key] for r in rows) for key in ("time/sample", "time/learn", "time/push", "time/push_check",
+                                                                 "time/step")}
+    return {"k": args.k, **med, "completions": args.k * args.loop_prompts * 8,
+            "tokens": statistics.median(r["learn/tokens"] for r in rows)}
+
+
+def _sub(args, **kw) -> dict | None:
+    cmd = [sys.executable, __file__, "--model", args.model, "--seqs", str(args.seqs), "--prompt", str(args.prompt),
+           "--completion", str(args.completion), "--steps", str(args.steps), "--loop-steps", str(args.loop_steps),
+           "--loop-prompts", str(args.loop_prompts)]
+    for key, value in kw.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    # The memory rows: a fixed mmap threshold returns freed activation buffers to the OS, so peak RSS measures
+    # what is live rather than what glibc's heap kept from earlier micro-batches.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if kw.get("packing") == "bounded" else None
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"{kw}: failed\n{out.stderr[-2000:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-gguf")
+    ap.add_argument("--parts", default="learner,loop")
+    ap.add_argument("--seqs", type=int, default=4, help="sequences per adapter (learner part)")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--completion", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=2, help="timed learner steps after a warm-up (min reported)")
+    ap.add_argument("--loop-steps", type=int, default=4, help="loop steps per K (the first is not counted)")
+    ap.add_argument("--loop-prompts", type=int, default=8, help="prompts per step per adapter (loop part)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--packing", default="packed", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(learner_worker(args) if args.worker == "learner" else loop_worker(args)))
+        return
+    parts = args.parts.split(",")
+    if "learner" in parts:
+        res = [r for packing in ("packed", "bounded") for k in (1, 2, 4)
+               if (r := _sub(args, worker="learner", k=k, packing=packing))]
+        ref = _sub(args, worker="learner", k=4, packing="one-adapter")
+        print(f"\nlearner step, K adapters x {args.seqs} seqs x {args.prompt + args.completion} tokens each, {args.model}")
+        print(f"{'packing':<9}{'K':>3}{'step s':>8}{'vs K=1':>8}{'peak GiB':>10}{'+MiB vs K=1':>13}"
+              f"{'adapter state MiB':>19}")
+        for packing in ("packed", "bounded"):
+            rows = [r for r in res if r["packing"] == packing]
+            one = next((r for r in rows if r["k"] == 1), None)
+            for r in rows:
+                grow = (r["peak_gib"] - one["peak_gib"]) * 1024 if one else float("nan")
+                extra = (r["adapter_bytes"] - one["adapter_bytes"]) / 2**20 if one else float("nan")
+                print(f"{packing:<9}{r['k']:>3}{r['step_s']:>8.2f}{r['step_s'] / one['step_s']:>7.2f}x"
+                      f"{r['peak_gib']:>10.3f}{grow:>13.1f}{extra:>19.1f}")
+        if ref:
+            four = next((r for r in res if r["packing"] == "packed" and r["k"] == 4), None)
+            print(f"reference: ONE adapter with the 4-adapter batch ({4 * args.seqs} seqs, one micro-batch): "
+                  f"{ref['step_s']:.2f} s, peak {ref['peak_gib']:.3f} GiB"
+                  + (f"; 4 adapters cost {four['step_s'] / ref['step_s']:.2f}x of it (the routing overhead)" if four else ""))
+    if "loop" in parts:
+        res = [r for k in (1, 4) if (r := _sub(args, worker="loop", k=k))]
+        print(f"\nRL step (demo task, {args.loop_prompts} prompts x 8 samples per adapter), median of steps 2..{args.loop_steps}")
+        print(f"{'K':>3}{'completions':>13}{'sample s':>10}{'learn s':>9}{'push ms':>9}{'check ms':>10}{'step s':>8}{'vs K=1':>8}"
+              f"{'vs K runs':>11}")
+        one = next((r for r in res if r["k"] == 1), None)
+        for r in res:
+            ratio = r["time/step"] / one["time/step"] if one else float("nan")
+            print(f"{r['k']:>3}{r['completions']:>13}{r['time/sample']:>10.1f}{r['time/learn']:>9.1f}"
+                  f"{1000 * r['time/push']:>9.0f}{1000 * r['time/push_check']:>10.0f}{r['time/step']:>8.1f}{ratio:>7.2f}x{ratio / r['k']:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
