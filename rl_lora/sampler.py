@@ -204,26 +204,45 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 
 def _copy_hf_weights(model, hf_state: dict) -> list[str]:
     """Runs inside the engine: copy HF-named weights into vLLM's (LoRA-wrapped, fused) parameters. Returns the
-    HF names that found no place (tied lm_head excepted)."""
+    HF names that found no place (tied lm_head excepted).
+
+    On CPU, vLLM repacks each linear weight for oneDNN/SGL kernels after loading (keeping a handle, and often an
+    empty `weight`): such layers get their new weight and are repacked the same way."""
     import torch
 
     used = set()
+    repack = []  # (module, remove_weight)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in list(model.named_parameters()):
             if "lora_" in name:
                 continue
             key = name.replace(".base_layer", "")
             prefix, _, rest = key.rpartition(".")
-            owner, _, module = prefix.rpartition(".")
-            if module in _FUSED:
-                parts = [f"{owner}.{m}.{rest}" for m in _FUSED[module]]
+            owner, _, module_name = prefix.rpartition(".")
+            if module_name in _FUSED:
+                parts = [f"{owner}.{m}.{rest}" for m in _FUSED[module_name]]
                 src = torch.cat([hf_state[k] for k in parts])
             elif key in hf_state:
                 parts, src = [key], hf_state[key]
             else:
                 raise ValueError(f"engine parameter {name} has no HF weight")
-            if src.shape[1:] != param.shape[1:] or src.shape[0] > param.shape[0]:
-                raise ValueError(f"{name}: engine shape {tuple(param.shape)} vs HF {tuple(src.shape)}")
-            param[: src.shape[0]].copy_(src.to(param.dtype))  # vocab rows may be padded in the engine
+            module = model.get_submodule(name.rpartition(".")[0])
+            if param.numel() == 0 and hasattr(module, "cpu_linear"):  # repacked on CPU, weight dropped
+                module.weight = torch.nn.Parameter(src.to(param.dtype).contiguous(), requires_grad=False)
+                repack.append((module, True))
+            else:
+                if src.shape[1:] != param.shape[1:] or src.shape[0] > param.shape[0]:
+                    raise ValueError(f"{name}: engine shape {tuple(param.shape)} vs HF {tuple(src.shape)}")
+                param[: src.shape[0]].copy_(src.to(param.dtype))  # vocab rows may be padded in the engine
             used.update(parts)
+        # layers that kept their weight but packed a copy of it (e.g. a tied lm_head) are repacked too
+        done = {id(m) for m, _ in repack}
+        repack += [(m, False) for m in model.modules()
+                   if hasattr(m, "cpu_linear") and id(m) not in done and getattr(m, "weight", None) is not None
+                   and m.weight.numel() > 0]
+        if repack:
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            for module, remove in repack:
+                dispatch_cpu_unquantized_gemm(module, remove_weight=remove)
     return sorted(k for k in set(hf_state) - used if k != "lm_head.weight" or "model.embed_tokens.weight" not in used)
