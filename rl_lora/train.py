@@ -289,7 +289,7 @@ class Run:
                     else:
                         learner.write_adapter(path, k)
                 refs.append(self.sampler.push((self.version - 1) * K + k + 1, write, evict_older=False))
-                if len(self.refs) > k:
+                if len(self.refs) > k and self.refs[k] is not None and self.refs[k].version != refs[-1].version:
                     self.sampler.evict(self.refs[k].version)
         self.refs = refs
         t1 = time.perf_counter()
@@ -353,6 +353,7 @@ class Run:
             pass
         self.sampler = build_sampler(self.cfg, self.model_path)
         self.restarts += 1
+        self.refs = []  # they lived in the dead engine
         self.version -= 1  # push() increments it: the current version's weights, reloaded in the new engine
         self.push(step)
 
