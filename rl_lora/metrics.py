@@ -73,10 +73,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def format_step(step: int, m: dict) -> str:
+    learned = (f"rho {m['is/ratio_mean']:.4f} max {m.get('is/ratio_max', 0):.3f} "
+               f"kl {m.get('is/kl_sampler_learner', 0):.2e} | loss {m.get('loss/pg', 0):+.4f} "
+               f"gn {m.get('loss/grad_norm', 0):.3f}") if "is/ratio_mean" in m else "no update: no group had signal"
     line = (f"step {step:4d} | reward {m.get('reward/mean', 0):.3f} acc {m.get('reward/accuracy', 0):.3f} "
-            f"len {m.get('response/length_mean', 0):5.1f} | rho {m.get('is/ratio_mean', 0):.4f} "
-            f"max {m.get('is/ratio_max', 0):.3f} kl {m.get('is/kl_sampler_learner', 0):.2e} | "
-            f"loss {m.get('loss/pg', 0):+.4f} gn {m.get('loss/grad_norm', 0):.3f} | "
+            f"len {m.get('response/length_mean', 0):5.1f} | {learned} | "
             f"groups {int(m.get('groups/kept', 0))}/{int(m.get('groups/total', 0))} | "
             f"t sample {m.get('time/sample', 0):.1f}s score {m.get('time/score', 0):.1f}s "
             f"learn {m.get('time/learn', 0):.1f}s push {1000 * m.get('time/push', 0):.0f}ms "

@@ -57,11 +57,19 @@ def summarise(cfg: Config, summary: dict) -> dict:
                     "train_reward_last": (sum(r[f"{spec.name}/reward/mean"] for r in last) / len(last)) if last else None,
                     "heldout_avg": e.get("avg_at_k"), "heldout_ci95": e.get("avg_at_k_ci95"),
                     "delta_vs_base": e.get("delta_avg_vs_base"), "delta_ci95": e.get("delta_avg_vs_base_ci95")})
-    scored = [r for r in out if r["heldout_avg"] is not None]
-    best = max(scored, key=lambda r: r["heldout_avg"])["adapter"] if scored else None
+    scored = sorted((r for r in out if r["heldout_avg"] is not None), key=lambda r: -r["heldout_avg"])
+    best = scored[0]["adapter"] if scored else None
     for r in out:
         r["best"] = r["adapter"] == best
-    result = {"base_heldout_avg": base.get("avg_at_k"), "adapters": out, "best": best,
+    margin = None
+    if len(scored) >= 2:  # is the best really better? paired bootstrap on the same problems and seeds
+        from rl_lora.evaluate import LIVE_EVAL_SEED, paired_delta
+
+        a, b = evals[scored[0]["adapter"]], evals[scored[1]["adapter"]]
+        k = cfg.train.eval_samples or 1
+        delta, ci = paired_delta(a["correct_per_problem"], b["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
+        margin = {"runner_up": scored[1]["adapter"], "delta": delta, "ci95": ci}
+    result = {"base_heldout_avg": base.get("avg_at_k"), "adapters": out, "best": best, "best_vs_runner_up": margin,
               "steps": cfg.train.steps, "plot": summary.get("plot")}
     (run_dir / "sweep.json").write_text(json.dumps(result, indent=2))
     table = format_sweep(result, len(last))
@@ -83,4 +91,9 @@ def format_sweep(result: dict, last_steps: int) -> str:
         held = "" if r["heldout_avg"] is None else f"{r['heldout_avg']:.3f} {ci(r['heldout_ci95'])}"
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base']:+.3f} {ci(r['delta_ci95'])}"
         lines.append(f"| {r['adapter']} | {r['lr']:g} | {train} | {held} | {delta} | {'best' if r['best'] else ''} |")
+    m = result.get("best_vs_runner_up")
+    if m:
+        verdict = "a real margin" if m["ci95"][0] > 0 else "within noise: the interval includes 0"
+        lines.append(f"\nbest vs runner-up ({m['runner_up']}): {m['delta']:+.3f} [{m['ci95'][0]:+.3f}, "
+                     f"{m['ci95'][1]:+.3f}] held-out avg@k, paired ({verdict})")
     return "\n".join(lines)

@@ -489,11 +489,12 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         else:
             for k in range(len(specs)):
                 learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
-        if held_out and learner.full_finetune:
-            final = final_table_full(run, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
-        elif held_out:
-            final = final_table(run.sampler, run.refs, [s.name for s in specs], held_out, eval_scorer, cfg, run_dir,
-                                cfg.train.steps)
+        if held_out:
+            if learner.full_finetune:
+                final = final_table_full(run, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
+            else:
+                final = final_table(run.sampler, run.refs, [s.name for s in specs], held_out, eval_scorer, cfg,
+                                    run_dir, cfg.train.steps)
             final_m = {"eval/base_accuracy": final["rows"][0]["avg_at_k"]}
             for spec, trained in zip(specs, final["rows"][1:]):
                 prefix = "" if len(specs) == 1 else f"{spec.name}/"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
-from runhelpers import run_cli, step_rows
+from runhelpers import metrics, run_cli, step_rows
 
 ATTENTION = ALL_LINEAR[:4]
 
@@ -174,6 +174,8 @@ def test_sweep_trains_every_lr_in_one_run_and_marks_the_best(tmp_path, make_conf
     result = json.loads((run / "sweep.json").read_text())
     assert [a["adapter"] for a in result["adapters"]] == ["lr=0", "lr=0.005"]
     assert sum(a["best"] for a in result["adapters"]) == 1
+    margin = result["best_vs_runner_up"]
+    assert margin["ci95"][0] <= margin["delta"] <= margin["ci95"][1] and "best vs runner-up" in res.stdout
     assert all(a["heldout_avg"] is not None and a["train_reward_last"] is not None for a in result["adapters"])
     assert "| lr=0.005 |" in (run / "sweep.md").read_text() and "best" in res.stdout
     assert (run / "reward_curve.png").is_file()
@@ -195,6 +197,8 @@ def test_full_finetune_baseline_runs_in_the_same_loop(tmp_path, make_config):
     assert (run / "model" / "config.json").is_file() and not (run / "adapter").exists()
     results = json.loads((run / "eval" / "eval_results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["base", "full-ft@2"] and "delta_avg_vs_base" in results[1]
+    assert "full-ft@2" in res.stdout  # the before/after table is printed
+    assert any("eval/base_accuracy" in r and "eval/accuracy" in r for r in metrics(run))
     # without the in-place weight update the check fails loudly
     res = run_cli(cfg, "train.steps=3", "--resume", faults="stale_push@3", timeout=900)
     assert res.returncode == 1 and "push check failed" in res.stderr.strip().splitlines()[-1]
