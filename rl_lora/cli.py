@@ -26,7 +26,8 @@ def _train(args) -> int:
               "same engine, paired seeds):")
         print(summary["eval_table"])
         print(f"eval results: {summary['eval_dir']}/ (eval_results.json/.md, pass_at_k.png, eval_samples.jsonl)")
-    print(f"run dir: {summary['run_dir']}  (adapter/, metrics.jsonl, reward_curve.png, checkpoints/)")
+    weights = "model/" if cfg.lora.rank == "full" else "adapter/"
+    print(f"run dir: {summary['run_dir']}  ({weights}, metrics.jsonl, reward_curve.png, checkpoints/)")
     return 0
 
 
