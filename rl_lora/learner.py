@@ -62,7 +62,6 @@ class Learner:
         self.specs = specs or [lora_mod.AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules), lr=lr,
                                                     lora_plus_ratio=lora_plus_ratio, seed=seed)]
         spec0 = self.specs[0]
-        self.rank, self.alpha, self.target_modules = spec0.rank, spec0.alpha, list(spec0.target_modules)
         self.routing = None
         adamw = dict(betas=tuple(betas), weight_decay=weight_decay, foreach=True)
         if full_finetune:
@@ -248,21 +247,13 @@ class Learner:
 
     def save_model(self, path) -> None:
         """Full fine-tuning: the whole model (HF format, with its tokenizer), written atomically."""
-        import os
-        import shutil
-        import tempfile
-        from pathlib import Path
-
         from transformers import AutoTokenizer
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        self.model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        def fill(tmp) -> None:
+            self.model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+
+        lora_mod.write_dir_atomically(path, fill)
 
     def write_adapter(self, path, k: int = 0) -> None:
         lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapter_sets[k]), self.peft_config(k))

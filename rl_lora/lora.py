@@ -195,20 +195,28 @@ def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: 
     }
 
 
-def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write both files into `path` atomically (a temp dir renamed into place)."""
-    from safetensors.torch import save_file
+def write_dir_atomically(path: str | Path, fill) -> None:
+    """`fill(tmp_dir)` writes the directory's files into a hidden temp dir, which then replaces `path`."""
+    import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    fill(tmp)
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write both files into `path` atomically (a temp dir renamed into place)."""
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    write_dir_atomically(path, fill)
 
 
 def load_peft_adapter(path: str | Path, adapters: dict[str, AdapterView]) -> dict:

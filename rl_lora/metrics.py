@@ -95,60 +95,46 @@ def adapter_names(m: dict) -> list[str]:
 
 def plot_rewards(run_dir: Path) -> Path | None:
     """reward_curve.png: the train reward and held-out accuracy along the run; with K adapters, one colour per
-    adapter (train reward solid, held-out accuracy dots)."""
+    adapter (train reward solid, held-out accuracy dots) and the base model's held-out accuracy as a line."""
     rows = read_metrics(run_dir)
+
+    def series(key: str) -> list:
+        return [(r["step"], r[key]) for r in rows if key in r]
+
     names = next((adapter_names(r) for r in rows if adapter_names(r)), [])
+    lines, hlines = [], []  # (points, line format, matplotlib style, label); (y, style, label)
     if names:
-        return _plot_adapters(run_dir, rows, names)
-    train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
-    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-    if not train and not evals:
+        for i, name in enumerate(names):
+            lines.append((series(f"{name}/reward/mean"), "-", dict(color=f"C{i % 10}"), f"{name} train reward"))
+            lines.append((series(f"{name}/eval/accuracy"), "o--", dict(color=f"C{i % 10}", alpha=0.8),
+                          f"{name} held-out"))
+        base = series("eval/base_accuracy")
+        if base:
+            hlines.append((base[-1][1], dict(color="grey", ls=":"), "base held-out"))
+        title, size = f"{run_dir.name}: {len(names)} adapters on one base", (7, 4)
+        legend = dict(loc="upper left", fontsize=7, ncol=2)
+    else:
+        lines.append((series("reward/mean"), "-", dict(color="tab:blue"), "train reward (mean)"))
+        lines.append((series("eval/accuracy"), "o-", dict(color="tab:orange"), "held-out accuracy"))
+        title, size, legend = run_dir.name, (6, 3.5), dict(loc="lower right")
+    lines = [line for line in lines if line[0]]
+    if not lines:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train reward (mean)", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out accuracy", color="tab:orange")
+    fig, ax = plt.subplots(figsize=size)
+    for points, fmt, style, label in lines:
+        ax.plot(*zip(*points), fmt, label=label, **style)
+    for y, style, label in hlines:
+        ax.axhline(y, label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(run_dir.name)
-    fig.tight_layout()
-    out = run_dir / "reward_curve.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def _plot_adapters(run_dir: Path, rows: list[dict], names: list[str]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    base = [(r["step"], r["eval/base_accuracy"]) for r in rows if "eval/base_accuracy" in r]
-    for i, name in enumerate(names):
-        color = f"C{i % 10}"
-        train = [(r["step"], r[f"{name}/reward/mean"]) for r in rows if f"{name}/reward/mean" in r]
-        evals = [(r["step"], r[f"{name}/eval/accuracy"]) for r in rows if f"{name}/eval/accuracy" in r]
-        if train:
-            ax.plot(*zip(*train), color=color, label=f"{name} train reward")
-        if evals:
-            ax.plot(*zip(*evals), "o--", color=color, alpha=0.8, label=f"{name} held-out")
-    if base:
-        ax.axhline(base[-1][1], color="grey", ls=":", label="base held-out")
-    ax.set_xlabel("step")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7, ncol=2)
-    ax.set_title(f"{run_dir.name}: {len(names)} adapters on one base")
+    ax.legend(**legend)
+    ax.set_title(title)
     fig.tight_layout()
     out = run_dir / "reward_curve.png"
     fig.savefig(out, dpi=120)

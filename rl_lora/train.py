@@ -117,15 +117,6 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out) -> tuple
     return train_prompts, eval_prompts
 
 
-def evaluate(sampler, adapter, prompts_P: list[list[int]], problems, scorer, cfg: Config) -> dict:
-    """Held-out metrics of the live adapter (avg@k with its 95% interval, pass@j, maj@k) through the running
-    sampler, with fixed request seeds so that evaluations along a run are paired."""
-    from rl_lora.evaluate import eval_live
-
-    return eval_live(sampler, adapter, prompts_P, problems, scorer, k=cfg.train.eval_samples,
-                     temperature=cfg.sampler.temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
-
-
 def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     """Resolve `optim.lr: auto` with the paper's rule and check the adapter's capacity for the planned run."""
     import dataclasses
@@ -156,21 +147,38 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     return cfg, notes
 
 
-def final_table(sampler, refs: list, names: list[str], problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
-    """Base model and the trained adapter(s) side by side on the held-out set, in ONE generate call of the
-    running engine (multi-LoRA batching; the base rows run without an adapter). Written to run_dir/eval/."""
+def final_table(run, names: list[str], dirs: list[str], problems, scorer, cfg: Config, run_dir: Path,
+                step: int) -> dict:
+    """Base model and the trained adapter(s) side by side on the held-out set, written to run_dir/eval/.
+
+    Adapters: ONE generate call of the running engine (multi-LoRA batching; the base rows run without an
+    adapter). Full fine-tuning: the engine holds the trained weights, so the trained model is evaluated first,
+    then the original weights are loaded back for the base row (two calls, the same request seeds: still
+    paired). `dirs` are the trained weights' directories under run_dir, one per name."""
     from rl_lora.evaldata import EvalSet
-    from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, write_results
+    from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, paired_delta, write_results
 
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
     evalset = EvalSet("held-out", problems, f"{cfg.data.source} (held-out, disjoint from training)")
+    kw = dict(k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p,
+              seed=LIVE_EVAL_SEED)
+    labels = [f"{name}@{step}" for name in names]
     t0 = time.perf_counter()
-    labels = [f"adapter@{step}"] if len(refs) == 1 else [f"{name}@{step}" for name in names]
-    dirs = ["adapter"] if len(refs) == 1 else [f"adapters/{name}" for name in names]
-    models = [("base", None)] + list(zip(labels, refs))
-    rows, sample_rows = evaluate_models(sampler, models, [evalset], cfg.data,
-                                        scorer, k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens,
-                                        top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED)
+    if run.learner.full_finetune:
+        from safetensors.torch import load_file
+
+        trained, trained_samples = evaluate_models(run.sampler, [(labels[0], None)], [evalset], cfg.data, scorer, **kw)
+        original = {}
+        for f in sorted(Path(run.model_path).glob("*.safetensors")):
+            original.update(load_file(str(f)))
+        run.sampler.load_weights(original)
+        rows, sample_rows = evaluate_models(run.sampler, [("base", None)], [evalset], cfg.data, scorer, **kw)
+        rows, sample_rows = rows + trained, sample_rows + trained_samples
+        delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
+        rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
+    else:
+        models = [("base", None)] + list(zip(labels, run.refs))
+        rows, sample_rows = evaluate_models(run.sampler, models, [evalset], cfg.data, scorer, **kw)
     payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
                           "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
                           "adapters": {label: str(run_dir / d) for label, d in zip(labels, dirs)}},
@@ -181,42 +189,14 @@ def final_table(sampler, refs: list, names: list[str], problems, scorer, cfg: Co
     return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
 
 
-def final_table_full(run, problems, scorer, cfg: Config, run_dir: Path, step: int) -> dict:
-    """Full fine-tuning: the engine holds the trained weights, so the trained model is evaluated first, then the
-    original weights are loaded back for the base row (two calls, the same request seeds: still paired)."""
-    from safetensors.torch import load_file
-
-    from rl_lora.evaldata import EvalSet
-    from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, paired_delta, write_results
-
-    k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
-    evalset = EvalSet("held-out", problems, f"{cfg.data.source} (held-out, disjoint from training)")
-    kw = dict(k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p,
-              seed=LIVE_EVAL_SEED)
-    t0 = time.perf_counter()
-    trained, trained_samples = evaluate_models(run.sampler, [(f"full-ft@{step}", None)], [evalset], cfg.data, scorer, **kw)
-    original = {}
-    for f in sorted(Path(run.model_path).glob("*.safetensors")):
-        original.update(load_file(str(f)))
-    run.sampler.load_weights(original)
-    base, base_samples = evaluate_models(run.sampler, [("base", None)], [evalset], cfg.data, scorer, **kw)
-    rows = base + trained
-    delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
-    rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
-    payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
-                          "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
-                          "adapters": {f"full-ft@{step}": str(run_dir / "model")}},
-               "data": {evalset.name: evalset.origin},
-               "prompt_format": {"system_prompt": cfg.data.system_prompt, "instruction": cfg.data.instruction},
-               "results": rows, "decontamination": {}, "time_s": round(time.perf_counter() - t0, 1)}
-    write_results(run_dir / "eval", payload, base_samples + trained_samples)
-    return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
-
-
 def evaluate_all(run, specs: list[AdapterSpec], prompts_P, problems, scorer, cfg: Config) -> dict:
-    """Held-out metrics of every live adapter in one generate call; keys `eval/...` (K = 1) or
-    `<name>/eval/...`."""
-    outs = evaluate(run.sampler, run.refs, prompts_P, problems, scorer, cfg)
+    """Held-out metrics of every live adapter (avg@k with its 95% interval, pass@j, maj@k) through the running
+    sampler, in one generate call, with fixed request seeds so that evaluations along a run are paired. Keys
+    `eval/...` (K = 1) or `<name>/eval/...`."""
+    from rl_lora.evaluate import eval_live
+
+    outs = eval_live(run.sampler, run.refs, prompts_P, problems, scorer, k=cfg.train.eval_samples,
+                     temperature=cfg.sampler.temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
     if len(specs) == 1:
         return outs[0]
     return {f"{spec.name}/{key}": v for spec, out in zip(specs, outs) for key, v in out.items()}
@@ -289,7 +269,7 @@ class Run:
                     else:
                         learner.write_adapter(path, k)
                 refs.append(self.sampler.push((self.version - 1) * K + k + 1, write, evict_older=False))
-                if len(self.refs) > k and self.refs[k] is not None and self.refs[k].version != refs[-1].version:
+                if len(self.refs) > k:
                     self.sampler.evict(self.refs[k].version)
         self.refs = refs
         t1 = time.perf_counter()
@@ -491,10 +471,11 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                 learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
         if held_out:
             if learner.full_finetune:
-                final = final_table_full(run, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
+                names, dirs = ["full-ft"], ["model"]
             else:
-                final = final_table(run.sampler, run.refs, [s.name for s in specs], held_out, eval_scorer, cfg,
-                                    run_dir, cfg.train.steps)
+                names = ["adapter"] if len(specs) == 1 else [s.name for s in specs]
+                dirs = [learner.adapter_dirname(k) for k in range(len(specs))]
+            final = final_table(run, names, dirs, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
             final_m = {"eval/base_accuracy": final["rows"][0]["avg_at_k"]}
             for spec, trained in zip(specs, final["rows"][1:]):
                 prefix = "" if len(specs) == 1 else f"{spec.name}/"
