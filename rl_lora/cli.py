@@ -19,6 +19,8 @@ def _train(args) -> int:
     from rl_lora.train import train
 
     summary = train(cfg, resume=args.resume, quiet=args.quiet)
+    if "follower_steps" in summary:  # a learner rank > 0 under torchrun: rank 0 reports
+        return 0
     if summary.get("eval_table"):
         k = cfg.train.eval_samples
         how = f"avg@{k} at temperature {cfg.sampler.temperature}" if k else "greedy"
@@ -38,6 +40,8 @@ def _sweep(args) -> int:
     from rl_lora.train import train
 
     summary = train(cfg, resume=args.resume, quiet=args.quiet)
+    if "follower_steps" in summary:  # a learner rank > 0 under torchrun: rank 0 reports
+        return 0
     result = summarise(cfg, summary)
     print(f"\nsweep of {len(cfg.adapters)} learning rates as {len(cfg.adapters)} adapters of one run "
           f"({cfg.train.steps} steps; held-out: {cfg.data.eval_size} problems, paired seeds):")

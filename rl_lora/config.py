@@ -117,6 +117,12 @@ class SamplerConfig:
     max_loras: int = 2
     # Tensor-parallel size of the engine (GPU only).
     tensor_parallel_size: int = 1
+    # vLLM engines sampling in parallel. 1 = one in-process engine (the default on one machine); > 1 = that many
+    # Ray actors (each tensor_parallel_size GPUs on GPU), prompts dealt across them, adapters pushed to all.
+    num_engines: int = 1
+    # Ray cluster to run the engines on: "" = a local Ray started by the run (when num_engines > 1); "auto" = the
+    # running cluster (launch/ scripts start it).
+    ray_address: str = ""
 
 
 @dataclass
@@ -174,6 +180,9 @@ class TrainConfig:
     # be <= this, else the run stops. -1 = by dtype (1e-3 for float32, where they agree to ~1e-5; 0.1 for
     # bf16/fp16). 0 = off.
     push_check_tol: float = -1.0
+    # Asynchronous off-policy steps: the fleet samples up to this many steps ahead with the adapter version it
+    # has while the learner trains, so data is at most this many versions old (IS-corrected). 0 = synchronous.
+    max_staleness: int = 0
 
 
 @dataclass
@@ -400,6 +409,8 @@ def validate(cfg: Config) -> None:
     _require(0 < cfg.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "must be in (0, 1]")
     _require(cfg.sampler.max_loras >= 1, "sampler.max_loras", "must be >= 1")
     _require(cfg.sampler.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", "must be >= 1")
+    _require(cfg.sampler.num_engines >= 1, "sampler.num_engines", "must be >= 1")
+    _require(cfg.train.max_staleness >= 0, "train.max_staleness", "must be >= 0 (0 = synchronous)")
     _require(cfg.loss.is_cap >= 1, "loss.is_cap", "must be >= 1 (inf = no cap)")
     _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
     if isinstance(cfg.optim.lr, str):

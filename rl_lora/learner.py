@@ -167,10 +167,15 @@ class Learner:
     def backward(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0):
         """Forward/backward of the step's loss into every adapter's .grad (zeroed first), one pass per
         micro-batch for all adapters. Returns (completion tokens per adapter, per-adapter loss/ratio sums)."""
+        from rl_lora import distributed
+
         K = self.num_adapters
         tokens_K = [0] * K
         for s in samples:
             tokens_K[s.adapter] += len(s.completion_ids)
+        data_parallel = distributed.active()  # torchrun: `samples` is this rank's shard of the step
+        if data_parallel:  # normalise by the whole step's tokens, so the summed gradients are the full-batch ones
+            tokens_K = [int(t) for t in distributed.all_reduce_sum(tokens_K, self.device)]
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         sums_K = [{"is/ratio_sum": 0.0, "is/limited_sum": 0.0, "is/kl_sum": 0.0, "loss": 0.0, "ratio_max": 0.0}
@@ -195,6 +200,14 @@ class Learner:
                     sums[key] += out.metrics[key]
                 sums["ratio_max"] = max(sums["ratio_max"], out.metrics["is/ratio_max"])
             loss.backward()
+        if data_parallel:
+            distributed.all_reduce_grads(self.params)
+            keys = ("is/ratio_sum", "is/limited_sum", "is/kl_sum", "loss")
+            flat = distributed.all_reduce_sum([sums[key] for sums in sums_K for key in keys], self.device)
+            maxima = torch.tensor([sums["ratio_max"] for sums in sums_K], device=self.device)
+            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+            for k, sums in enumerate(sums_K):
+                sums.update(zip(keys, flat[k * len(keys):(k + 1) * len(keys)]), ratio_max=maxima[k].item())
         return tokens_K, sums_K
 
     def train_step(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0) -> dict:

@@ -1,4 +1,4 @@
-"""The rank-1 GRPO loop: sample -> score -> advantages -> learn -> push, synchronous and on-policy.
+"""The rank-1 GRPO loop: sample -> score -> advantages -> learn -> push; synchronous and on-policy by default.
 
 Algorithmic choices (and where they come from):
 - Groups: each step draws `prompts_per_step` problems and samples `samples_per_prompt` (G) completions of
@@ -11,6 +11,11 @@ Algorithmic choices (and where they come from):
   p_sampler (LoRA Without Regret's objective with truncated IS); `loss.ppo_clip` switches to PPO clipping.
 - No KL penalty to a reference model and no entropy bonus (as in nanochat's and the paper's RL setups).
 - Update: one AdamW step per batch of rollouts (fully on-policy), gradient-norm clipping.
+- Asynchronous (`train.max_staleness` = m >= 1): the requests of the next m steps are in flight while a step is
+  learned, each under the version live when submitted, so data is at most m versions old (checked every step,
+  logged as `async/staleness`); truncated IS with the sampler's own logprobs corrects for the lag.
+- Scale: `sampler.num_engines` > 1 runs the engines as Ray actors (rl_lora/fleet.py); under torchrun the
+  learner is data-parallel, one all-reduce of the adapter gradients per step (rl_lora/distributed.py).
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
 - K adapters (`adapters:`, `rl-lora sweep`): every adapter gets the same prompts with the same request seeds
@@ -22,7 +27,8 @@ Reliability (each behaviour has a test in tests/faults/):
   (`train.push_check_tol`), else the run stops: it would be training on a stale or wrong policy.
 - A step whose loss or gradient is not finite leaves adapter and optimizer untouched; `train.max_skipped_steps`
   such steps in a row stop the run.
-- A sampler engine that dies is rebuilt, the current adapter version reloaded, and the step redone.
+- A sampler engine (or Ray actor) that dies is rebuilt with the live adapter versions and its unfinished
+  prompts are submitted again: no step lost, no prompt scored twice.
 - A step in which every reward call fails or times out carries no signal; `reward.max_failed_steps` in a row
   stop the run (a broken reward should not burn a cluster for hours).
 - Checkpoints are atomic; a killed process resumes from the last complete one, and metrics logged after it
@@ -44,16 +50,9 @@ from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
-from rl_lora.sampler import AdapterRef
 
-PROBE_SEED = 9_000_000  # request seed of the push-check probe
-PROBE_TOKENS = 8
-MAX_SAMPLER_RESTARTS = 2  # per step
-
-
-class RunError(RuntimeError):
-    """The run stopped on purpose (a fault it must not train through); the message says why and what to do."""
 from rl_lora.rollout import Group
+from rl_lora.sync import Run, RunError, build_fleet  # noqa: F401 -- RunError is the CLI's "stopped on purpose"
 
 
 def preflight(cfg: Config, resume: bool) -> Path:
@@ -167,18 +166,18 @@ def final_table(run, names: list[str], dirs: list[str], problems, scorer, cfg: C
     if run.learner.full_finetune:
         from safetensors.torch import load_file
 
-        trained, trained_samples = evaluate_models(run.sampler, [(labels[0], None)], [evalset], cfg.data, scorer, **kw)
+        trained, trained_samples = evaluate_models(run.fleet, [(labels[0], None)], [evalset], cfg.data, scorer, **kw)
         original = {}
         for f in sorted(Path(run.model_path).glob("*.safetensors")):
             original.update(load_file(str(f)))
-        run.sampler.load_weights(original)
-        rows, sample_rows = evaluate_models(run.sampler, [("base", None)], [evalset], cfg.data, scorer, **kw)
+        run.fleet.load_weights(original)
+        rows, sample_rows = evaluate_models(run.fleet, [("base", None)], [evalset], cfg.data, scorer, **kw)
         rows, sample_rows = rows + trained, sample_rows + trained_samples
         delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
         rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
     else:
         models = [("base", None)] + list(zip(labels, run.refs))
-        rows, sample_rows = evaluate_models(run.sampler, models, [evalset], cfg.data, scorer, **kw)
+        rows, sample_rows = evaluate_models(run.fleet, models, [evalset], cfg.data, scorer, **kw)
     payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
                           "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
                           "adapters": {label: str(run_dir / d) for label, d in zip(labels, dirs)}},
@@ -195,11 +194,17 @@ def evaluate_all(run, specs: list[AdapterSpec], prompts_P, problems, scorer, cfg
     `eval/...` (K = 1) or `<name>/eval/...`."""
     from rl_lora.evaluate import eval_live
 
-    outs = eval_live(run.sampler, run.refs, prompts_P, problems, scorer, k=cfg.train.eval_samples,
+    outs = eval_live(run.fleet, run.refs, prompts_P, problems, scorer, k=cfg.train.eval_samples,
                      temperature=cfg.sampler.temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
     if len(specs) == 1:
         return outs[0]
     return {f"{spec.name}/{key}": v for spec, out in zip(specs, outs) for key, v in out.items()}
+
+
+def version_of(lora_id: int, K: int, submitted: int) -> int:
+    """The run version of a completion: from its LoRA id (version-1)*K + k + 1; full FT serves no adapter (id 0),
+    so its version is the one live when the request was submitted."""
+    return (lora_id - 1) // K + 1 if lora_id else submitted
 
 
 def make_samples(groups: list[Group]) -> list[TrainSample]:
@@ -207,140 +212,36 @@ def make_samples(groups: list[Group]) -> list[TrainSample]:
             for g in groups for c, a in zip(g.completions, g.advantages_G) if c.token_ids]
 
 
-def build_sampler(cfg: Config, model_path: str):
-    from rl_lora.sampler import Sampler
-
-    return Sampler(model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                   max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=cfg.sampler.max_loras, kvcache_gib=cfg.sampler.cpu_kvcache_gib,
-                   gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
-                   tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
-
-
-def push_check_tol(cfg: Config) -> float:
-    """Mean |logp_sampler - logp_learner| allowed on the probe. fp32 agrees to ~1e-5 (measured); bf16 kernels
-    differ more, so its default is looser. 0 = off."""
-    if cfg.train.push_check_tol >= 0:
-        return cfg.train.push_check_tol
-    return 1e-3 if cfg.model.dtype == "float32" else 0.1
+def make_learner(cfg: Config, model_path: str) -> Learner:
+    return Learner(model_path, target_modules=cfg.lora.target_modules, specs=adapter_specs(cfg),
+                   betas=(cfg.optim.beta1, cfg.optim.beta2), full_finetune=is_full_finetune(cfg),
+                   weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
+                   tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
+                   activation_checkpointing=cfg.optim.activation_checkpointing)
 
 
-class Run:
-    """One training run: the live sampler and learner, the current adapter version, and what to do when a
-    component fails. `train()` drives it step by step."""
+def follow(cfg: Config, resume: bool) -> dict:
+    """A learner rank > 0 under torchrun: the same learner (and checkpoint) as rank 0, learning its shards."""
+    from rl_lora import distributed
 
-    def __init__(self, cfg: Config, model_path: str, quiet: bool):
-        self.cfg, self.model_path, self.quiet = cfg, model_path, quiet
-        self.sampler = None
-        self.learner = None
-        self.version = 0
-        self.refs: list[AdapterRef] = []  # the live version of each adapter, in adapter order
-        self.probe_ids: list[int] = []
-        self.restarts = 0
-        self.push_s = self.check_s = 0.0  # the last push: loading the adapters, and the probe check after it
-
-    def say(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(text)
-
-    # -- pushing, with the stale-adapter guard ---------------------------------------------------------------
-
-    def push(self, step: int) -> float:
-        """Load every adapter of the learner into the sampler as a new version (LoRA id (version-1)*K + k + 1,
-        unique per engine), evicting each one's previous version; check them. Returns the worst probe gap.
-        Full fine-tuning overwrites the engine's weights instead (and serves them without an adapter)."""
-        from rl_lora import lora as lora_mod
-
-        self.version += 1
-        K = self.learner.num_adapters
-        stale = faults.fire("stale_push", step)
-        t0 = time.perf_counter()
-        if self.learner.full_finetune:  # the engine's base weights ARE the policy: overwrite them in place
-            if not stale:  # (the stale fault: the engine keeps the previous weights)
-                self.sampler.load_weights({n: p.detach() for n, p in self.learner.model.named_parameters()})
-            refs = [None]
-        else:
-            refs = []
-            for k in range(K):
-                def write(path, k=k, learner=self.learner):
-                    if stale:  # the engine gets a wrong adapter (zeros: the base policy)
-                        zeros = {n: torch.zeros_like(v)
-                                 for n, v in lora_mod.peft_state_dict(learner.adapter_sets[k]).items()}
-                        lora_mod.write_peft_adapter(path, zeros, learner.peft_config(k))
-                    else:
-                        learner.write_adapter(path, k)
-                refs.append(self.sampler.push((self.version - 1) * K + k + 1, write, evict_older=False))
-                if len(self.refs) > k:
-                    self.sampler.evict(self.refs[k].version)
-        self.refs = refs
-        t1 = time.perf_counter()
-        gap = self.check_push(step)
-        self.push_s, self.check_s = t1 - t0, time.perf_counter() - t1
-        return gap
-
-    def check_push(self, step: int) -> float:
-        tol = push_check_tol(self.cfg)
-        if tol == 0 or not self.probe_ids:
-            return 0.0
-        from rl_lora.learner import TrainSample
-
-        K = len(self.refs)
-        groups = self.sampler.generate([self.probe_ids] * K, n=1, adapters=self.refs, seed=PROBE_SEED,
-                                       seeds=[PROBE_SEED] * K, temperature=self.cfg.sampler.temperature,
-                                       max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
-        probes = [TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, k)
-                  for k, (c,) in enumerate(groups) if c.token_ids]
-        worst = 0.0
-        for s, learner_lp in zip(probes, self.learner.score(probes) if probes else []):
-            gap = sum(abs(a - b) for a, b in zip(s.sampler_logprobs, learner_lp)) / len(learner_lp)
-            if not gap <= tol:
-                which = "" if K == 1 else f" of adapter {self.learner.specs[s.adapter].name!r}"
-                raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe differ "
-                               f"from the learner's by {gap:.2e} per token (tolerance {tol:g}, train.push_check_tol) "
-                               f"for version {self.version}{which}: the sampler is serving a stale or wrong adapter, "
-                               "and training on it would be off-policy without knowing it")
-            worst = max(worst, gap)
-        return worst
-
-    # -- sampling, with engine restarts ----------------------------------------------------------------------
-
-    def generate(self, step: int, prompts_P, seed: int, n: int, **kwargs):
-        """G = n completions of every prompt under every adapter (adapter-major: K x P groups), the same request
-        seeds for every adapter."""
-        P = len(prompts_P)
-        for attempt in range(MAX_SAMPLER_RESTARTS + 1):
-            try:
-                if faults.fire("sampler_crash", step):
-                    self.sampler.close()
-                    raise RuntimeError("injected fault: the sampler engine died")
-                return self.sampler.generate(list(prompts_P) * len(self.refs), n=n, seed=seed,
-                                             adapters=[r for r in self.refs for _ in range(P)],
-                                             seeds=[seed + i * n for i in range(P)] * len(self.refs), **kwargs)
-            except (ValueError, ConfigError):
-                raise  # bad input, not a dead engine
-            except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild and redo the step
-                if attempt == MAX_SAMPLER_RESTARTS:
-                    raise RunError(f"the sampler failed {attempt + 1} times at step {step} "
-                                   f"({type(exc).__name__}: {exc}); stopping") from exc
-                self.say(f"step {step}: sampler failed ({type(exc).__name__}: {exc}); restarting the engine and "
-                         f"reloading adapter version {self.version}")
-                self.restart_sampler(step)
-        raise AssertionError("unreachable")
-
-    def restart_sampler(self, step: int) -> None:
-        try:
-            self.sampler.close()
-        except Exception:  # noqa: BLE001 -- it is already broken
-            pass
-        self.sampler = build_sampler(self.cfg, self.model_path)
-        self.restarts += 1
-        self.refs = []  # they lived in the dead engine
-        self.version -= 1  # push() increments it: the current version's weights, reloaded in the new engine
-        self.push(step)
+    distributed.barrier()  # rank 0 has checked the config and resolved (converted) the model
+    model_path = resolve_model_path(cfg.model.path)
+    cfg, _ = apply_science(cfg, model_path)
+    learner = make_learner(cfg, model_path)
+    start = checkpoint.latest(Path(cfg.train.output_dir)) if resume else None
+    if start:
+        checkpoint.load(start, learner)
+    distributed.broadcast_parameters(learner.params)
+    return {"follower_steps": distributed.follow(learner)}
 
 
 def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     from reward import RewardRunner
+    from rl_lora import distributed
 
+    rank, world = distributed.init()
+    if rank > 0:
+        return follow(cfg, resume)
     run_dir = preflight(cfg, resume)
     train_set, held_out = load_problems(cfg.data)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
@@ -352,23 +253,24 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     if resume and start is None:
         print(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from step 0")
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if world > 1:
+        distributed.barrier()
 
     run = Run(cfg, model_path, quiet)
     scorer = RewardRunner(cfg.reward.rewards, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
     eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
                                num_workers=min(cfg.reward.num_workers, 1))
+    leader = None
     try:
-        run.sampler = build_sampler(cfg, model_path)
+        run.fleet = build_fleet(cfg, model_path, say=run.say)
         run.probe_ids = (eval_prompts or train_prompts)[0]
         specs = adapter_specs(cfg)
-        run.learner = learner = Learner(
-            model_path, target_modules=cfg.lora.target_modules, specs=specs, betas=(cfg.optim.beta1, cfg.optim.beta2),
-            full_finetune=is_full_finetune(cfg),
-            weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
-            tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
-            activation_checkpointing=cfg.optim.activation_checkpointing)
+        run.learner = learner = make_learner(cfg, model_path)
         check_disk(run_dir, learner)
         state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": 0, "version": 0}
+        if world > 1:
+            distributed.broadcast_parameters(learner.params)
+            leader = distributed.Leader(learner)
         step, run.version = state["step"], state["version"]
         stream = PromptStream(len(train_set), cfg.train.seed, state["data_position"])
         logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume_step=step if start else None)
@@ -384,15 +286,21 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         for step in bar:
             step_num = step + 1
             t0 = time.perf_counter()
-            # 1. sample G completions per prompt under the live adapter
-            idx_P = stream.next(cfg.train.prompts_per_step)
-            completions = run.generate(
-                step_num, [train_prompts[i] for i in idx_P], n=cfg.sampler.samples_per_prompt,
-                seed=(cfg.train.seed * 1_000_003 + step_num) * 10_000, temperature=cfg.sampler.temperature,
-                max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
-            P = len(idx_P)
+            # 1. sample G completions per prompt under the live adapter (async: submitted up to max_staleness
+            #    steps ahead, under the version live then)
+            for ahead in range(step_num, min(step_num + cfg.train.max_staleness, cfg.train.steps) + 1):
+                if ahead not in run.in_flight:
+                    idx = stream.next(cfg.train.prompts_per_step)
+                    run.submit(ahead, idx, [train_prompts[i] for i in idx], stream.position)
+            sub, completions = run.collect(step_num)
+            idx_P, P = sub.idx_P, len(sub.idx_P)
             groups = [Group(i, train_set[i].question, train_prompts[i], c, adapter=j // P)
                       for j, (i, c) in enumerate(zip(idx_P * len(specs), completions))]
+            staleness = run.version - min(version_of(c.adapter_version, len(specs), sub.version)
+                                          for g in groups for c in g.completions)
+            if staleness > cfg.train.max_staleness:
+                raise RunError(f"step {step_num} was sampled {staleness} versions behind the learner "
+                               f"(train.max_staleness={cfg.train.max_staleness}): a bug in the request pipeline")
             t1 = time.perf_counter()
             # 2. score every completion (wall-clock limited; failures score 0 and are counted)
             flat = [(g, c) for g in groups for c in g.completions]
@@ -416,13 +324,13 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                 if has_signal(rewards_G):
                     g.advantages_G = group_advantages(rewards_G, cfg.loss.scale_by_std).tolist()
                     kept.append(g)
-            # 4. learn: one on-policy AdamW step over all kept completions
+            # 4. learn: one AdamW step over all kept completions (sharded over the learner ranks under torchrun)
             samples = make_samples(kept)
             if samples and faults.fire("nan_logprobs", step_num):
                 samples[0].sampler_logprobs = [float("nan")] * len(samples[0].sampler_logprobs)
-            learn = learner.train_step(samples, cfg.loss.is_cap, cfg.loss.ppo_clip) if samples else {}
+            learn = (leader or learner).train_step(samples, cfg.loss.is_cap, cfg.loss.ppo_clip) if samples else {}
             t3 = time.perf_counter()
-            # 5. push the new adapter version into the running sampler (new id, old one evicted), and check it
+            # 5. push the new adapter version into the running fleet (new id, old one evicted), and check it
             skipped = bool(learn.get("loss/skipped"))
             skipped_streak = skipped_streak + 1 if skipped else 0
             if skipped:
@@ -442,7 +350,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                  "response/truncated": sum(c.finish_reason == "length" for _, c in flat) / len(flat),
                  "groups/total": float(len(groups)), "groups/kept": float(len(kept)),
                  "groups/dropped": float(len(groups) - len(kept)), "adapter/version": float(run.version),
-                 "sampler/restarts": float(run.restarts),
+                 "sampler/restarts": float(run.fleet.restarts), "async/staleness": float(staleness),
                  "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2,
                  "time/push": run.push_s if probe_gap is not None else t4 - t3,
                  "time/push_check": run.check_s if probe_gap is not None else 0.0,
@@ -462,7 +370,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                                           for c, r in zip(g.completions[:2], g.rewards_G[:2])])
             bar.write(format_step(step_num, m)) if not quiet else None
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
-                checkpoint.save(run_dir, step_num, learner, {"data_position": stream.position, "version": run.version})
+                checkpoint.save(run_dir, step_num, learner, {"data_position": sub.data_position, "version": run.version})
         bar.close()
         if learner.full_finetune:
             learner.save_model(run_dir / "model")
@@ -490,7 +398,9 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         summary["run_dir"] = str(run_dir)
         return summary
     finally:
+        if leader is not None:
+            leader.stop()
         scorer.close()
         eval_scorer.close()
-        if run.sampler is not None:
-            run.sampler.close()
+        if run.fleet is not None:
+            run.fleet.close()

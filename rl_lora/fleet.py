@@ -1,0 +1,348 @@
+"""The sampler fleet: every vLLM engine of a run behind one interface, with engine restarts built in.
+
+- `LocalFleet`: one in-process engine (the default on one machine). With `asynchronous=True` its calls run on
+  one worker thread, so generation for the next steps overlaps the learner's update (`train.max_staleness`).
+- `RayFleet`: N engines as Ray actors (one per GPU or tensor-parallel group). Prompts are dealt round-robin
+  across engines; since every request carries its own seed, the groups do not depend on how they were dealt.
+  An adapter version is `ray.put` ONCE and every engine loads it from the object store (a rank-1 adapter of
+  an 8B model is ~11 MB in fp32, so a push to the whole fleet costs one copy per node, not one per engine).
+
+Both keep the tensors of every live adapter version (and the last full-FT weights), so an engine that dies is
+rebuilt with exactly what the learner last pushed and its unfinished requests are submitted again: no step
+is lost, no prompt is scored twice. An actor's calls run in the order they were submitted (Ray's ordering per
+caller; one thread locally), so a push queued behind a generation never changes the adapter under it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass, field
+
+from rl_lora.sampler import AdapterRef
+
+MAX_RESTARTS = 2  # per request: a third death in a row is not a transient fault
+
+
+class FleetError(RuntimeError):
+    """The fleet could not serve a request even after rebuilding engines; the message says why."""
+
+
+@dataclass
+class _Request:
+    prompt_ids_P: list
+    versions_P: list  # adapter version (LoRA id) per prompt, None = base
+    seeds_P: list
+    n: int
+    sampling: dict
+    pending: object = None  # backend handle(s)
+    restarts: int = 0
+    t_submit: float = field(default_factory=time.perf_counter)
+
+
+class _Fleet:
+    """What both fleets share: the live adapters (to rebuild an engine) and request bookkeeping."""
+
+    def __init__(self, say=None):
+        self.say = say or (lambda text: None)
+        self.adapters: dict[int, tuple[int, object, dict]] = {}  # version -> (slot, tensors or ObjectRef, config)
+        self.latest_in_slot: dict[int, int] = {}  # slot (the run's adapter k) -> newest version
+        self.slot_of: dict[int, int] = {}  # every version ever pushed -> its slot
+        self.weights = None  # last full-FT weights pushed (tensors or ObjectRef), reloaded into a rebuilt engine
+        self.restarts = 0
+
+    def _current(self, version):
+        """A request for an adapter version evicted while it waited (its engine died): the newest version of the
+        same adapter. The completions say which version produced them."""
+        if version is None or version in self.adapters or version not in self.slot_of:
+            return version
+        return self.latest_in_slot[self.slot_of[version]]
+
+    def generate(self, prompt_ids_P, *, n, adapters, seed=0, seeds=None, use_tqdm=False, **sampling):
+        """Sampler.generate's interface (evaluate.py uses it unchanged): submit and wait."""
+        return self.result(self.submit(prompt_ids_P, n=n, adapters=adapters, seed=seed, seeds=seeds, **sampling))
+
+    def submit(self, prompt_ids_P, *, n, adapters, seed=0, seeds=None, **sampling) -> _Request:
+        if seeds is None:
+            seeds = [seed + i * n for i in range(len(prompt_ids_P))]
+        if not isinstance(adapters, list):
+            adapters = [adapters] * len(prompt_ids_P)
+        versions = [None if a is None else (a.version if isinstance(a, AdapterRef) else int(a)) for a in adapters]
+        req = _Request(list(prompt_ids_P), versions, list(seeds), n, sampling)
+        self._submit(req)
+        return req
+
+    def _record_push(self, version: int, slot: int, tensors, config) -> None:
+        if version < 1 or version in self.adapters:
+            raise ValueError(f"adapter version {version} must be new and >= 1")
+        self.adapters[version] = (slot, tensors, config)
+        self.latest_in_slot[slot] = version
+        self.slot_of[version] = slot
+
+    def _failed(self, req: _Request, exc: Exception) -> None:
+        if req.restarts >= MAX_RESTARTS:
+            raise FleetError(f"the sampler failed {req.restarts + 1} times on one request "
+                             f"({type(exc).__name__}: {exc}); stopping") from exc
+        req.restarts += 1
+        self.restarts += 1
+        req.versions_P = [self._current(v) for v in req.versions_P]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One in-process engine
+
+
+class LocalFleet(_Fleet):
+    def __init__(self, make_sampler, *, asynchronous: bool = False, say=None):
+        super().__init__(say)
+        self.make_sampler = make_sampler
+        self.sampler = make_sampler()
+        self.tokenizer, self.max_model_len = self.sampler.tokenizer, self.sampler.max_model_len
+        # vLLM's LLM is not thread-safe: in async mode EVERY engine call goes through this one thread, in order.
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler") if asynchronous else None
+        self.num_engines = 1
+        self._dead = False
+
+    def _call(self, fn, *args):
+        return fn(*args) if self.pool is None else self.pool.submit(fn, *args).result()
+
+    def _generate_now(self, req: _Request):
+        if self._dead:
+            raise RuntimeError("injected fault: the sampler engine died")
+        refs = [None if v is None else self.sampler.live[v] for v in req.versions_P]
+        return self.sampler.generate(req.prompt_ids_P, n=req.n, adapters=refs, seed=0, seeds=req.seeds_P, **req.sampling)
+
+    def _submit(self, req: _Request) -> None:
+        # synchronous: run when the result is asked for (so an injected crash in between is seen)
+        req.pending = None if self.pool is None else self.pool.submit(self._generate_now, req)
+
+    def result(self, req: _Request):
+        while True:
+            try:
+                return self._generate_now(req) if req.pending is None else req.pending.result()
+            except ValueError:
+                raise  # bad input (prompt too long, ...), not a dead engine
+            except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild it and submit again
+                self._failed(req, exc)
+                self.say(f"sampler failed ({type(exc).__name__}: {exc}); restarting the engine and reloading "
+                         f"{len(self.adapters)} live adapter version(s)")
+                self._call(self._rebuild)
+                self._submit(req)
+
+    def kill_one(self) -> None:
+        """Fault injection: the engine dies (shut down for real); the next request fails and rebuilds it."""
+        self._call(self.sampler.close)
+        self._dead = True
+
+    def _rebuild(self) -> None:
+        try:
+            self.sampler.close()
+        except Exception:  # noqa: BLE001 -- it is already broken
+            pass
+        self.sampler = self.make_sampler()
+        self._dead = False
+        if self.weights is not None:
+            self.sampler.load_weights(self.weights)
+        for version, (_, tensors, config) in sorted(self.adapters.items()):
+            self.sampler.push(version, _writer(tensors, config), evict_older=False)
+
+    def push_adapter(self, version: int, slot: int, tensors: dict, config: dict) -> AdapterRef:
+        self._record_push(version, slot, tensors, config)
+        return self._call(lambda: self.sampler.push(version, _writer(tensors, config), evict_older=False))
+
+    def evict(self, version: int) -> None:
+        self.adapters.pop(version, None)
+        self._call(self.sampler.evict, version)
+
+    def load_weights(self, hf_state: dict) -> None:
+        self.weights = hf_state
+        self._call(self.sampler.load_weights, hf_state)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.sampler.close()
+
+
+def _writer(tensors, config):
+    from rl_lora.lora import write_peft_adapter
+
+    return lambda path: write_peft_adapter(path, tensors, config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# N engines as Ray actors
+
+
+_TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                 "MASTER_PORT"}
+
+
+class _Engine:
+    """The body of one sampler actor: a Sampler and its adapter versions (Ray resolves ObjectRef arguments)."""
+
+    def __init__(self, model_path: str, kwargs: dict, env: dict):
+        # The driver may be rank 0 of a torchrun learner: its process-group variables would make this engine try
+        # to join that group. An engine is a world of its own.
+        for key in [k for k in os.environ if k in _TORCHRUN_ENV or k.startswith("TORCHELASTIC_")]:
+            del os.environ[key]
+        os.environ.update(env)
+        from rl_lora.sampler import Sampler
+
+        self.sampler = Sampler(model_path, **kwargs)
+
+    def info(self) -> dict:
+        return {"max_model_len": self.sampler.max_model_len, "pid": os.getpid()}
+
+    def push(self, version: int, tensors: dict, config: dict) -> float:
+        self.sampler.push(version, _writer(tensors, config), evict_older=False)
+        return self.sampler.last_push_s
+
+    def evict(self, version: int) -> None:
+        self.sampler.evict(version)
+
+    def load_weights(self, hf_state: dict) -> None:
+        self.sampler.load_weights(hf_state)
+
+    def generate(self, prompt_ids_P, versions_P, seeds_P, n, sampling):
+        refs = [None if v is None else self.sampler.live[v] for v in versions_P]
+        return self.sampler.generate(prompt_ids_P, n=n, adapters=refs, seed=0, seeds=seeds_P, **sampling)
+
+
+class RayFleet(_Fleet):
+    def __init__(self, model_path: str, sampler_kwargs: dict, *, num_engines: int, address: str = "",
+                 gpus_per_engine: int = 1, say=None):
+        import ray
+        import torch
+        from transformers import AutoTokenizer
+
+        super().__init__(say)
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:  # a local Ray for this process: one CPU slot per engine on a CPU-only machine
+                ray.init(num_cpus=max(num_engines, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        self.on_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU"))
+        self.model_path, self.sampler_kwargs = model_path, sampler_kwargs
+        self.gpus = gpus_per_engine if self.on_gpu else 0
+        self.num_engines = num_engines
+        self.actors = [self._start(i) for i in range(num_engines)]
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self.max_model_len = infos[0]["max_model_len"]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.last_push_to_all_s = 0.0
+
+    def _start(self, i: int):
+        import ray
+
+        env = {}
+        if not self.on_gpu:  # CPU: each engine gets its own cores instead of all engines fighting over all of them
+            cores = os.cpu_count() or 1
+            env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores), "OMP_NUM_THREADS": "1"} if self.num_engines >= cores \
+                else {}
+        actor_cls = ray.remote(num_cpus=1 if not self.on_gpu else 0, num_gpus=self.gpus, max_restarts=0)(_Engine)
+        return actor_cls.remote(self.model_path, self.sampler_kwargs, env)
+
+    # -- requests ------------------------------------------------------------------------------------------------
+
+    def _submit(self, req: _Request, only: int | None = None) -> None:
+        """Deal the prompts round-robin over the engines; `only` resubmits one engine's share after a restart."""
+        N = len(self.actors)
+        if req.pending is None:
+            req.pending = [None] * N
+        for e in range(N) if only is None else [only]:
+            idx = list(range(e, len(req.prompt_ids_P), N))
+            if not idx:
+                continue
+            actor = self.actors[e]
+            ref = actor.generate.remote([req.prompt_ids_P[i] for i in idx], [req.versions_P[i] for i in idx],
+                                        [req.seeds_P[i] for i in idx], req.n, req.sampling)
+            req.pending[e] = (actor, idx, ref)
+
+    def result(self, req: _Request):
+        import ray
+        from ray.exceptions import RayActorError
+
+        out: list = [None] * len(req.prompt_ids_P)
+        for e in range(len(req.pending)):
+            while req.pending[e] is not None:
+                actor, idx, ref = req.pending[e]
+                try:
+                    groups = ray.get(ref)
+                except RayActorError as exc:
+                    self._failed(req, exc)
+                    if self.actors[e] is actor:  # not yet replaced by another request that saw the death
+                        self.say(f"sampler engine {e} died ({type(exc).__name__}); starting a new one with "
+                                 f"{len(self.adapters)} live adapter version(s) and re-queuing its {len(idx)} prompts")
+                        self._replace(e)
+                    self._submit(req, only=e)
+                    continue
+                for i, g in zip(idx, groups):
+                    out[i] = g
+                req.pending[e] = None
+        return out
+
+    def kill_one(self, e: int = 0) -> None:
+        """Fault injection: kill engine `e` for real (its running and queued calls fail)."""
+        import ray
+
+        ray.kill(self.actors[e], no_restart=True)
+
+    def _replace(self, e: int) -> None:
+        import ray
+
+        actor = self._start(e)
+        if self.weights is not None:
+            ray.get(actor.load_weights.remote(self.weights))
+        ray.get([actor.push.remote(v, t, c) for v, (_, t, c) in sorted(self.adapters.items())])
+        self.actors[e] = actor
+
+    def _each(self, method: str, *args) -> list:
+        """Call `method` on every engine and wait; an engine found dead is replaced (with the live state)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        out = []
+        for e, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError:
+                self.restarts += 1
+                self.say(f"sampler engine {e} died; starting a new one with the live adapters")
+                self._replace(e)
+                out.append(None)
+        return out
+
+    # -- adapters and weights ------------------------------------------------------------------------------------
+
+    def push_adapter(self, version: int, slot: int, tensors: dict, config: dict) -> AdapterRef:
+        import ray
+
+        t0 = time.perf_counter()
+        ref = ray.put(tensors)  # once; every engine reads it from the object store
+        self._record_push(version, slot, ref, config)
+        self._each("push", version, ref, config)
+        self.last_push_to_all_s = time.perf_counter() - t0
+        return AdapterRef(version, "")
+
+    def evict(self, version: int) -> None:
+        if self.adapters.pop(version, None) is not None:
+            self._each("evict", version)
+
+    def load_weights(self, hf_state: dict) -> None:
+        import ray
+
+        self.weights = ray.put({k: v.detach().cpu() for k, v in hf_state.items()})
+        self._each("load_weights", self.weights)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 -- already gone
+                pass
+        self.actors = []

@@ -1,0 +1,166 @@
+"""Keeping the sampler fleet on the learner's policy: pushing adapter versions, the stale-adapter guard, and the
+asynchronous pipeline of sampling requests.
+
+- Push: every adapter of the learner becomes a new immutable version (LoRA id (version-1)*K + k + 1, unique per
+  engine) in every engine; the previous version of each is evicted. Full fine-tuning overwrites the engines'
+  weights instead. Never merged, never restarted.
+- Guard: after every push, the fleet's logprobs on a fixed probe must match the learner's for the new version.
+- Pipeline (`train.max_staleness` = m): the requests of steps s..s+m are in flight while step s is learned, each
+  sampled with the version that was live when it was submitted, so the data of step s is at most m versions
+  behind the learner (m = 0: synchronous, on-policy). The sampler's logprobs travel with every completion and
+  are the importance-sampling denominator, so a stale completion is corrected, not ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from rl_lora import faults
+from rl_lora.config import Config, adapter_specs
+from rl_lora.sampler import AdapterRef
+
+PROBE_SEED = 9_000_000  # request seed of the push-check probe
+PROBE_TOKENS = 8
+
+
+class RunError(RuntimeError):
+    """The run stopped on purpose (a fault it must not train through); the message says why and what to do."""
+
+
+def build_fleet(cfg: Config, model_path: str, say=None):
+    """One in-process engine, or `sampler.num_engines` Ray actors (or any number when `sampler.ray_address` is
+    set: a cluster)."""
+    from rl_lora.fleet import LocalFleet, RayFleet
+
+    kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
+                  max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=cfg.sampler.max_loras,
+                  kvcache_gib=cfg.sampler.cpu_kvcache_gib, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+                  tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
+    if cfg.sampler.num_engines > 1 or cfg.sampler.ray_address:
+        return RayFleet(model_path, kwargs, num_engines=cfg.sampler.num_engines, address=cfg.sampler.ray_address,
+                        gpus_per_engine=cfg.sampler.tensor_parallel_size, say=say)
+    from rl_lora.sampler import Sampler
+
+    return LocalFleet(lambda: Sampler(model_path, **kwargs), asynchronous=cfg.train.max_staleness > 0, say=say)
+
+
+def push_check_tol(cfg: Config) -> float:
+    """Mean |logp_sampler - logp_learner| allowed on the probe. fp32 agrees to ~1e-5 (measured); bf16 kernels
+    differ more, so its default is looser. 0 = off."""
+    if cfg.train.push_check_tol >= 0:
+        return cfg.train.push_check_tol
+    return 1e-3 if cfg.model.dtype == "float32" else 0.1
+
+
+@dataclass
+class Submitted:
+    """A step's sampling request in flight: what it asked for and under which run version."""
+
+    step: int
+    idx_P: list[int]
+    request: object
+    version: int  # run version live when it was submitted
+    data_position: int  # the prompt stream's position after this step's prompts (for checkpoints)
+    t_submit: float
+
+
+class Run:
+    """One training run: the fleet and learner, the live adapter versions, and the requests in flight."""
+
+    def __init__(self, cfg: Config, model_path: str, quiet: bool):
+        self.cfg, self.model_path, self.quiet = cfg, model_path, quiet
+        self.fleet = None
+        self.learner = None
+        self.version = 0
+        self.refs: list[AdapterRef | None] = []  # the live version of each adapter, in adapter order
+        self.probe_ids: list[int] = []
+        self.push_s = self.check_s = 0.0  # the last push: loading the adapters, and the probe check after it
+        self.in_flight: dict[int, Submitted] = {}
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text)
+
+    # -- pushing, with the stale-adapter guard ---------------------------------------------------------------
+
+    def push(self, step: int) -> float:
+        """Load every adapter of the learner into the fleet as a new version, evicting each one's previous version;
+        check them. Returns the worst probe gap."""
+        from rl_lora import lora as lora_mod
+
+        self.version += 1
+        K = self.learner.num_adapters
+        stale = faults.fire("stale_push", step)
+        t0 = time.perf_counter()
+        if self.learner.full_finetune:  # the engine's base weights ARE the policy: overwrite them in place
+            if not stale:  # (the stale fault: the engine keeps the previous weights)
+                self.fleet.load_weights({n: p.detach() for n, p in self.learner.model.named_parameters()})
+            refs = [None]
+        else:
+            refs = []
+            for k in range(K):
+                tensors = lora_mod.peft_state_dict(self.learner.adapter_sets[k])
+                if stale:  # the engine gets a wrong adapter (zeros: the base policy)
+                    tensors = {n: torch.zeros_like(v) for n, v in tensors.items()}
+                refs.append(self.fleet.push_adapter((self.version - 1) * K + k + 1, k, tensors,
+                                                    self.learner.peft_config(k)))
+                if len(self.refs) > k:
+                    self.fleet.evict(self.refs[k].version)
+        self.refs = refs
+        t1 = time.perf_counter()
+        gap = self.check_push(step)
+        self.push_s, self.check_s = t1 - t0, time.perf_counter() - t1
+        return gap
+
+    def check_push(self, step: int) -> float:
+        tol = push_check_tol(self.cfg)
+        if tol == 0 or not self.probe_ids:
+            return 0.0
+        from rl_lora.learner import TrainSample
+
+        K = len(self.refs)
+        groups = self.fleet.generate([self.probe_ids] * K, n=1, adapters=self.refs, seeds=[PROBE_SEED] * K,
+                                     temperature=self.cfg.sampler.temperature,
+                                     max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
+        probes = [TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, k)
+                  for k, (c,) in enumerate(groups) if c.token_ids]
+        worst = 0.0
+        for s, learner_lp in zip(probes, self.learner.score(probes) if probes else []):
+            gap = sum(abs(a - b) for a, b in zip(s.sampler_logprobs, learner_lp)) / len(learner_lp)
+            if not gap <= tol:
+                which = "" if K == 1 else f" of adapter {self.learner.specs[s.adapter].name!r}"
+                raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe differ "
+                               f"from the learner's by {gap:.2e} per token (tolerance {tol:g}, train.push_check_tol) "
+                               f"for version {self.version}{which}: the sampler is serving a stale or wrong adapter, "
+                               "and training on it would be off-policy without knowing it")
+            worst = max(worst, gap)
+        return worst
+
+    # -- sampling: requests submitted ahead (async) or just in time (sync) ------------------------------------
+
+    def submit(self, step: int, idx_P: list[int], prompts_P: list, data_position: int) -> None:
+        """G completions of every prompt under every live adapter (adapter-major: K x P groups), the same request
+        seeds for every adapter (paired), under the version live now."""
+        cfg, P, K = self.cfg, len(prompts_P), len(self.refs)
+        n = cfg.sampler.samples_per_prompt
+        seed = (cfg.train.seed * 1_000_003 + step) * 10_000
+        request = self.fleet.submit(list(prompts_P) * K, n=n, adapters=[r for r in self.refs for _ in range(P)],
+                                    seeds=[seed + i * n for i in range(P)] * K, temperature=cfg.sampler.temperature,
+                                    max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
+        self.in_flight[step] = Submitted(step, idx_P, request, self.version, data_position, time.perf_counter())
+
+    def collect(self, step: int):
+        """Wait for step's completions. A dead engine is rebuilt by the fleet and its prompts submitted again."""
+        from rl_lora.fleet import FleetError
+
+        sub = self.in_flight.pop(step)
+        if faults.fire("sampler_crash", step):
+            self.fleet.kill_one()
+        try:
+            return sub, self.fleet.result(sub.request)
+        except FleetError as exc:
+            raise RunError(f"at step {step}: {exc}") from exc
