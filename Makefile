@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sampler.py
 	$(PY) benchmarks/verifier.py
 	$(PY) benchmarks/multi_adapter.py
+	$(PY) benchmarks/fleet.py --model smollm2-135m-gguf
 
 clean:
 	rm -rf $(VENV) runs

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from rl_lora.sampler import AdapterRef
 
 MAX_RESTARTS = 2  # per request: a third death in a row is not a transient fault
+ENGINE_START_TIMEOUT_S = 900  # an 8B engine loads in minutes; longer means Ray has nowhere to put it
 
 
 class FleetError(RuntimeError):
@@ -85,7 +86,6 @@ class _Fleet:
             raise FleetError(f"the sampler failed {req.restarts + 1} times on one request "
                              f"({type(exc).__name__}: {exc}); stopping") from exc
         req.restarts += 1
-        self.restarts += 1
         req.versions_P = [self._current(v) for v in req.versions_P]
 
 
@@ -102,46 +102,61 @@ class LocalFleet(_Fleet):
         # vLLM's LLM is not thread-safe: in async mode EVERY engine call goes through this one thread, in order.
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler") if asynchronous else None
         self.num_engines = 1
-        self._dead = False
+        self._dead = self._killed = False  # dead: known to need a rebuild; killed: shut down by a fault test
+
+    def _guarded(self, fn, *args):
+        """Every engine call runs here, in order: a dead engine is rebuilt first. A killed one is noticed by the
+        generation that fails on it (that request is then submitted again), or else by the next other call."""
+        if self._dead or (self._killed and fn != self._generate_now):
+            self._rebuild()
+        return fn(*args)
 
     def _call(self, fn, *args):
-        return fn(*args) if self.pool is None else self.pool.submit(fn, *args).result()
+        return self._guarded(fn, *args) if self.pool is None else self.pool.submit(self._guarded, fn, *args).result()
 
     def _generate_now(self, req: _Request):
-        if self._dead:
+        if self._killed:
             raise RuntimeError("injected fault: the sampler engine died")
         refs = [None if v is None else self.sampler.live[v] for v in req.versions_P]
         return self.sampler.generate(req.prompt_ids_P, n=req.n, adapters=refs, seed=0, seeds=req.seeds_P, **req.sampling)
 
     def _submit(self, req: _Request) -> None:
         # synchronous: run when the result is asked for (so an injected crash in between is seen)
-        req.pending = None if self.pool is None else self.pool.submit(self._generate_now, req)
+        req.pending = None if self.pool is None else self.pool.submit(self._guarded, self._generate_now, req)
 
     def result(self, req: _Request):
         while True:
             try:
-                return self._generate_now(req) if req.pending is None else req.pending.result()
+                return self._call(self._generate_now, req) if req.pending is None else req.pending.result()
             except ValueError:
                 raise  # bad input (prompt too long, ...), not a dead engine
             except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild it and submit again
                 self._failed(req, exc)
-                self.say(f"sampler failed ({type(exc).__name__}: {exc}); restarting the engine and reloading "
-                         f"{len(self.adapters)} live adapter version(s)")
-                self._call(self._rebuild)
+                self.say(f"sampler failed ({type(exc).__name__}: {exc})")
+                self._dead = True  # whatever killed it: the next engine call rebuilds it
                 self._submit(req)
+
+    def drain(self) -> None:
+        """Wait until every call submitted so far has run (async: the queued generations)."""
+        self._call(lambda: None)
 
     def kill_one(self) -> None:
         """Fault injection: the engine dies (shut down for real); the next request fails and rebuilds it."""
-        self._call(self.sampler.close)
-        self._dead = True
+        def die():
+            self.sampler.close()
+            self._killed = True
+
+        self._call(die)
 
     def _rebuild(self) -> None:
+        self.restarts += 1
+        self.say(f"restarting the engine and reloading {len(self.adapters)} live adapter version(s)")
         try:
             self.sampler.close()
         except Exception:  # noqa: BLE001 -- it is already broken
             pass
         self.sampler = self.make_sampler()
-        self._dead = False
+        self._dead = self._killed = False
         if self.weights is not None:
             self.sampler.load_weights(self.weights)
         for version, (_, tensors, config) in sorted(self.adapters.items()):
@@ -283,6 +298,10 @@ class RayFleet(_Fleet):
                 req.pending[e] = None
         return out
 
+    def drain(self) -> None:
+        """Wait until every engine has run the calls submitted to it so far."""
+        self._each("info")
+
     def kill_one(self, e: int = 0) -> None:
         """Fault injection: kill engine `e` for real (its running and queued calls fail)."""
         import ray
@@ -291,8 +310,15 @@ class RayFleet(_Fleet):
 
     def _replace(self, e: int) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError
 
+        self.restarts += 1
         actor = self._start(e)
+        try:  # a lost node leaves no free GPU for the new engine: stop instead of waiting forever
+            ray.get(actor.info.remote(), timeout=ENGINE_START_TIMEOUT_S)
+        except GetTimeoutError:
+            raise FleetError(f"a new sampler engine did not start within {ENGINE_START_TIMEOUT_S} s (no free "
+                             f"{'GPU' if self.on_gpu else 'CPU'} in the Ray cluster?)") from None
         if self.weights is not None:
             ray.get(actor.load_weights.remote(self.weights))
         ray.get([actor.push.remote(v, t, c) for v, (_, t, c) in sorted(self.adapters.items())])
@@ -309,7 +335,6 @@ class RayFleet(_Fleet):
             try:
                 out.append(ray.get(ref))
             except RayActorError:
-                self.restarts += 1
                 self.say(f"sampler engine {e} died; starting a new one with the live adapters")
                 self._replace(e)
                 out.append(None)

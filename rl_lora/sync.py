@@ -31,16 +31,23 @@ class RunError(RuntimeError):
     """The run stopped on purpose (a fault it must not train through); the message says why and what to do."""
 
 
+def uses_ray(cfg: Config) -> bool:
+    """Engines run as Ray actors when there are several, when a cluster is named, or under torchrun (vLLM would
+    otherwise join the learner's process group in rank 0)."""
+    from rl_lora.distributed import world
+
+    return cfg.sampler.num_engines > 1 or bool(cfg.sampler.ray_address) or world()[1] > 1
+
+
 def build_fleet(cfg: Config, model_path: str, say=None):
-    """One in-process engine, or `sampler.num_engines` Ray actors (or any number when `sampler.ray_address` is
-    set: a cluster)."""
+    """One in-process engine, or `sampler.num_engines` Ray actors."""
     from rl_lora.fleet import LocalFleet, RayFleet
 
     kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
                   max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=cfg.sampler.max_loras,
                   kvcache_gib=cfg.sampler.cpu_kvcache_gib, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
                   tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
-    if cfg.sampler.num_engines > 1 or cfg.sampler.ray_address:
+    if uses_ray(cfg):
         return RayFleet(model_path, kwargs, num_engines=cfg.sampler.num_engines, address=cfg.sampler.ray_address,
                         gpus_per_engine=cfg.sampler.tensor_parallel_size, say=say)
     from rl_lora.sampler import Sampler
@@ -78,7 +85,8 @@ class Run:
         self.version = 0
         self.refs: list[AdapterRef | None] = []  # the live version of each adapter, in adapter order
         self.probe_ids: list[int] = []
-        self.push_s = self.check_s = 0.0  # the last push: loading the adapters, and the probe check after it
+        # the last push: waiting for queued generations, loading the adapters, and the probe check after it
+        self.wait_s = self.push_s = self.check_s = 0.0
         self.in_flight: dict[int, Submitted] = {}
 
     def say(self, text: str) -> None:
@@ -92,10 +100,13 @@ class Run:
         check them. Returns the worst probe gap."""
         from rl_lora import lora as lora_mod
 
+        t_wait = time.perf_counter()
+        self.fleet.drain()  # async: generations queued under the old version finish first (they hold the engine)
         self.version += 1
         K = self.learner.num_adapters
         stale = faults.fire("stale_push", step)
         t0 = time.perf_counter()
+        self.wait_s = t0 - t_wait
         if self.learner.full_finetune:  # the engine's base weights ARE the policy: overwrite them in place
             if not stale:  # (the stale fault: the engine keeps the previous weights)
                 self.fleet.load_weights({n: p.detach() for n, p in self.learner.model.named_parameters()})

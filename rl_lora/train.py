@@ -52,11 +52,12 @@ from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
 
 from rl_lora.rollout import Group
-from rl_lora.sync import Run, RunError, build_fleet  # noqa: F401 -- RunError is the CLI's "stopped on purpose"
+from rl_lora.sync import Run, RunError, build_fleet, uses_ray  # noqa: F401 -- RunError is the CLI's "stopped on purpose"
 
 
 def preflight(cfg: Config, resume: bool) -> Path:
-    """Checks that need no model: output dir writable, enough disk for checkpoints."""
+    """Checks that need no model: output dir writable, enough disk for checkpoints, ray when it is needed."""
+    import importlib.util
     import shutil
 
     run_dir = Path(cfg.train.output_dir)
@@ -69,6 +70,9 @@ def preflight(cfg: Config, resume: bool) -> Path:
         raise ConfigError(f"train.output_dir: {run_dir} is not writable ({exc.strerror})") from None
     if cfg.sampler.max_loras < 1:
         raise ConfigError("sampler.max_loras: must be >= 1")
+    if uses_ray(cfg) and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"sampler.num_engines: the engines run as Ray actors here ({cfg.sampler.num_engines} "
+                          "engines, or under torchrun), and ray is not installed (pip install 'rl-lora[cluster]')")
     free = shutil.disk_usage(run_dir).free
     if free < MIN_FREE_BYTES:
         raise ConfigError(f"train.output_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; "
@@ -354,6 +358,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                  "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2,
                  "time/push": run.push_s if probe_gap is not None else t4 - t3,
                  "time/push_check": run.check_s if probe_gap is not None else 0.0,
+                 "time/push_wait": run.wait_s if probe_gap is not None else 0.0,
                  "time/step": t4 - t0, **learn}
             if probe_gap is not None:
                 m["push/probe_gap"] = probe_gap
