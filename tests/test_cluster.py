@@ -1,8 +1,8 @@
 """Cluster scale on CPU (issue 7): a 2-process gloo learner, a Ray fleet of 2 vLLM-CPU engines, asynchronous steps,
 and a sampler actor killed mid-run."""
 
+import dataclasses
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
 from runhelpers import ROOT, TESTS, metrics, run_cli, step_rows
+from test_multi_adapter import _samples as random_samples
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +23,8 @@ SPECS = [AdapterSpec("all-r1", rank=1, target_modules=ALL_LINEAR, lr=1e-2, seed=
 
 
 def _samples(seed: int, n: int) -> list[TrainSample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(4, 12))]
-        completion = [rng.randrange(3, 200) for _ in range(rng.randrange(2, 9))]
-        out.append(TrainSample(prompt, completion, [-5.0 + rng.random() for _ in completion],
-                               rng.choice([-1.0, -0.5, 0.5, 1.0]), i % 2))
-    return out
+    """test_multi_adapter's random samples, alternating between the two adapters."""
+    return [dataclasses.replace(s, adapter=i % 2) for i, s in enumerate(random_samples(0, seed, n))]
 
 
 def _learner(tiny_model) -> Learner:
