@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rl_lora.sampler import AdapterRef
 
@@ -39,7 +38,6 @@ class _Request:
     sampling: dict
     pending: object = None  # backend handle(s)
     restarts: int = 0
-    t_submit: float = field(default_factory=time.perf_counter)
 
 
 class _Fleet:
@@ -101,7 +99,6 @@ class LocalFleet(_Fleet):
         self.tokenizer, self.max_model_len = self.sampler.tokenizer, self.sampler.max_model_len
         # vLLM's LLM is not thread-safe: in async mode EVERY engine call goes through this one thread, in order.
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler") if asynchronous else None
-        self.num_engines = 1
         self._dead = self._killed = False  # dead: known to need a rebuild; killed: shut down by a fault test
 
     def _guarded(self, fn, *args):
@@ -210,9 +207,8 @@ class _Engine:
     def info(self) -> dict:
         return {"max_model_len": self.sampler.max_model_len, "pid": os.getpid()}
 
-    def push(self, version: int, tensors: dict, config: dict) -> float:
+    def push(self, version: int, tensors: dict, config: dict) -> None:
         self.sampler.push(version, _writer(tensors, config), evict_older=False)
-        return self.sampler.last_push_s
 
     def evict(self, version: int) -> None:
         self.sampler.evict(version)
@@ -246,7 +242,6 @@ class RayFleet(_Fleet):
         infos = ray.get([a.info.remote() for a in self.actors])
         self.max_model_len = infos[0]["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.last_push_to_all_s = 0.0
 
     def _start(self, i: int):
         import ray
@@ -345,11 +340,9 @@ class RayFleet(_Fleet):
     def push_adapter(self, version: int, slot: int, tensors: dict, config: dict) -> AdapterRef:
         import ray
 
-        t0 = time.perf_counter()
         ref = ray.put(tensors)  # once; every engine reads it from the object store
         self._record_push(version, slot, ref, config)
         self._each("push", version, ref, config)
-        self.last_push_to_all_s = time.perf_counter() - t0
         return AdapterRef(version, "")
 
     def evict(self, version: int) -> None:

@@ -63,6 +63,17 @@ def push_check_tol(cfg: Config) -> float:
     return 1e-3 if cfg.model.dtype == "float32" else 0.1
 
 
+def lora_id(version: int, K: int, k: int) -> int:
+    """Adapter k of run version `version`: a LoRA id unique per engine, (version-1)*K + k + 1."""
+    return (version - 1) * K + k + 1
+
+
+def version_of(adapter_id: int, K: int, submitted: int) -> int:
+    """The run version of a completion, from the LoRA id it was sampled under (the inverse of `lora_id`). Full FT
+    serves no adapter (id 0), so its version is the one live when the request was submitted."""
+    return (adapter_id - 1) // K + 1 if adapter_id else submitted
+
+
 @dataclass
 class Submitted:
     """A step's sampling request in flight: what it asked for and under which run version."""
@@ -72,7 +83,6 @@ class Submitted:
     request: object
     version: int  # run version live when it was submitted
     data_position: int  # the prompt stream's position after this step's prompts (for checkpoints)
-    t_submit: float
 
 
 class Run:
@@ -117,7 +127,7 @@ class Run:
                 tensors = lora_mod.peft_state_dict(self.learner.adapter_sets[k])
                 if stale:  # the engine gets a wrong adapter (zeros: the base policy)
                     tensors = {n: torch.zeros_like(v) for n, v in tensors.items()}
-                refs.append(self.fleet.push_adapter((self.version - 1) * K + k + 1, k, tensors,
+                refs.append(self.fleet.push_adapter(lora_id(self.version, K, k), k, tensors,
                                                     self.learner.peft_config(k)))
                 if len(self.refs) > k:
                     self.fleet.evict(self.refs[k].version)
@@ -162,7 +172,7 @@ class Run:
         request = self.fleet.submit(list(prompts_P) * K, n=n, adapters=[r for r in self.refs for _ in range(P)],
                                     seeds=[seed + i * n for i in range(P)] * K, temperature=cfg.sampler.temperature,
                                     max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
-        self.in_flight[step] = Submitted(step, idx_P, request, self.version, data_position, time.perf_counter())
+        self.in_flight[step] = Submitted(step, idx_P, request, self.version, data_position)
 
     def collect(self, step: int):
         """Wait for step's completions. A dead engine is rebuilt by the fleet and its prompts submitted again."""

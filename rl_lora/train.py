@@ -50,9 +50,8 @@ from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
-
 from rl_lora.rollout import Group
-from rl_lora.sync import Run, RunError, build_fleet, uses_ray  # noqa: F401 -- RunError is the CLI's "stopped on purpose"
+from rl_lora.sync import Run, RunError, build_fleet, uses_ray, version_of
 
 
 def preflight(cfg: Config, resume: bool) -> Path:
@@ -203,12 +202,6 @@ def evaluate_all(run, specs: list[AdapterSpec], prompts_P, problems, scorer, cfg
     if len(specs) == 1:
         return outs[0]
     return {f"{spec.name}/{key}": v for spec, out in zip(specs, outs) for key, v in out.items()}
-
-
-def version_of(lora_id: int, K: int, submitted: int) -> int:
-    """The run version of a completion: from its LoRA id (version-1)*K + k + 1; full FT serves no adapter (id 0),
-    so its version is the one live when the request was submitted."""
-    return (lora_id - 1) // K + 1 if lora_id else submitted
 
 
 def make_samples(groups: list[Group]) -> list[TrainSample]:
