@@ -1,13 +1,14 @@
 """Learner step time and peak memory: our rank-1 LoRA vs full fine-tuning vs stock HF+PEFT, same batch.
 
-Modes: lora (our learner), lora-ckpt (+ activation checkpointing), full (our learner, every parameter
-trained: completion-only chunked logits), full-hf (stock HF full fine-tuning: full-sequence, full-vocabulary
-logits), peft (stock HF + PEFT rank 1). Ratios are printed against both full fine-tuning baselines.
-Each mode runs in its own process (peak RSS is per process), one after the other in one invocation, so the
-ratios are measured side by side. Default batch: 16 sequences x 192 tokens (64 prompt + 128 completion)
-of SmolLM2-135M in fp32, as in DEVELOPERS.md.
+Modes: lora (our learner), full (our learner, every parameter trained), full-hf (stock HF full fine-tuning:
+full-sequence, full-vocabulary logits), peft (stock HF + PEFT rank 1); our modes take the suffixes -ckpt
+(activation checkpointing) and -noshare (one prompt forward per sequence instead of per group). Ratios are
+printed against both full fine-tuning baselines. Each mode runs in its own process (peak RSS is per process),
+one after the other in one invocation, so the ratios are measured side by side. Default batch: a GRPO step of
+16 sequences x 192 tokens (64 prompt + 128 completion) of SmolLM2-135M in fp32, as in DEVELOPERS.md: 2 prompts
+x 8 completions (the demo's samples_per_prompt; --group 1 makes every prompt distinct).
 
-    python benchmarks/learner.py [--model smollm2-135m-gguf] [--seqs 16] [--prompt 64] [--completion 128]
+    python benchmarks/learner.py [--model smollm2-135m-gguf] [--seqs 16] [--group 8] [--prompt 64] [--completion 128]
 """
 
 import argparse
@@ -29,7 +30,8 @@ def _batch(args, vocab):
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(args.seqs):
-        p = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
+        if i % args.group == 0:
+            p = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
         c = torch.randint(0, vocab, (args.completion,), generator=g).tolist()
         out.append(TrainSample(p, c, [-8.0] * args.completion, 1.0 if i % 2 else -1.0))
     return out
@@ -51,7 +53,7 @@ def worker(args) -> dict:
         return _stock_worker(args, path)
     learner = Learner(path, rank=1, target_modules=ALL_LINEAR, lr=1e-4, full_finetune=args.mode.startswith("full"),
                       tokens_per_microbatch=args.seqs * (args.prompt + args.completion),
-                      activation_checkpointing=args.mode.endswith("-ckpt"))
+                      activation_checkpointing="-ckpt" in args.mode, share_prompts="-noshare" not in args.mode)
     loaded = _rss_gib()
     batch = _batch(args, learner.model.config.vocab_size)
     times = []
@@ -101,6 +103,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-gguf")
     ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8, help="completions per prompt (GRPO's G)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (min is reported)")
@@ -113,22 +116,24 @@ def main():
     results = {}
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--seqs", str(args.seqs),
+               "--group", str(args.group),
                "--prompt", str(args.prompt), "--completion", str(args.completion), "--steps", str(args.steps)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{mode}: failed\n{out.stderr[-2000:]}")
             continue
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\nlearner step, {args.seqs} x {args.prompt + args.completion} tokens, model {args.model}")
+    print(f"\nlearner step, {args.seqs} x {args.prompt + args.completion} tokens ({args.seqs // args.group} prompts x "
+          f"{args.group}), model {args.model}")
     full, hf = results.get("full"), results.get("full-hf")
 
     def ratio(r, base, key):
         return f"{r[key] / base[key]:.2f}x" if base else "-"
 
-    print(f"{'mode':<10}{'trainable':>12}{'step s':>8}{'peak GiB':>10}{'loaded':>8}"
+    print(f"{'mode':<14}{'trainable':>12}{'step s':>8}{'peak GiB':>10}{'loaded':>8}"
           f"{'time/full':>11}{'mem/full':>10}{'time/full-hf':>14}{'mem/full-hf':>13}")
     for mode, r in results.items():
-        print(f"{mode:<10}{r['trainable']:>12,}{r['step_s']:>8.1f}{r['peak_gib']:>10.2f}{r['after_load_gib']:>8.2f}"
+        print(f"{mode:<14}{r['trainable']:>12,}{r['step_s']:>8.1f}{r['peak_gib']:>10.2f}{r['after_load_gib']:>8.2f}"
               f"{ratio(r, full, 'step_s'):>11}{ratio(r, full, 'peak_gib'):>10}"
               f"{ratio(r, hf, 'step_s'):>14}{ratio(r, hf, 'peak_gib'):>13}")
 

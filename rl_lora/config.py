@@ -152,6 +152,9 @@ class OptimConfig:
     # Recompute decoder layers in backward instead of storing activations: much lower peak memory for one
     # extra forward pass (benchmarks/learner.py measures both).
     activation_checkpointing: bool = False
+    # One prompt forward (and backward) per group of completions of the same prompt: exact, and (G-1)/G of the
+    # prompt tokens less base work. Off only to compare; models other than Llama/Qwen families never share.
+    share_prompts: bool = True
 
 
 @dataclass

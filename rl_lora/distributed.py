@@ -43,9 +43,25 @@ def active() -> bool:
 
 
 def shard(samples: list, rank: int, size: int) -> list:
-    """Rank's share: samples dealt longest first, round-robin, so every rank gets a similar token count."""
-    order = sorted(range(len(samples)), key=lambda i: -(len(samples[i].prompt_ids) + len(samples[i].completion_ids)))
-    return [samples[i] for i in sorted(order[rank::size])]
+    """Rank's share of a step. Whole groups (one adapter and prompt: the learner runs their prompt once) go to the
+    least-loaded rank, largest first, so ranks get similar token counts; with fewer groups than ranks, samples are
+    dealt longest first, round-robin. Each rank keeps the step's order."""
+    def cost(i):
+        return len(samples[i].prompt_ids) + len(samples[i].completion_ids)
+
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((s.adapter, tuple(s.prompt_ids)), []).append(i)
+    if len(groups) < size:
+        order = sorted(range(len(samples)), key=lambda i: -cost(i))
+        return [samples[i] for i in sorted(order[rank::size])]
+    loads, mine = [0] * size, []
+    for members in sorted(groups.values(), key=lambda m: -sum(cost(i) for i in m)):  # stable: ties keep step order
+        r = loads.index(min(loads))
+        loads[r] += sum(cost(i) for i in members)
+        if r == rank:
+            mine += members
+    return [samples[i] for i in sorted(mine)]
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:

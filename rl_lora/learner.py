@@ -1,9 +1,12 @@
 """The learner: a frozen HF base with our rank-r adapters, trained on sampled completions.
 
 Built for small adapters on small machines:
-- logits are computed only at completion positions (never the prompt), in chunks, with the chunk's
-  [tokens, vocab] fp32 logits recomputed in the backward pass instead of stored: full-vocabulary logits are
-  what dominates a stock learner's peak memory;
+- one prompt forward per GRPO group (rl_lora/prefix.py): the G completions of a prompt share one computation
+  of its keys/values, forward and backward;
+- logits are computed only at completion positions (never the prompt), in chunks. With a frozen output layer
+  (LoRA) a chunk's gradient with respect to its hidden states is computed in the same pass as its logprobs
+  and kept ([tokens, hidden], small), so the [tokens, vocab] logits are neither stored nor recomputed; full
+  fine-tuning (which needs the output layer's weight gradient) recomputes the chunk's logits in backward;
 - micro-batches are packed by a token budget (padded prompt + completion tokens), so memory is bounded
   by `optim.tokens_per_microbatch` whatever the completion lengths;
 - a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
@@ -13,6 +16,7 @@ Built for small adapters on small machines:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rl_lora import lora as lora_mod
+from rl_lora import prefix
 from rl_lora.loss import LossInputs, ppo_clip_loss, truncated_is_loss
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,14 +46,37 @@ def _chunk_token_logprobs(hidden_N: torch.Tensor, weight: torch.Tensor, targets_
     return logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(-1)
 
 
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] for a frozen W, with d/dh computed in the forward pass:
+    d logp_t / d h_t = (W[y_t] - softmax_t W) / T does not depend on the upstream gradient, so backward is one
+    multiply and the chunk's [tokens, vocab] logits die in forward (3 vocab-sized matmuls become 2)."""
+
+    @staticmethod
+    def forward(ctx, hidden_N, weight, targets_N, inv_temperature):
+        logits_NV = (hidden_N @ weight.t()).float() * inv_temperature
+        lse_N = logits_NV.logsumexp(-1)
+        logp_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
+        probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # in place: the logits are not needed any more
+        dlogp_dh = (weight[targets_N].float() - probs_NV.to(weight.dtype) @ weight) * inv_temperature
+        ctx.save_for_backward(dlogp_dh.to(hidden_N.dtype))
+        return logp_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        (dlogp_dh,) = ctx.saved_tensors
+        return grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh, None, None, None
+
+
 class Learner:
     def __init__(self, model_path: str, *, rank: int = 1, alpha: float = 32.0, target_modules: list[str],
                  lr: float = 1e-4, lora_plus_ratio: float = 1.0, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
                  temperature: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
-                 activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None):
+                 activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None,
+                 share_prompts: bool = True):
         """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`
-        (each with its own AdamW and LR, all trained in one forward/backward per micro-batch)."""
+        (each with its own AdamW and LR, all trained in one forward/backward per micro-batch). `share_prompts`:
+        one prompt forward per group of completions of the same prompt (exact; off only to compare)."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -83,11 +111,17 @@ class Learner:
         self.optimizer = self.optimizers[0]
         self.params = [p for ps in self.param_sets for p in ps]
         self.backbone = getattr(self.model, self.model.base_model_prefix)
+        self.share_prompts = share_prompts and prefix.supported(self.model)
         if activation_checkpointing:
             # Recompute each decoder layer in backward instead of storing its activations: peak memory drops to
             # ~one layer's activations, for one extra forward pass. (HF applies it only in train mode; Llama-family
             # models have no dropout, so train mode changes nothing else.)
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if self.routing is not None:  # a recomputed layer must see the routing of its own forward
+                kwargs["context_fn"] = self.routing.checkpoint_context
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if self.share_prompts:
+                prefix.allow_with_checkpointing(self.model)
             self.model.train()
         self.skipped_steps = 0
 
@@ -99,53 +133,95 @@ class Learner:
     # Per-token logprobs
 
     def _microbatches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
-        order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids), reverse=True)
-        batches, current, longest = [], [], 0
-        for s in order:
-            length = len(s.prompt_ids) + len(s.completion_ids)
-            if current and max(longest, length) * (len(current) + 1) > self.tokens_per_microbatch:
-                batches.append(current)
-                current, longest = [], 0
-            current.append(s)
-            longest = max(longest, length)
+        """Pack samples into micro-batches of at most `tokens_per_microbatch` padded tokens. With prompt sharing
+        the unit is a group (the samples of one adapter and prompt, split if it alone exceeds the budget), costed
+        as one padded prompt plus its padded completions; otherwise one sample, costed as padded prompt+completion."""
+        budget = self.tokens_per_microbatch
+        if self.share_prompts:
+            units, index = prefix.group_keys(samples)
+            members: list[list[TrainSample]] = [[] for _ in units]
+            for s, u in zip(samples, index):
+                members[u].append(s)
+            pieces = []  # (prompt length, samples) with prompt + n * longest completion <= budget, or one sample
+            for group in members:
+                group.sort(key=lambda s: len(s.completion_ids), reverse=True)
+                p, piece = len(group[0].prompt_ids), []
+                for s in group:
+                    if piece and p + (len(piece) + 1) * len(piece[0].completion_ids) > budget:
+                        pieces.append((p, piece))
+                        piece = []
+                    piece.append(s)
+                pieces.append((p, piece))
+            pieces.sort(key=lambda x: x[0] + len(x[1][0].completion_ids), reverse=True)
+            batches, current, n_prompts, n_samples, width_p, width_c = [], [], 0, 0, 0, 0
+            for p, piece in pieces:
+                wp, wc = max(width_p, p), max(width_c, len(piece[0].completion_ids))
+                if current and (n_prompts + 1) * wp + (n_samples + len(piece)) * wc > budget:
+                    batches.append(current)
+                    current, n_prompts, n_samples, wp, wc = [], 0, 0, p, len(piece[0].completion_ids)
+                current += piece
+                n_prompts, n_samples, width_p, width_c = n_prompts + 1, n_samples + len(piece), wp, wc
+        else:
+            order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids), reverse=True)
+            batches, current, longest = [], [], 0
+            for s in order:
+                length = len(s.prompt_ids) + len(s.completion_ids)
+                if current and max(longest, length) * (len(current) + 1) > budget:
+                    batches.append(current)
+                    current, longest = [], 0
+                current.append(s)
+                longest = max(longest, length)
         if current:
             batches.append(current)
         # Rows of one adapter contiguous (the LoRA layers apply each adapter to a slice of rows).
         return [sorted(mb, key=lambda s: s.adapter) for mb in batches]
 
-    def token_logprobs(self, samples: list[TrainSample]) -> torch.Tensor:
-        """[N] log p_learner of every completion token of `samples`, concatenated in order."""
+    def _route(self, adapters: list[int]) -> None:
+        """Tell the LoRA layers which adapter each row of the next forward belongs to."""
+        if self.routing is None:
+            return
+        segments, start = [], 0
+        for k, rows in itertools.groupby(adapters):
+            n = len(list(rows))
+            segments.append((k, start, start + n))
+            start += n
+        self.routing.segments = segments
+
+    def _hidden(self, samples: list[TrainSample]) -> torch.Tensor:
+        """[N, d] final hidden states at the positions that predict each completion token, one forward per row."""
         seqs = [s.prompt_ids + s.completion_ids for s in samples]
         longest = max(len(x) for x in seqs)
         ids = torch.zeros(len(seqs), longest, dtype=torch.long)
         mask = torch.zeros(len(seqs), longest, dtype=torch.long)
-        rows, cols, targets = [], [], []
+        rows, cols = [], []
         for i, (s, x) in enumerate(zip(samples, seqs)):
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
-            n_prompt = len(s.prompt_ids)
-            pos = list(range(n_prompt - 1, len(x) - 1))  # hidden state at p-1 predicts token p
+            pos = list(range(len(s.prompt_ids) - 1, len(x) - 1))  # hidden state at p-1 predicts token p
             rows += [i] * len(pos)
             cols += pos
-            targets += s.completion_ids
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if self.routing is not None:
-            segments, start = [], 0
-            for k, run in _runs(samples):
-                segments.append((k, start, start + len(run)))
-                start += len(run)
-            self.routing.segments = segments
-        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        hidden_N = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-        targets_N = torch.tensor(targets, device=self.device)
+        self._route([s.adapter for s in samples])
+        hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+
+    def token_logprobs(self, samples: list[TrainSample]) -> torch.Tensor:
+        """[N] log p_learner of every completion token of `samples`, concatenated in order."""
+        units, _ = prefix.group_keys(samples)
+        if self.share_prompts and len(units) < len(samples):
+            hidden_N = prefix.shared_hidden(self.backbone, samples, self.device, self._route)
+        else:
+            hidden_N = self._hidden(samples)
+        targets_N = torch.tensor([t for s in samples for t in s.completion_ids], device=self.device)
         weight = self.model.get_output_embeddings().weight
         out = []
         for start in range(0, hidden_N.shape[0], _LOGIT_CHUNK):
             h, t = hidden_N[start: start + _LOGIT_CHUNK], targets_N[start: start + _LOGIT_CHUNK]
-            if torch.is_grad_enabled():
-                out.append(checkpoint(_chunk_token_logprobs, h, weight, t, self.inv_temperature, use_reentrant=False))
-            else:
+            if not torch.is_grad_enabled():
                 out.append(_chunk_token_logprobs(h, weight, t, self.inv_temperature))
+            elif not weight.requires_grad:
+                out.append(_FrozenHeadLogprobs.apply(h, weight, t, self.inv_temperature))
+            else:
+                out.append(checkpoint(_chunk_token_logprobs, h, weight, t, self.inv_temperature, use_reentrant=False))
         return torch.cat(out)
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ adapter k see only A_k and B_k. With one adapter the forward is exactly the sing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,21 @@ class Routing:
 
     def __init__(self):
         self.segments: list[tuple[int, int, int]] | None = None
+
+    def checkpoint_context(self):
+        """For torch.utils.checkpoint's `context_fn`: the recomputation of a checkpointed layer (in backward, after
+        later forwards may have changed the routing) runs under the routing its forward saw."""
+        saved = self.segments
+
+        @contextlib.contextmanager
+        def recompute():
+            current, self.segments = self.segments, saved
+            try:
+                yield
+            finally:
+                self.segments = current
+
+        return contextlib.nullcontext(), recompute()
 
 
 class LoRALinear(nn.Module):
@@ -59,14 +75,22 @@ class LoRALinear(nn.Module):
 
     def _low(self, index: int, x: torch.Tensor) -> torch.Tensor:
         i = self.slots[index]
-        return self.scales[i] * F.linear(F.linear(x, self.lora_A[i].to(x.dtype)), self.lora_B[i].to(x.dtype))
+        # the scale multiplies the [tokens, r] intermediate, not the [tokens, d_out] result
+        return F.linear(self.scales[i] * F.linear(x, self.lora_A[i].to(x.dtype)), self.lora_B[i].to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         segments = self.routing.segments
         if segments is None or len(segments) == 1:
             index = 0 if segments is None else segments[0][0]
-            return out + self._low(index, x) if index in self.slots else out
+            if index not in self.slots:
+                return out
+            # out + scale * (x A^T) B^T as one addmm: no [tokens, d_out] temporaries for the scale or the sum,
+            # forward or backward (measured ~5% of a rank-1 learner step on CPU)
+            i = self.slots[index]
+            xa = F.linear(x, self.lora_A[i].to(x.dtype)).reshape(-1, self.lora_A[i].shape[0])
+            return torch.addmm(out.reshape(-1, out.shape[-1]), xa, self.lora_B[i].to(x.dtype).t(),
+                               alpha=self.scales[i]).view(out.shape)
         if not any(k in self.slots for k, _, _ in segments):
             return out
         # split/cat, not per-segment indexing: their backward is one cat/split, where indexing would materialise a

@@ -214,7 +214,8 @@ def make_learner(cfg: Config, model_path: str) -> Learner:
                    betas=(cfg.optim.beta1, cfg.optim.beta2), full_finetune=is_full_finetune(cfg),
                    weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
                    tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
-                   activation_checkpointing=cfg.optim.activation_checkpointing)
+                   activation_checkpointing=cfg.optim.activation_checkpointing,
+                   share_prompts=cfg.optim.share_prompts)
 
 
 def follow(cfg: Config, resume: bool) -> dict:

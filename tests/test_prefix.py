@@ -1,0 +1,119 @@
+"""The learner's fast paths equal the plain computation: one prompt forward per GRPO group (rl_lora/prefix.py) and
+the frozen output layer's logprob gradient computed in forward (learner._FrozenHeadLogprobs)."""
+
+import random
+
+import pytest
+import torch
+
+from rl_lora import distributed
+from rl_lora.config import ALL_LINEAR, AdapterSpec
+from rl_lora.learner import Learner, TrainSample, _chunk_token_logprobs, _FrozenHeadLogprobs
+
+SPECS = [AdapterSpec(name=f"a{k}", rank=1, alpha=32, target_modules=list(ALL_LINEAR), lr=1e-2, seed=k)
+         for k in range(2)]
+
+
+def grpo_samples(seed=0, adapters=2, groups=3, group_size=4) -> list[TrainSample]:
+    """Groups of completions sharing a prompt, uneven lengths (completions of 1 token included), shuffled."""
+    rng = random.Random(seed)
+    out = []
+    for k in range(adapters):
+        for _ in range(groups):
+            prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(3, 12))]
+            for _ in range(group_size):
+                completion = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 9))]
+                out.append(TrainSample(prompt, completion, [-5.0 + rng.random() for _ in completion],
+                                       rng.uniform(-1, 1), adapter=k))
+    rng.shuffle(out)
+    return out
+
+
+def _learner(tiny_model, **kw) -> Learner:
+    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS, temperature=0.7, **kw)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B, as after some training, so A gets gradients too
+        for views in learner.adapter_sets:
+            for v in views.values():
+                v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=gen) * 0.05)
+    return learner
+
+
+def _logprobs_and_grads(learner, samples):
+    logprobs = torch.tensor([x for row in learner.score(samples) for x in row])
+    learner.backward(samples)
+    return logprobs, torch.cat([p.grad.flatten() for p in learner.params])
+
+
+@pytest.mark.parametrize("checkpointing,budget", [(False, 4096), (True, 4096), (False, 40), (True, 30)])
+def test_shared_prompt_forward_equals_one_forward_per_sequence(tiny_model, checkpointing, budget):
+    """Same logprobs and gradients, K=2 adapters, with and without activation checkpointing; budgets of 30-40
+    tokens split groups over micro-batches."""
+    samples = grpo_samples()
+    ref_lp, ref_g = _logprobs_and_grads(_learner(tiny_model, share_prompts=False), samples)
+    learner = _learner(tiny_model, share_prompts=True, activation_checkpointing=checkpointing,
+                       tokens_per_microbatch=budget)
+    assert learner.share_prompts
+    lp, g = _logprobs_and_grads(learner, samples)
+    assert ref_g.abs().max() > 0
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-4 * ref_g.abs().max().item())
+
+
+def test_shared_prompt_runs_each_prompt_once(tiny_model):
+    samples = grpo_samples(groups=2, group_size=4)
+    counts = []
+    for share in (False, True):
+        learner = _learner(tiny_model, share_prompts=share)
+        seen = []
+        learner.model.get_input_embeddings().register_forward_hook(
+            lambda m, args, out: seen.append(int(args[0].numel())))
+        learner.score(samples)
+        counts.append(sum(seen))
+    unshared, shared = counts
+    distinct = {(s.adapter, tuple(s.prompt_ids)) for s in samples}
+    assert unshared >= sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    # padded: every prompt once, plus completions minus their last token
+    longest_p = max(len(p) for _, p in distinct)
+    longest_c = max(len(s.completion_ids) for s in samples) - 1
+    assert shared <= len(distinct) * longest_p + len(samples) * longest_c
+    assert shared < 0.8 * unshared
+
+
+def test_microbatches_keep_groups_and_the_budget(tiny_model):
+    samples = grpo_samples(groups=4, group_size=4)
+    learner = _learner(tiny_model, tokens_per_microbatch=60)
+    batches = learner._microbatches(samples)
+    assert sorted(map(id, samples)) == sorted(id(s) for mb in batches for s in mb)
+    for mb in batches:
+        prompts = {(s.adapter, tuple(s.prompt_ids)) for s in mb}
+        cost = len(prompts) * max(len(p) for _, p in prompts) + len(mb) * max(len(s.completion_ids) for s in mb)
+        assert cost <= 60 or len(mb) == 1
+        assert [s.adapter for s in mb] == sorted(s.adapter for s in mb)
+
+
+def test_frozen_head_logprob_gradient_equals_autograd():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen)
+    targets = torch.randint(0, 50, (37,), generator=gen)
+    upstream = torch.randn(37, generator=gen)
+    ours = _FrozenHeadLogprobs.apply(hidden, weight, targets, 1 / 0.7)
+    (g_ours,) = torch.autograd.grad((ours * upstream).sum(), hidden)
+    plain = _chunk_token_logprobs(hidden, weight, targets, 1 / 0.7)
+    (g_plain,) = torch.autograd.grad((plain * upstream).sum(), hidden)
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(g_ours, g_plain)
+
+
+def test_data_parallel_shards_deal_whole_groups():
+    samples = grpo_samples(groups=3, group_size=4)  # 6 groups
+    shards = [distributed.shard(samples, r, 2) for r in range(2)]
+    assert sorted(map(id, samples)) == sorted(id(s) for sh in shards for s in sh)
+    keys = [{(s.adapter, tuple(s.prompt_ids)) for s in sh} for sh in shards]
+    assert not keys[0] & keys[1]
+    tokens = [sum(len(s.prompt_ids) + len(s.completion_ids) for s in sh) for sh in shards]
+    assert max(tokens) < 0.7 * sum(tokens)
+    # fewer groups than ranks: dealt by sample, nobody idle
+    few = grpo_samples(adapters=1, groups=1, group_size=4)
+    assert all(distributed.shard(few, r, 4) for r in range(4))
