@@ -25,7 +25,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Shorthands accepted wherever target_modules is: "all" (the default), "attention" (the paper's weaker baseline),
 # "mlp".
 TARGET_PRESETS = {"all": ALL_LINEAR, "attention": ALL_LINEAR[:4], "mlp": ALL_LINEAR[4:]}
-ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed")
+ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed", "rewards", "data")
 
 
 @dataclass
@@ -39,6 +39,8 @@ class AdapterSpec:
     lr: float | str = 1e-4
     lora_plus_ratio: float = 1.0
     seed: int = 0  # init of A: same seed + same targets = same init, whatever the other adapters
+    rewards: list = field(default_factory=list)  # this adapter's [{name, weight, kwargs}]; [] = reward.rewards
+    data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
 
 
 @dataclass
@@ -211,7 +213,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     # K adapters trained at once on one base (a sweep, tenants): a list of {name, lr, rank, alpha,
-    # lora_plus_ratio, target_modules, seed}; each missing key comes from lora.* / optim.lr / train.seed. Empty =
+    # lora_plus_ratio, target_modules, seed, rewards, data}; each missing key comes from lora.* / optim.lr /
+    # train.seed / reward.rewards / data (an adapter's own `rewards` replaces the run's list for its completions;
+    # its own `data` keys go on top of the run's `data`: tenants on different tasks). Empty =
     # one adapter from lora.* and optim.lr. The sampler must hold K + 1 (sampler.max_loras).
     adapters: list = field(default_factory=list)
 
@@ -234,10 +238,11 @@ def is_full_finetune(cfg: "Config") -> bool:
 def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
     if is_full_finetune(cfg):
-        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0, cfg.train.seed)]
+        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0, cfg.train.seed,
+                            list(cfg.reward.rewards), cfg.data)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
-                            cfg.lora.lora_plus_ratio, cfg.train.seed)]
+                            cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
         default_name = f"lr={entry['lr']:g}" if isinstance(entry.get("lr"), (int, float)) else f"adapter{i}"
@@ -247,8 +252,18 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
             target_modules=expand_targets(entry.get("target_modules", cfg.lora.target_modules),
                                           f"adapters[{i}].target_modules"),
             lr=entry.get("lr", cfg.optim.lr), lora_plus_ratio=float(entry.get("lora_plus_ratio", cfg.lora.lora_plus_ratio)),
-            seed=entry.get("seed", cfg.train.seed)))
+            seed=entry.get("seed", cfg.train.seed), rewards=list(entry.get("rewards", cfg.reward.rewards)),
+            data=_adapter_data(cfg, entry, i)))
     return specs
+
+
+def _adapter_data(cfg: "Config", entry: dict, i: int) -> "DataConfig":
+    own = entry.get("data")
+    if not own:
+        return cfg.data
+    if not isinstance(own, dict):
+        raise ConfigError(f"adapters[{i}].data: must be a mapping of data.* keys, got {own!r}")
+    return _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"adapters[{i}].data.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -397,11 +412,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     expand_targets(cfg.lora.target_modules, "lora.target_modules")
     _require(cfg.lora.lora_plus_ratio > 0, "lora.lora_plus_ratio", "must be > 0")
-    _require(cfg.data.eval_size >= 0, "data.eval_size", "must be >= 0")
-    _require(cfg.data.train_size >= 1, "data.train_size", "must be >= 1")
-    _require(cfg.data.max_operand >= 1, "data.max_operand", "must be >= 1")
-    _require(bool(cfg.data.operations) and set(cfg.data.operations) <= set("+-*"), "data.operations",
-             f"must be a non-empty string of + - *, got {cfg.data.operations!r}")
+    _check_data(cfg.data, "data.")
     _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
              f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
     _require(cfg.sampler.temperature > 0, "sampler.temperature", "must be > 0 (greedy groups carry no signal)")
@@ -436,15 +447,26 @@ def validate(cfg: Config) -> None:
     _require(cfg.reward.max_failed_steps >= 0, "reward.max_failed_steps", "must be >= 0")
     _require(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _require(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
-    _require(isinstance(cfg.reward.rewards, list) and len(cfg.reward.rewards) > 0, "reward.rewards",
-             "must list at least one reward")
-    for i, spec in enumerate(cfg.reward.rewards):
-        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), f"reward.rewards[{i}]",
+    _check_rewards(cfg.reward.rewards, "reward.rewards")
+    _validate_adapters(cfg)
+
+
+def _check_data(data: DataConfig, prefix: str) -> None:
+    _require(data.eval_size >= 0, f"{prefix}eval_size", "must be >= 0")
+    _require(data.train_size >= 1, f"{prefix}train_size", "must be >= 1")
+    _require(data.max_operand >= 1, f"{prefix}max_operand", "must be >= 1")
+    _require(bool(data.operations) and set(data.operations) <= set("+-*"), f"{prefix}operations",
+             f"must be a non-empty string of + - *, got {data.operations!r}")
+
+
+def _check_rewards(rewards, key: str) -> None:
+    _require(isinstance(rewards, list) and len(rewards) > 0, key, "must list at least one reward")
+    for i, spec in enumerate(rewards):
+        _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), f"{key}[{i}]",
                  "each reward needs a 'name'")
         extra = sorted(set(spec) - {"name", "weight", "kwargs"})
         if extra:
-            raise ConfigError(f"reward.rewards[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs)")
-    _validate_adapters(cfg)
+            raise ConfigError(f"{key}[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs)")
 
 
 def _validate_adapters(cfg: Config) -> None:
@@ -468,12 +490,16 @@ def _validate_adapters(cfg: Config) -> None:
                 v = entry[field_name]
                 _require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key}.{field_name}",
                          f"must be an integer >= {lo}, got {v!r}")
+        if "rewards" in entry:
+            _check_rewards(entry["rewards"], f"{key}.rewards")
         for field_name in ("alpha", "lora_plus_ratio"):
             if field_name in entry:
                 v = entry[field_name]
                 _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"{key}.{field_name}",
                          f"must be a number > 0, got {v!r}")
     for i, spec in enumerate(adapter_specs(cfg)):
+        if spec.data is not cfg.data:
+            _check_data(spec.data, f"adapters[{i}].data.")
         ok = bool(spec.name) and all(c.isalnum() or c in "._=+-" for c in spec.name) and spec.name[0] != "."
         _require(ok, f"adapters[{i}].name", f"{spec.name!r} must be a non-empty file name (letters, digits, ._=+-)")
         _require(spec.name not in names, f"adapters[{i}].name", f"{spec.name!r} is used twice")

@@ -7,6 +7,8 @@ Built for small adapters on small machines:
   (LoRA) a chunk's gradient with respect to its hidden states is computed in the same pass as its logprobs
   and kept ([tokens, hidden], small), so the [tokens, vocab] logits are neither stored nor recomputed; full
   fine-tuning (which needs the output layer's weight gradient) recomputes the chunk's logits in backward;
+- SwiGLU MLPs under a frozen down projection keep only gate and up for backward (lora._SwiGLUDown): the
+  [tokens, d_ff] silu output and product are recomputed there, one elementwise pass;
 - micro-batches are packed by a token budget (padded prompt + completion tokens), so memory is bounded
   by `optim.tokens_per_microbatch` whatever the completion lengths;
 - a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
@@ -28,7 +30,7 @@ from rl_lora import prefix
 from rl_lora.loss import LossInputs, ppo_clip_loss, truncated_is_loss
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LOGIT_CHUNK = 1024  # completion tokens per logits chunk: 1024 x 49k vocab x 4 B = 200 MB transient
+_LOGIT_CHUNK = 256  # completion tokens per logits chunk: 256 x 49k vocab x 4 B = 50 MB transient
 
 
 @dataclass
@@ -73,10 +75,11 @@ class Learner:
                  grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
                  temperature: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
                  activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, fuse_mlp: bool = True):
         """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`
         (each with its own AdamW and LR, all trained in one forward/backward per micro-batch). `share_prompts`:
-        one prompt forward per group of completions of the same prompt (exact; off only to compare)."""
+        one prompt forward per group of completions of the same prompt; `fuse_mlp`: SwiGLU MLPs recompute their
+        [tokens, d_ff] intermediates in backward instead of storing them (both exact; off only to compare)."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -102,6 +105,8 @@ class Learner:
             self.optimizers = [torch.optim.AdamW(self.param_sets[0], lr=spec0.lr, **adamw)]
         else:
             self.routing, self.adapter_sets = lora_mod.inject_adapters(self.model, self.specs)
+            if fuse_mlp:
+                lora_mod.fuse_swiglu(self.model)
             self.optimizers, self.param_sets = [], []
             for spec, views in zip(self.specs, self.adapter_sets):
                 groups = lora_mod.adapter_parameters(views, spec.lora_plus_ratio, spec.lr)

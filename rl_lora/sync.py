@@ -79,10 +79,10 @@ class Submitted:
     """A step's sampling request in flight: what it asked for and under which run version."""
 
     step: int
-    idx_P: list[int]
+    idx_D: list[list[int]]  # per dataset of the run, the problems drawn for this step
     request: object
     version: int  # run version live when it was submitted
-    data_position: int  # the prompt stream's position after this step's prompts (for checkpoints)
+    data_position: list[int]  # each dataset's prompt-stream position after this step's prompts (for checkpoints)
 
 
 class Run:
@@ -163,16 +163,18 @@ class Run:
 
     # -- sampling: requests submitted ahead (async) or just in time (sync) ------------------------------------
 
-    def submit(self, step: int, idx_P: list[int], prompts_P: list, data_position: int) -> None:
-        """G completions of every prompt under every live adapter (adapter-major: K x P groups), the same request
-        seeds for every adapter (paired), under the version live now."""
-        cfg, P, K = self.cfg, len(prompts_P), len(self.refs)
-        n = cfg.sampler.samples_per_prompt
+    def submit(self, step: int, idx_D: list[list[int]], prompts_KP: list[list], data_position: list[int]) -> None:
+        """G completions of each adapter's P prompts under that adapter (adapter-major: K x P groups), the same
+        request seeds for every adapter (paired: adapters on the same data see the same prompts and seeds), under
+        the version live now."""
+        cfg, K = self.cfg, len(self.refs)
+        P, n = len(prompts_KP[0]), cfg.sampler.samples_per_prompt
         seed = (cfg.train.seed * 1_000_003 + step) * 10_000
-        request = self.fleet.submit(list(prompts_P) * K, n=n, adapters=[r for r in self.refs for _ in range(P)],
+        request = self.fleet.submit([p for prompts_P in prompts_KP for p in prompts_P], n=n,
+                                    adapters=[r for r in self.refs for _ in range(P)],
                                     seeds=[seed + i * n for i in range(P)] * K, temperature=cfg.sampler.temperature,
                                     max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
-        self.in_flight[step] = Submitted(step, idx_P, request, self.version, data_position)
+        self.in_flight[step] = Submitted(step, idx_D, request, self.version, data_position)
 
     def collect(self, step: int):
         """Wait for step's completions. A dead engine is rebuilt by the fleet and its prompts submitted again."""

@@ -18,9 +18,11 @@ Algorithmic choices (and where they come from):
   learner is data-parallel, one all-reduce of the adapter gradients per step (rl_lora/distributed.py).
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
-- K adapters (`adapters:`, `rl-lora sweep`): every adapter gets the same prompts with the same request seeds
-  (paired), all K x P groups are sampled in one generate call (multi-LoRA), learned in one forward/backward per
-  micro-batch (each adapter its own optimizer and LR), and all K are pushed as new versions each step.
+- K adapters (`adapters:`, `rl-lora sweep`): adapters on the same data get the same prompts with the same
+  request seeds (paired); all K x P groups are sampled in one generate call (multi-LoRA), learned in one
+  forward/backward per micro-batch (each adapter its own optimizer and LR), and all K are pushed as new versions
+  each step. Tenants: an adapter may bring its own `data` (its own prompt stream, held-out set and eval table)
+  and `rewards` (its completions scored by its own reward runner).
 
 Reliability (each behaviour has a test in tests/faults/):
 - After every push, the sampler's logprobs on a fixed probe must match the learner's for the new version
@@ -37,6 +39,8 @@ Reliability (each behaviour has a test in tests/faults/):
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -93,11 +97,9 @@ def check_disk(run_dir: Path, learner, full_finetune: bool = False) -> None:
                           f"need ~{need / 2**20:.0f} MiB ({checkpoint.KEEP} kept + 1 being written)")
 
 
-def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out) -> tuple[list, list]:
+def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data=None) -> tuple[list, list]:
     """Prompt token ids of the training and held-out problems (chat template), tokenized once with the model's
     own tokenizer before any model loads, and checked: prompt + sampler.max_tokens must fit the context."""
-    import json
-
     from transformers import AutoTokenizer
 
     limit = cfg.model.max_model_len
@@ -109,8 +111,9 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out) -> tuple
                 raise ConfigError(f"model.max_model_len: {limit} exceeds the model's context ({own} tokens)")
             limit = own
     tok = AutoTokenizer.from_pretrained(model_path)
-    train_prompts = [prompt_token_ids(tok, p, cfg.data) for p in train_set]
-    eval_prompts = [prompt_token_ids(tok, p, cfg.data) for p in held_out]
+    data = data or cfg.data
+    train_prompts = [prompt_token_ids(tok, p, data) for p in train_set]
+    eval_prompts = [prompt_token_ids(tok, p, data) for p in held_out]
     longest = max(len(ids) for ids in train_prompts + eval_prompts)
     if limit and longest + cfg.sampler.max_tokens > limit:
         raise ConfigError(f"sampler.max_tokens: longest prompt ({longest} tokens) + max_tokens "
@@ -121,8 +124,6 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out) -> tuple
 
 def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     """Resolve `optim.lr: auto` with the paper's rule and check the adapter's capacity for the planned run."""
-    import dataclasses
-
     from rl_lora.science import capacity_check, read_shape, suggest_lr
 
     shape = read_shape(model_path)
@@ -149,19 +150,20 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     return cfg, notes
 
 
-def final_table(run, names: list[str], dirs: list[str], problems, scorer, cfg: Config, run_dir: Path,
-                step: int) -> dict:
-    """Base model and the trained adapter(s) side by side on the held-out set, written to run_dir/eval/.
+def final_table(run, names: list[str], dirs: list[Path], refs: list, problems, scorer, cfg: Config, out_dir: Path,
+                step: int, data=None) -> dict:
+    """Base model and the trained adapter(s) side by side on the held-out set, written to `out_dir`.
 
     Adapters: ONE generate call of the running engine (multi-LoRA batching; the base rows run without an
     adapter). Full fine-tuning: the engine holds the trained weights, so the trained model is evaluated first,
     then the original weights are loaded back for the base row (two calls, the same request seeds: still
-    paired). `dirs` are the trained weights' directories under run_dir, one per name."""
+    paired). `dirs` are the trained weights' directories, one per name; results go to `out_dir`."""
     from rl_lora.evaldata import EvalSet
     from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, paired_delta, write_results
 
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
-    evalset = EvalSet("held-out", problems, f"{cfg.data.source} (held-out, disjoint from training)")
+    data = data or cfg.data
+    evalset = EvalSet("held-out", problems, f"{data.source} (held-out, disjoint from training)")
     kw = dict(k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p,
               seed=LIVE_EVAL_SEED)
     labels = [f"{name}@{step}" for name in names]
@@ -169,39 +171,71 @@ def final_table(run, names: list[str], dirs: list[str], problems, scorer, cfg: C
     if run.learner.full_finetune:
         from safetensors.torch import load_file
 
-        trained, trained_samples = evaluate_models(run.fleet, [(labels[0], None)], [evalset], cfg.data, scorer, **kw)
+        trained, trained_samples = evaluate_models(run.fleet, [(labels[0], None)], [evalset], data, scorer, **kw)
         original = {}
         for f in sorted(Path(run.model_path).glob("*.safetensors")):
             original.update(load_file(str(f)))
         run.fleet.load_weights(original)
-        rows, sample_rows = evaluate_models(run.fleet, [("base", None)], [evalset], cfg.data, scorer, **kw)
+        rows, sample_rows = evaluate_models(run.fleet, [("base", None)], [evalset], data, scorer, **kw)
         rows, sample_rows = rows + trained, sample_rows + trained_samples
         delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
         rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
     else:
-        models = [("base", None)] + list(zip(labels, run.refs))
-        rows, sample_rows = evaluate_models(run.fleet, models, [evalset], cfg.data, scorer, **kw)
+        models = [("base", None)] + list(zip(labels, refs))
+        rows, sample_rows = evaluate_models(run.fleet, models, [evalset], data, scorer, **kw)
     payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
                           "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
-                          "adapters": {label: str(run_dir / d) for label, d in zip(labels, dirs)}},
+                          "adapters": {label: str(d) for label, d in zip(labels, dirs)}},
                "data": {evalset.name: evalset.origin},
-               "prompt_format": {"system_prompt": cfg.data.system_prompt, "instruction": cfg.data.instruction},
+               "prompt_format": {"system_prompt": data.system_prompt, "instruction": data.instruction},
                "results": rows, "decontamination": {}, "time_s": round(time.perf_counter() - t0, 1)}
-    write_results(run_dir / "eval", payload, sample_rows)
-    return {"rows": rows, "table": format_table(rows), "dir": str(run_dir / "eval")}
+    write_results(out_dir, payload, sample_rows)
+    return {"rows": rows, "table": format_table(rows), "dir": str(out_dir)}
 
 
-def evaluate_all(run, specs: list[AdapterSpec], prompts_P, problems, scorer, cfg: Config) -> dict:
-    """Held-out metrics of every live adapter (avg@k with its 95% interval, pass@j, maj@k) through the running
-    sampler, in one generate call, with fixed request seeds so that evaluations along a run are paired. Keys
-    `eval/...` (K = 1) or `<name>/eval/...`."""
+def evaluate_all(run, specs: list[AdapterSpec], tasks: list, scorer, cfg: Config) -> dict:
+    """Held-out metrics of every live adapter on its dataset's held-out set (avg@k with its 95% interval, pass@j,
+    maj@k) through the running sampler, one generate call per dataset, with fixed request seeds so that
+    evaluations along a run are paired. Keys `eval/...` (K = 1) or `<name>/eval/...`."""
     from rl_lora.evaluate import eval_live
 
-    outs = eval_live(run.fleet, run.refs, prompts_P, problems, scorer, k=cfg.train.eval_samples,
-                     temperature=cfg.sampler.temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
-    if len(specs) == 1:
-        return outs[0]
-    return {f"{spec.name}/{key}": v for spec, out in zip(specs, outs) for key, v in out.items()}
+    out = {}
+    for t in tasks:
+        if not t.held_out:
+            continue
+        outs = eval_live(run.fleet, [run.refs[k] for k in t.adapters], t.eval_prompts, t.held_out, scorer,
+                         k=cfg.train.eval_samples, temperature=cfg.sampler.temperature,
+                         max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
+        if len(specs) == 1:
+            return outs[0]
+        out.update({f"{specs[k].name}/{key}": v for k, res in zip(t.adapters, outs) for key, v in res.items()})
+    return out
+
+
+@dataclasses.dataclass
+class Scored:
+    rewards: list[float]  # weighted sum per completion
+    correct: list[float]  # math_answer per completion where it is among the rewards, else the reward
+    timeouts: int
+    errors: int
+    calls: int  # reward calls made (completions x rewards)
+
+
+def score_completions(scorers_K: list, flat: list, problems_K: list) -> Scored:
+    """Score the step's completions (adapter-major, as sampled): adapter k's with its own reward runner, against
+    its own dataset's problems."""
+    out = Scored([], [], 0, 0, 0)
+    per = len(flat) // len(scorers_K)
+    for k, (scorer, problems) in enumerate(zip(scorers_K, problems_K)):
+        mine = flat[k * per:(k + 1) * per]
+        res = scorer.score([g.prompt for g, _ in mine], [c.text for _, c in mine],
+                           [{"answer": problems[g.problem_index].answer, **problems[g.problem_index].fields}
+                            for g, _ in mine])
+        out.rewards += res.rewards
+        out.correct += res.per_reward.get("math_answer", res.rewards)
+        out.timeouts, out.errors = out.timeouts + res.timeouts, out.errors + res.errors
+        out.calls += len(mine) * len(scorer.specs)
+    return out
 
 
 def make_samples(groups: list[Group]) -> list[TrainSample]:
@@ -233,6 +267,35 @@ def follow(cfg: Config, resume: bool) -> dict:
     return {"follower_steps": distributed.follow(learner)}
 
 
+@dataclasses.dataclass
+class Task:
+    """A dataset of the run, with the adapters that train on it (one Task unless adapters bring their own data)."""
+
+    name: str
+    data: object  # DataConfig
+    adapters: list[int]
+    train: list
+    held_out: list
+    train_prompts: list = None
+    eval_prompts: list = None
+    stream: PromptStream = None
+
+
+def load_tasks(cfg: Config, specs: list[AdapterSpec]) -> tuple[list[Task], list[int]]:
+    """The run's datasets (the run's own first) and each adapter's index among them; data errors surface here,
+    before any model loads."""
+    tasks, keys, task_of = [], [], []
+    for k, spec in enumerate(specs):
+        key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
+        if key not in keys:
+            keys.append(key)
+            name = "data" if spec.data == cfg.data else f"{spec.name}-data"
+            tasks.append(Task(name, spec.data, [], *load_problems(spec.data)))
+        task_of.append(keys.index(key))
+        tasks[task_of[-1]].adapters.append(k)
+    return tasks, task_of
+
+
 def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     from reward import RewardRunner
     from rl_lora import distributed
@@ -241,9 +304,11 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     if rank > 0:
         return follow(cfg, resume)
     run_dir = preflight(cfg, resume)
-    train_set, held_out = load_problems(cfg.data)  # data errors before any model loads
+    specs = adapter_specs(cfg)
+    tasks, task_of = load_tasks(cfg, specs)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
-    train_prompts, eval_prompts = tokenize_prompts(cfg, model_path, train_set, held_out)
+    for t in tasks:
+        t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
     cfg, notes = apply_science(cfg, model_path)
     for line in notes:
         print(line) if not quiet or "WARNING" in line else None
@@ -255,27 +320,37 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         distributed.barrier()
 
     run = Run(cfg, model_path, quiet)
-    scorer = RewardRunner(cfg.reward.rewards, timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
-    eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
-                               num_workers=min(cfg.reward.num_workers, 1))
+    runners: dict[str, RewardRunner] = {}  # one per distinct reward list; adapters with the same list share it
     leader = None
     try:
+        for spec in specs:
+            key = json.dumps(spec.rewards, sort_keys=True)
+            if key not in runners:
+                runners[key] = RewardRunner(spec.rewards, timeout_s=cfg.reward.timeout_s,
+                                            num_workers=cfg.reward.num_workers)
+        scorers_K = [runners[json.dumps(spec.rewards, sort_keys=True)] for spec in specs]
+        runners["eval"] = eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
+                                                     num_workers=min(cfg.reward.num_workers, 1))
         run.fleet = build_fleet(cfg, model_path, say=run.say)
-        run.probe_ids = (eval_prompts or train_prompts)[0]
-        specs = adapter_specs(cfg)
+        run.probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
         run.learner = learner = make_learner(cfg, model_path)
         check_disk(run_dir, learner)
-        state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": 0, "version": 0}
+        state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": [0] * len(tasks), "version": 0}
         if world > 1:
             distributed.broadcast_parameters(learner.params)
             leader = distributed.Leader(learner)
         step, run.version = state["step"], state["version"]
-        stream = PromptStream(len(train_set), cfg.train.seed, state["data_position"])
+        positions = state["data_position"] if isinstance(state["data_position"], list) else [state["data_position"]]
+        if len(positions) != len(tasks):
+            raise ConfigError(f"--resume: the checkpoint has {len(positions)} data streams, this config has "
+                              f"{len(tasks)} datasets (adapters' own `data` changed?)")
+        for d, (t, position) in enumerate(zip(tasks, positions)):
+            t.stream = PromptStream(len(t.train), cfg.train.seed + d, position)
         logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume_step=step if start else None)
         run.push(step)
         summary = {"trainable_parameters": learner.num_trainable(), "adapters": [s.name for s in specs]}
-        if start is None and cfg.train.eval_every and held_out:  # step 0 of the eval curve
-            before = evaluate_all(run, specs, eval_prompts, held_out, eval_scorer, cfg)
+        if start is None and cfg.train.eval_every and any(t.held_out for t in tasks):  # step 0 of the eval curve
+            before = evaluate_all(run, specs, tasks, eval_scorer, cfg)
             logger.log(0, before)
             summary["eval_before"] = before
         bar = tqdm(range(step, cfg.train.steps), initial=step, total=cfg.train.steps, desc="train",
@@ -288,12 +363,15 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             #    steps ahead, under the version live then)
             for ahead in range(step_num, min(step_num + cfg.train.max_staleness, cfg.train.steps) + 1):
                 if ahead not in run.in_flight:
-                    idx = stream.next(cfg.train.prompts_per_step)
-                    run.submit(ahead, idx, [train_prompts[i] for i in idx], stream.position)
+                    idx_D = [t.stream.next(cfg.train.prompts_per_step) for t in tasks]
+                    run.submit(ahead, idx_D, [[tasks[d].train_prompts[i] for i in idx_D[d]] for d in task_of],
+                               [t.stream.position for t in tasks])
             sub, completions = run.collect(step_num)
-            idx_P, P = sub.idx_P, len(sub.idx_P)
-            groups = [Group(i, train_set[i].question, train_prompts[i], c, adapter=j // P)
-                      for j, (i, c) in enumerate(zip(idx_P * len(specs), completions))]
+            P = cfg.train.prompts_per_step
+            groups = []
+            for j, c in enumerate(completions):  # adapter-major: adapter k's P prompts, then k+1's
+                t, i = tasks[task_of[j // P]], sub.idx_D[task_of[j // P]][j % P]
+                groups.append(Group(i, t.train[i].question, t.train_prompts[i], c, adapter=j // P))
             staleness = run.version - min(version_of(c.adapter_version, len(specs), sub.version)
                                           for g in groups for c in g.completions)
             if staleness > cfg.train.max_staleness:
@@ -302,13 +380,11 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             t1 = time.perf_counter()
             # 2. score every completion (wall-clock limited; failures score 0 and are counted)
             flat = [(g, c) for g in groups for c in g.completions]
-            result = scorer.score([g.prompt for g, _ in flat], [c.text for _, c in flat],
-                                  [{"answer": train_set[g.problem_index].answer, **train_set[g.problem_index].fields}
-                                   for g, _ in flat])
+            result = score_completions(scorers_K, flat, [tasks[d].train for d in task_of])
             G = cfg.sampler.samples_per_prompt
             for j, g in enumerate(groups):
                 g.rewards_G = result.rewards[j * G:(j + 1) * G]
-            all_failed = result.timeouts + result.errors >= len(flat) * len(scorer.specs)
+            all_failed = result.timeouts + result.errors >= result.calls
             failed_streak = failed_streak + 1 if all_failed else 0
             if cfg.reward.max_failed_steps and failed_streak >= cfg.reward.max_failed_steps:
                 raise RunError(f"every reward call failed or timed out in {failed_streak} steps in a row (last: "
@@ -340,7 +416,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                                    "lower optim.lr or check the sampler's logprobs, then --resume")
             probe_gap = run.push(step_num) if samples and not skipped else None
             t4 = time.perf_counter()
-            correct = result.per_reward.get("math_answer", result.rewards)
+            correct = result.correct
             lengths = [len(c.token_ids) for _, c in flat]
             m = {"reward/mean": sum(result.rewards) / len(flat), "reward/accuracy": sum(correct) / len(flat),
                  "reward/timeouts": float(result.timeouts), "reward/errors": float(result.errors),
@@ -363,35 +439,45 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
                     m[f"{spec.name}/reward/mean"] = sum(result.rewards[j] for j in mine) / per
                     m[f"{spec.name}/reward/accuracy"] = sum(correct[j] for j in mine) / per
             if cfg.train.eval_every and step_num % cfg.train.eval_every == 0 and step_num < cfg.train.steps:
-                m.update(evaluate_all(run, specs, eval_prompts, held_out, eval_scorer, cfg))
+                m.update(evaluate_all(run, specs, tasks, eval_scorer, cfg))
             logger.log(step_num, m)
             logger.log_samples(step_num, [(g.prompt, c.text, r) for g in groups[:2]
                                           for c, r in zip(g.completions[:2], g.rewards_G[:2])])
             bar.write(format_step(step_num, m)) if not quiet else None
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
-                checkpoint.save(run_dir, step_num, learner, {"data_position": sub.data_position, "version": run.version})
+                position = sub.data_position if len(tasks) > 1 else sub.data_position[0]
+                checkpoint.save(run_dir, step_num, learner, {"data_position": position, "version": run.version})
         bar.close()
         if learner.full_finetune:
             learner.save_model(run_dir / "model")
         else:
             for k in range(len(specs)):
                 learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
-        if held_out:
+        final_m, tables, rows = {}, [], []
+        for t in tasks:
+            if not t.held_out:
+                continue
             if learner.full_finetune:
                 names, dirs = ["full-ft"], ["model"]
             else:
-                names = ["adapter"] if len(specs) == 1 else [s.name for s in specs]
-                dirs = [learner.adapter_dirname(k) for k in range(len(specs))]
-            final = final_table(run, names, dirs, held_out, eval_scorer, cfg, run_dir, cfg.train.steps)
-            final_m = {"eval/base_accuracy": final["rows"][0]["avg_at_k"]}
-            for spec, trained in zip(specs, final["rows"][1:]):
-                prefix = "" if len(specs) == 1 else f"{spec.name}/"
+                names = ["adapter"] if len(specs) == 1 else [specs[k].name for k in t.adapters]
+                dirs = [learner.adapter_dirname(k) for k in t.adapters]
+            out_dir = run_dir / "eval" if len(tasks) == 1 else run_dir / "eval" / t.name
+            final = final_table(run, names, [run_dir / d for d in dirs], [run.refs[k] for k in t.adapters],
+                                t.held_out, eval_scorer, cfg, out_dir, cfg.train.steps, t.data)
+            final_m["eval/base_accuracy" if len(tasks) == 1 else f"{t.name}/eval/base_accuracy"] = \
+                final["rows"][0]["avg_at_k"]
+            for k, trained in zip(t.adapters, final["rows"][1:]):
+                prefix = "" if len(specs) == 1 else f"{specs[k].name}/"
                 final_m.update({f"{prefix}eval/accuracy": trained["avg_at_k"],
                                 f"{prefix}eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
                                 f"{prefix}eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]})
+            tables.append(final["table"] if len(tasks) == 1 else f"[{t.name}: {t.data.source}]\n{final['table']}")
+            rows += final["rows"]
+        if tables:
             logger.log(cfg.train.steps, final_m)
-            summary["eval_table"], summary["eval_dir"] = final["table"], final["dir"]
-            summary["eval_rows"] = final["rows"]
+            summary["eval_table"], summary["eval_rows"] = "\n\n".join(tables), rows
+            summary["eval_dir"] = str(run_dir / "eval")
         logger.close()
         summary["plot"] = str(plot_rewards(run_dir))
         summary["run_dir"] = str(run_dir)
@@ -399,7 +485,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     finally:
         if leader is not None:
             leader.stop()
-        scorer.close()
-        eval_scorer.close()
+        for runner in runners.values():
+            runner.close()
         if run.fleet is not None:
             run.fleet.close()

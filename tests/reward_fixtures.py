@@ -21,3 +21,8 @@ def hangs(prompt: str, completion: str, **fields) -> float:
 
 def returns_nan(prompt: str, completion: str, **fields) -> float:
     return float("nan")
+
+
+def prompt_contains(prompt: str, completion: str, text: str = "", **fields) -> float:
+    """1 if the prompt (the problem's question) contains `text`: tells which dataset a completion came from."""
+    return 1.0 if text in prompt else 0.0

@@ -138,6 +138,47 @@ def test_two_adapters_train_checkpoint_and_resume(tmp_path, make_config):
     assert [r["model"] for r in results] == ["base", "frozen@3", "live@3"]
 
 
+def test_tenants_train_on_their_own_data_and_rewards(tmp_path, make_config):
+    """Two tenants in one run: a on the run's data (+ and -) and reward, b on its own data (products) with its own
+    rewards (one of which always fails). Each completion is scored against its adapter's data by its adapter's
+    rewards; each adapter is evaluated on its own held-out set; a resume restores both data streams."""
+    contains_times = {"name": "reward_fixtures:prompt_contains", "kwargs": {"text": "*"}}
+    cfg = make_config(data={"operations": "+-", "eval_size": 4},
+                      adapters=[{"name": "a"}, {"name": "b", "data": {"operations": "*", "train_size": 40},
+                                                "rewards": [contains_times, {"name": "reward_fixtures:explodes"}]}],
+                      sampler={"max_loras": 3, "samples_per_prompt": 4}, reward={"rewards": [contains_times]},
+                      train={"steps": 2, "prompts_per_step": 2, "save_every": 1, "eval_samples": 1, "eval_every": 0})
+    res = run_cli(cfg, "--quiet", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(cfg, "train.steps=3", "--resume", "--quiet", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = step_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["a/reward/mean"] == 0 and r["b/reward/mean"] == 1  # a never sees a product, b only products
+        assert r["reward/errors"] == 2 * 4  # b's 2 prompts x 4 samples; a's reward list has no failing reward
+    state = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert isinstance(state["data_position"], list) and len(state["data_position"]) == 2
+    for task, model in (("data", "a@3"), ("b-data", "b@3")):
+        results = json.loads((run / "eval" / task / "eval_results.json").read_text())["results"]
+        assert [r["model"] for r in results] == ["base", model]
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"rewards": [{"name": "math_answer", "wieght": 2}]},
+     "adapters[1].rewards[0]: unknown key 'wieght' (known: name, weight, kwargs)"),
+    ({"data": {"sorce": "x.jsonl"}}, "unknown config key 'adapters[1].data.sorce'"),
+    ({"data": {"operations": "/"}}, "adapters[1].data.operations: must be a non-empty string of + - *, got '/'"),
+    ({"data": {"source": "missing.jsonl"}}, "missing.jsonl"),
+])
+def test_adapter_rewards_and_data_are_checked_before_any_model_loads(tmp_path, make_config, entry, message):
+    cfg = make_config(adapters=[{"lr": 1e-4}, {"lr": 3e-4, **entry}], sampler={"max_loras": 3})
+    res = run_cli(cfg)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr.strip().splitlines()[-1]
+
+
 def test_too_many_adapters_for_the_engine_is_a_config_error(tmp_path, make_config):
     cfg = make_config(adapters=[{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}])
     res = run_cli(cfg)
