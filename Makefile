@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/learner.py
+	$(PY) benchmarks/learner.py --rounds 2
 	$(PY) benchmarks/sampler.py
 	$(PY) benchmarks/verifier.py
 	$(PY) benchmarks/multi_adapter.py
