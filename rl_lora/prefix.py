@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 # Families whose every layer is plain causal attention (no sliding-window or linear-attention layers), for which
 # one prefix cache serves every layer. Others fall back to the unshared forward.
-SUPPORTED = {"llama", "qwen2", "qwen3", "smollm3"}
+SUPPORTED = {"llama", "qwen2", "qwen3"}
 
 
 class _CaptureLayer(DynamicLayer):

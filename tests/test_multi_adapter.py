@@ -111,10 +111,8 @@ def test_one_sampler_call_equals_single_adapter_calls(sampler, tiny_model):
         assert max(abs(a - b) for c, lp in zip(mixed[k], scored) for a, b in zip(c.logprobs, lp)) < 1e-3
 
 
-@pytest.mark.slow
-def test_two_adapters_train_checkpoint_and_resume(tmp_path, make_config):
-    cfg = make_config(adapters=[{"name": "frozen", "lr": 0}, {"name": "live", "lr": 5e-3, "target_modules": "attention"}],
-                      sampler={"max_loras": 3}, train={"steps": 2, "save_every": 1, "eval_samples": 1})
+def _train_then_resume(cfg, tmp_path):
+    """2 steps, then --resume to 3: the run dir and its step rows (checked to be 1, 2, 3)."""
     res = run_cli(cfg, "--quiet", timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli(cfg, "train.steps=3", "--resume", "--quiet", timeout=900)
@@ -122,6 +120,14 @@ def test_two_adapters_train_checkpoint_and_resume(tmp_path, make_config):
     run = tmp_path / "run"
     rows = step_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
+    return run, rows
+
+
+@pytest.mark.slow
+def test_two_adapters_train_checkpoint_and_resume(tmp_path, make_config):
+    cfg = make_config(adapters=[{"name": "frozen", "lr": 0}, {"name": "live", "lr": 5e-3, "target_modules": "attention"}],
+                      sampler={"max_loras": 3}, train={"steps": 2, "save_every": 1, "eval_samples": 1})
+    run, rows = _train_then_resume(cfg, tmp_path)
     for r in rows:
         assert {"frozen/reward/mean", "live/reward/mean", "frozen/loss/grad_norm", "live/is/ratio_mean"} <= r.keys()
         assert r["push/probe_gap"] < 1e-3  # both adapters checked after every push
@@ -138,6 +144,7 @@ def test_two_adapters_train_checkpoint_and_resume(tmp_path, make_config):
     assert [r["model"] for r in results] == ["base", "frozen@3", "live@3"]
 
 
+@pytest.mark.slow
 def test_tenants_train_on_their_own_data_and_rewards(tmp_path, make_config):
     """Two tenants in one run: a on the run's data (+ and -) and reward, b on its own data (products) with its own
     rewards (one of which always fails). Each completion is scored against its adapter's data by its adapter's
@@ -148,13 +155,7 @@ def test_tenants_train_on_their_own_data_and_rewards(tmp_path, make_config):
                                                 "rewards": [contains_times, {"name": "reward_fixtures:explodes"}]}],
                       sampler={"max_loras": 3, "samples_per_prompt": 4}, reward={"rewards": [contains_times]},
                       train={"steps": 2, "prompts_per_step": 2, "save_every": 1, "eval_samples": 1, "eval_every": 0})
-    res = run_cli(cfg, "--quiet", timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(cfg, "train.steps=3", "--resume", "--quiet", timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "run"
-    rows = step_rows(run)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    run, rows = _train_then_resume(cfg, tmp_path)
     for r in rows:
         assert r["a/reward/mean"] == 0 and r["b/reward/mean"] == 1  # a never sees a product, b only products
         assert r["reward/errors"] == 2 * 4  # b's 2 prompts x 4 samples; a's reward list has no failing reward
