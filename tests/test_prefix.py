@@ -132,6 +132,8 @@ def test_fused_swiglu_equals_autograd(tiny_model, targets):
         for fuse in (False, True):
             learner = Learner(tiny_model, target_modules=targets, specs=chosen, temperature=0.7, fuse_mlp=fuse,
                               tokens_per_microbatch=64)
+            mlps = [m for m in learner.model.modules() if hasattr(m, "gate_proj")]
+            assert mlps and all(("forward" in vars(m)) == fuse for m in mlps)  # the fused forward is in place
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for views in learner.adapter_sets:
