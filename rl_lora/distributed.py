@@ -56,9 +56,10 @@ def shard(samples: list, rank: int, size: int) -> list:
         order = sorted(range(len(samples)), key=lambda i: -cost(i))
         return [samples[i] for i in sorted(order[rank::size])]
     loads, mine = [0] * size, []
-    for members in sorted(groups.values(), key=lambda m: -sum(cost(i) for i in m)):  # stable: ties keep step order
+    costed = [(sum(cost(i) for i in members), members) for members in groups.values()]
+    for total, members in sorted(costed, key=lambda c: -c[0]):  # stable: ties keep step order
         r = loads.index(min(loads))
-        loads[r] += sum(cost(i) for i in members)
+        loads[r] += total
         if r == rank:
             mine += members
     return [samples[i] for i in sorted(mine)]

@@ -211,9 +211,9 @@ class Learner:
 
     def token_logprobs(self, samples: list[TrainSample]) -> torch.Tensor:
         """[N] log p_learner of every completion token of `samples`, concatenated in order."""
-        units, _ = prefix.group_keys(samples)
-        if self.share_prompts and len(units) < len(samples):
-            hidden_N = prefix.shared_hidden(self.backbone, samples, self.device, self._route)
+        groups = prefix.group_keys(samples)
+        if self.share_prompts and len(groups[0]) < len(samples):
+            hidden_N = prefix.shared_hidden(self.backbone, samples, groups, self.device, self._route)
         else:
             hidden_N = self._hidden(samples)
         targets_N = torch.tensor([t for s in samples for t in s.completion_ids], device=self.device)

@@ -79,14 +79,13 @@ def group_keys(samples) -> tuple[list, list[int]]:
     return list(units), index
 
 
-def shared_hidden(backbone, samples, device, set_routing) -> torch.Tensor:
+def shared_hidden(backbone, samples, groups, device, set_routing) -> torch.Tensor:
     """[N, d] last hidden states at the positions that predict each completion token of `samples` (in order):
-    the prompt's last position, then completion positions 0 .. len-2. `set_routing(adapters)` tells the LoRA
-    layers which adapter each row of the next forward belongs to."""
-    units, index = group_keys(samples)
+    the prompt's last position, then completion positions 0 .. len-2. `groups` is `group_keys(samples)`;
+    `set_routing(adapters)` tells the LoRA layers which adapter each row of the next forward belongs to."""
+    units, index = groups
     num_layers = backbone.config.num_hidden_layers
-    lengths_U = [len(p) for _, p in units]
-    width = max(lengths_U)
+    width = max(len(p) for _, p in units)
     ids_U = torch.zeros(len(units), width, dtype=torch.long)
     mask_U = torch.zeros(len(units), width, dtype=torch.long)
     for u, (_, prompt) in enumerate(units):
@@ -94,7 +93,8 @@ def shared_hidden(backbone, samples, device, set_routing) -> torch.Tensor:
         mask_U[u, : len(prompt)] = 1
     captured = capture_cache(num_layers)
     set_routing([adapter for adapter, _ in units])
-    hidden_U = backbone(input_ids=ids_U.to(device), attention_mask=mask_U.to(device), past_key_values=captured).last_hidden_state  # [U, width, d]
+    hidden_U = backbone(input_ids=ids_U.to(device), attention_mask=mask_U.to(device),
+                        past_key_values=captured).last_hidden_state  # [U, width, d]
     d = hidden_U.shape[-1]
     flat = [hidden_U.reshape(-1, d)]
     # Completion inputs: every completion token but the last (the last one's hidden state predicts nothing).
@@ -111,9 +111,9 @@ def shared_hidden(backbone, samples, device, set_routing) -> torch.Tensor:
         index_t = torch.tensor(index)
         set_routing([s.adapter for s in samples])
         mask = torch.cat([mask_U[index_t], mask_C], dim=1)
-        hidden_C = backbone(input_ids=ids_C.to(device), attention_mask=mask.to(device), position_ids=pos_C.to(device),
-                            past_key_values=serve_cache(captured, index_t.to(device))).last_hidden_state  # [N, steps, d]
-        flat.append(hidden_C.reshape(-1, d))
+        out_C = backbone(input_ids=ids_C.to(device), attention_mask=mask.to(device), position_ids=pos_C.to(device),
+                         past_key_values=serve_cache(captured, index_t.to(device)))
+        flat.append(out_C.last_hidden_state.reshape(-1, d))  # [N * steps, d]
     rows = []
     base = len(units) * width
     for i, s in enumerate(samples):

@@ -97,7 +97,7 @@ def check_disk(run_dir: Path, learner, full_finetune: bool = False) -> None:
                           f"need ~{need / 2**20:.0f} MiB ({checkpoint.KEEP} kept + 1 being written)")
 
 
-def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data=None) -> tuple[list, list]:
+def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data) -> tuple[list, list]:
     """Prompt token ids of the training and held-out problems (chat template), tokenized once with the model's
     own tokenizer before any model loads, and checked: prompt + sampler.max_tokens must fit the context."""
     from transformers import AutoTokenizer
@@ -111,7 +111,6 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data=Non
                 raise ConfigError(f"model.max_model_len: {limit} exceeds the model's context ({own} tokens)")
             limit = own
     tok = AutoTokenizer.from_pretrained(model_path)
-    data = data or cfg.data
     train_prompts = [prompt_token_ids(tok, p, data) for p in train_set]
     eval_prompts = [prompt_token_ids(tok, p, data) for p in held_out]
     longest = max(len(ids) for ids in train_prompts + eval_prompts)
@@ -151,7 +150,7 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
 
 
 def final_table(run, names: list[str], dirs: list[Path], refs: list, problems, scorer, cfg: Config, out_dir: Path,
-                step: int, data=None) -> dict:
+                step: int, data) -> dict:
     """Base model and the trained adapter(s) side by side on the held-out set, written to `out_dir`.
 
     Adapters: ONE generate call of the running engine (multi-LoRA batching; the base rows run without an
@@ -162,7 +161,6 @@ def final_table(run, names: list[str], dirs: list[Path], refs: list, problems, s
     from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, paired_delta, write_results
 
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
-    data = data or cfg.data
     evalset = EvalSet("held-out", problems, f"{data.source} (held-out, disjoint from training)")
     kw = dict(k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p,
               seed=LIVE_EVAL_SEED)
@@ -335,7 +333,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         run.probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
         run.learner = learner = make_learner(cfg, model_path)
         check_disk(run_dir, learner)
-        state = checkpoint.load(start, learner) if start else {"step": 0, "data_position": [0] * len(tasks), "version": 0}
+        fresh = {"step": 0, "data_position": [0] * len(tasks), "version": 0}
+        state = checkpoint.load(start, learner) if start else fresh
         if world > 1:
             distributed.broadcast_parameters(learner.params)
             leader = distributed.Leader(learner)
