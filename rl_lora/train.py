@@ -33,8 +33,13 @@ Reliability (each behaviour has a test in tests/faults/):
   prompts are submitted again: no step lost, no prompt scored twice.
 - A step in which every reward call fails or times out carries no signal; `reward.max_failed_steps` in a row
   stop the run (a broken reward should not burn a cluster for hours).
-- Checkpoints are atomic; a killed process resumes from the last complete one, and metrics logged after it
-  are dropped on resume, so no step is counted twice.
+- Checkpoints are atomic and fsynced; a killed process resumes from the last complete one, and metrics logged
+  after it are dropped on resume, so no step is counted twice.
+- Run folders (rl_lora/rundir.py): a fresh run refuses a `train.output_dir` holding another run's results
+  (--resume continues it; --overwrite moves its files to `<output_dir>.old-<UTC time>` beside it, deleting
+  nothing). `--resume` refuses a changed model or adapter shape (rank, alpha, target modules, adapter names,
+  full vs LoRA) with a one-line diff; changed optimizer settings (lr, LoRA+ ratio, betas, weight decay) apply
+  from the next step, are printed, and the checkpoint's AdamW moments are kept.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rl_lora import checkpoint, faults
+from rl_lora import checkpoint, faults, rundir
 from rl_lora.advantages import group_advantages, has_signal
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
@@ -58,12 +63,14 @@ from rl_lora.rollout import Group
 from rl_lora.sync import Run, RunError, build_fleet, uses_ray, version_of
 
 
-def preflight(cfg: Config, resume: bool) -> Path:
-    """Checks that need no model: output dir writable, enough disk for checkpoints, ray when it is needed."""
+def preflight(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
+    """Checks that need no model: output dir not another run's (unless --resume / --overwrite) and writable,
+    enough disk for checkpoints, ray when it is needed."""
     import importlib.util
     import shutil
 
     run_dir = Path(cfg.train.output_dir)
+    rundir.check_folder(run_dir, resume, overwrite)  # before anything in the folder changes
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -294,14 +301,14 @@ def load_tasks(cfg: Config, specs: list[AdapterSpec]) -> tuple[list[Task], list[
     return tasks, task_of
 
 
-def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
+def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     from reward import RewardRunner
     from rl_lora import distributed
 
     rank, world = distributed.init()
     if rank > 0:
         return follow(cfg, resume)
-    run_dir = preflight(cfg, resume)
+    run_dir = preflight(cfg, resume, overwrite)
     specs = adapter_specs(cfg)
     tasks, task_of = load_tasks(cfg, specs)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
@@ -313,6 +320,11 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     start = checkpoint.latest(run_dir) if resume else None
     if resume and start is None:
         print(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from step 0")
+    for line in rundir.check_resume(cfg, start, len(tasks)) if start else []:
+        print(line)
+    moved = rundir.move_aside(run_dir) if overwrite else None  # every check without a model has passed
+    if moved:
+        print(f"--overwrite: the earlier run's files in {run_dir} were moved to {moved}")
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     if world > 1:
         distributed.barrier()
@@ -333,16 +345,14 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
         run.probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
         run.learner = learner = make_learner(cfg, model_path)
         check_disk(run_dir, learner)
-        fresh = {"step": 0, "data_position": [0] * len(tasks), "version": 0}
+        fresh = {"step": 0, "data_position": [0] * len(tasks), "version": 0, "run_id": checkpoint.new_run_id()}
         state = checkpoint.load(start, learner) if start else fresh
+        ckpt_state = {"run_id": state.get("run_id", ""), "signature": rundir.run_signature(cfg)}
         if world > 1:
             distributed.broadcast_parameters(learner.params)
             leader = distributed.Leader(learner)
         step, run.version = state["step"], state["version"]
         positions = state["data_position"] if isinstance(state["data_position"], list) else [state["data_position"]]
-        if len(positions) != len(tasks):
-            raise ConfigError(f"--resume: the checkpoint has {len(positions)} data streams, this config has "
-                              f"{len(tasks)} datasets (adapters' own `data` changed?)")
         for d, (t, position) in enumerate(zip(tasks, positions)):
             t.stream = PromptStream(len(t.train), cfg.train.seed + d, position)
         logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume_step=step if start else None)
@@ -445,13 +455,17 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
             bar.write(format_step(step_num, m)) if not quiet else None
             if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
                 position = sub.data_position if len(tasks) > 1 else sub.data_position[0]
-                checkpoint.save(run_dir, step_num, learner, {"data_position": position, "version": run.version})
+                checkpoint.save(run_dir, step_num, learner,
+                                {"data_position": position, "version": run.version, **ckpt_state})
         bar.close()
         if learner.full_finetune:
             learner.save_model(run_dir / "model")
         else:
             for k in range(len(specs)):
                 learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
+        weights = "model" if learner.full_finetune else learner.adapter_dirname(0).split("/")[0]
+        checkpoint.fsync_tree(run_dir / weights)  # adapter/, adapters/ or model/: on disk before "done"
+        checkpoint.fsync_path(run_dir)
         final_m, tables, rows = {}, [], []
         for t in tasks:
             if not t.held_out:
