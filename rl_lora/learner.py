@@ -273,7 +273,7 @@ class Learner:
                     num_tokens=tokens_K[k],
                 )
                 offset += n
-                out = ppo_clip_loss(inputs, ppo_clip) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
+                out = ppo_clip_loss(inputs, ppo_clip, is_cap) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
                 loss = loss + out.loss
                 sums = sums_K[k]
                 sums["loss"] += out.loss.item()
