@@ -110,9 +110,10 @@ class SamplerConfig:
     # vLLM 0.32 raises any temperature below 0.01 to 0.01 and samples greedily below 1e-5, with logprobs that are
     # then not those of this temperature (vllm/sampling_params.py _MAX_TEMP, _SAMPLING_EPS): refused.
     temperature: float = 1.0
-    # Nucleus sampling. 1.0 = off. When on, the sampler's logprobs are those of the truncated distribution.
+    # Nucleus sampling. 1.0 = off. When on, the sampler reports logprobs of the truncated distribution and the
+    # learner applies the same truncation (rl_lora/truncation.py), so rho = 1 on-policy.
     top_p: float = 1.0
-    # Top-k sampling. -1 = off.
+    # Top-k sampling. -1 = off. Replayed in the learner like top_p.
     top_k: int = -1
     # Maximum completion length in tokens.
     max_tokens: int = 256
@@ -436,11 +437,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.max_staleness >= 0, "train.max_staleness", "must be >= 0 (0 = synchronous)")
     _require(cfg.loss.is_cap >= 1, "loss.is_cap", "must be >= 1 (inf = no cap)")
     _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
-    if isinstance(cfg.optim.lr, str):
     if cfg.loss.ppo_clip > 0:
         _require(cfg.loss.is_cap > 1 + cfg.loss.ppo_clip, "loss.is_cap",
                  f"{cfg.loss.is_cap:g} with loss.ppo_clip={cfg.loss.ppo_clip:g}: under PPO is_cap is the dual-clip bound "
                  f"on negative-advantage tokens and must exceed 1 + ppo_clip = {1 + cfg.loss.ppo_clip:g} (inf = off)")
+    if isinstance(cfg.optim.lr, str):
         _require(cfg.optim.lr == "auto", "optim.lr", f"must be a number or 'auto', got {cfg.optim.lr!r}")
     else:
         _require(cfg.optim.lr >= 0 and math.isfinite(cfg.optim.lr), "optim.lr", "must be a finite number >= 0")
