@@ -25,6 +25,9 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Shorthands accepted wherever target_modules is: "all" (the default), "attention" (the paper's weaker baseline),
 # "mlp".
 TARGET_PRESETS = {"all": ALL_LINEAR, "attention": ALL_LINEAR[:4], "mlp": ALL_LINEAR[4:]}
+# vLLM 0.32 raises temperatures in (0, 0.01) to 0.01 (sampling_params.py _MAX_TEMP) and treats < 1e-5 as greedy
+# with untempered logprobs (_SAMPLING_EPS): below 0.01 its logprobs are not those of the configured temperature.
+MIN_TEMPERATURE = 0.01
 ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed", "rewards", "data")
 
 
@@ -103,11 +106,14 @@ class DataConfig:
 class SamplerConfig:
     # Completions sampled per prompt (the GRPO group size G, >= 2).
     samples_per_prompt: int = 8
-    # Sampling temperature (> 0). Logprobs are taken from the temperature-scaled distribution actually sampled.
+    # Sampling temperature (>= 0.01). Logprobs are taken from the temperature-scaled distribution actually sampled.
+    # vLLM 0.32 raises any temperature below 0.01 to 0.01 and samples greedily below 1e-5, with logprobs that are
+    # then not those of this temperature (vllm/sampling_params.py _MAX_TEMP, _SAMPLING_EPS): refused.
     temperature: float = 1.0
-    # Nucleus sampling. 1.0 = off. When on, the sampler's logprobs are those of the truncated distribution.
+    # Nucleus sampling. 1.0 = off. When on, the sampler reports logprobs of the truncated distribution and the
+    # learner applies the same truncation (rl_lora/truncation.py), so rho = 1 on-policy.
     top_p: float = 1.0
-    # Top-k sampling. -1 = off.
+    # Top-k sampling. -1 = off. Replayed in the learner like top_p.
     top_k: int = -1
     # Maximum completion length in tokens.
     max_tokens: int = 256
@@ -129,7 +135,9 @@ class SamplerConfig:
 
 @dataclass
 class LossConfig:
-    # Truncate the importance ratio rho = p_learner/p_sampler at this value (truncated IS). inf = no cap.
+    # Truncate the importance ratio rho = p_learner/p_sampler at this value (truncated IS). inf = no cap. With
+    # loss.ppo_clip it is PPO's dual-clip bound c instead (a token with A < 0 costs at most c*|A|, no gradient once
+    # rho > c); it must then exceed 1 + ppo_clip.
     is_cap: float = 2.0
     # PPO-style clipping epsilon (rho clipped to [1-eps, 1+eps] where it would help). 0 = off.
     ppo_clip: float = 0.0
@@ -415,7 +423,9 @@ def validate(cfg: Config) -> None:
     _check_data(cfg.data, "data.")
     _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
              f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
-    _require(cfg.sampler.temperature > 0, "sampler.temperature", "must be > 0 (greedy groups carry no signal)")
+    _require(cfg.sampler.temperature >= MIN_TEMPERATURE, "sampler.temperature",
+             f"{cfg.sampler.temperature:g} is below {MIN_TEMPERATURE:g}: vLLM raises it to 0.01 (greedy below 1e-5) and "
+             "reports logprobs of another temperature, so every importance ratio would be wrong; use >= 0.01")
     _require(0 < cfg.sampler.top_p <= 1, "sampler.top_p", "must be in (0, 1]")
     _require(cfg.sampler.top_k == -1 or cfg.sampler.top_k >= 1, "sampler.top_k", "must be -1 (off) or >= 1")
     _require(cfg.sampler.max_tokens >= 1, "sampler.max_tokens", "must be >= 1")
@@ -427,6 +437,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.max_staleness >= 0, "train.max_staleness", "must be >= 0 (0 = synchronous)")
     _require(cfg.loss.is_cap >= 1, "loss.is_cap", "must be >= 1 (inf = no cap)")
     _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
+    if cfg.loss.ppo_clip > 0:
+        _require(cfg.loss.is_cap > 1 + cfg.loss.ppo_clip, "loss.is_cap",
+                 f"{cfg.loss.is_cap:g} with loss.ppo_clip={cfg.loss.ppo_clip:g}: under PPO is_cap is the dual-clip bound "
+                 f"on negative-advantage tokens and must exceed 1 + ppo_clip = {1 + cfg.loss.ppo_clip:g} (inf = off)")
     if isinstance(cfg.optim.lr, str):
         _require(cfg.optim.lr == "auto", "optim.lr", f"must be a number or 'auto', got {cfg.optim.lr!r}")
     else:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rl_lora import lora as lora_mod
-from rl_lora import prefix
+from rl_lora import prefix, truncation
 from rl_lora.loss import LossInputs, ppo_clip_loss, truncated_is_loss
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,8 +43,10 @@ class TrainSample:
 
 
 def _chunk_token_logprobs(hidden_N: torch.Tensor, weight: torch.Tensor, targets_N: torch.Tensor,
-                          inv_temperature: float) -> torch.Tensor:
+                          inv_temperature: float, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
     logits_NV = (hidden_N @ weight.t()).float() * inv_temperature
+    if truncation.active(top_k, top_p):  # the sampler's top-k / top-p set (rl_lora/truncation.py)
+        logits_NV = logits_NV.masked_fill(truncation.dropped_mask(logits_NV, targets_N, top_k, top_p), float("-inf"))
     return logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(-1)
 
 
@@ -54,8 +56,10 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
     multiply and the chunk's [tokens, vocab] logits die in forward (3 vocab-sized matmuls become 2)."""
 
     @staticmethod
-    def forward(ctx, hidden_N, weight, targets_N, inv_temperature):
+    def forward(ctx, hidden_N, weight, targets_N, inv_temperature, top_k=-1, top_p=1.0):
         logits_NV = (hidden_N @ weight.t()).float() * inv_temperature
+        if truncation.active(top_k, top_p):  # dropped tokens get probability 0 in the softmax below
+            logits_NV.masked_fill_(truncation.dropped_mask(logits_NV, targets_N, top_k, top_p), float("-inf"))
         lse_N = logits_NV.logsumexp(-1)
         logp_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
         probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # in place: the logits are not needed any more
@@ -66,14 +70,14 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         (dlogp_dh,) = ctx.saved_tensors
-        return grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh, None, None, None
+        return grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh, None, None, None, None, None
 
 
 class Learner:
     def __init__(self, model_path: str, *, rank: int = 1, alpha: float = 32.0, target_modules: list[str],
                  lr: float = 1e-4, lora_plus_ratio: float = 1.0, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
-                 temperature: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
+                 temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
                  activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None,
                  share_prompts: bool = True, fuse_mlp: bool = True):
         """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`
@@ -90,6 +94,7 @@ class Learner:
         self.grad_clip = grad_clip
         self.tokens_per_microbatch = tokens_per_microbatch
         self.inv_temperature = 1.0 / temperature
+        self.truncation = (top_k, top_p)  # the sampler's top-k / top-p, replayed on the learner's logits
         self.specs = specs or [lora_mod.AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules), lr=lr,
                                                     lora_plus_ratio=lora_plus_ratio, seed=seed)]
         spec0 = self.specs[0]
@@ -222,11 +227,12 @@ class Learner:
         for start in range(0, hidden_N.shape[0], _LOGIT_CHUNK):
             h, t = hidden_N[start: start + _LOGIT_CHUNK], targets_N[start: start + _LOGIT_CHUNK]
             if not torch.is_grad_enabled():
-                out.append(_chunk_token_logprobs(h, weight, t, self.inv_temperature))
+                out.append(_chunk_token_logprobs(h, weight, t, self.inv_temperature, *self.truncation))
             elif not weight.requires_grad:
-                out.append(_FrozenHeadLogprobs.apply(h, weight, t, self.inv_temperature))
+                out.append(_FrozenHeadLogprobs.apply(h, weight, t, self.inv_temperature, *self.truncation))
             else:
-                out.append(checkpoint(_chunk_token_logprobs, h, weight, t, self.inv_temperature, use_reentrant=False))
+                out.append(checkpoint(_chunk_token_logprobs, h, weight, t, self.inv_temperature, *self.truncation,
+                                      use_reentrant=False))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -273,7 +279,7 @@ class Learner:
                     num_tokens=tokens_K[k],
                 )
                 offset += n
-                out = ppo_clip_loss(inputs, ppo_clip) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
+                out = ppo_clip_loss(inputs, ppo_clip, is_cap) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
                 loss = loss + out.loss
                 sums = sums_K[k]
                 sums["loss"] += out.loss.item()

@@ -4,11 +4,14 @@ Algorithmic choices (and where they come from):
 - Groups: each step draws `prompts_per_step` problems and samples `samples_per_prompt` (G) completions of
   each from the vLLM sampler under the live adapter version, at the configured temperature.
 - Logprobs: the sampler reports log p of each sampled token under the temperature-scaled distribution
-  (`processed_logprobs`); they are the importance-sampling denominator and are never recomputed.
+  (`processed_logprobs`); they are the importance-sampling denominator and are never recomputed. With
+  `sampler.top_p` / `top_k` they are those of the truncated distribution, and the learner scores the same
+  truncation (rl_lora/truncation.py), so rho = 1 on-policy; the push-check probe samples with the same settings.
 - Advantages: A = r - mean(group) (GRPO without the std division by default, after Dr. GRPO); groups with
   zero reward variance carry no signal and are dropped before the learner (counted in `groups/dropped`).
 - Loss: token-level -sum_t min(rho_t, cap) * A / (completion tokens in the step), rho_t = p_learner /
-  p_sampler (LoRA Without Regret's objective with truncated IS); `loss.ppo_clip` switches to PPO clipping.
+  p_sampler (LoRA Without Regret's objective with truncated IS), rho computed in log space; `loss.ppo_clip`
+  switches to PPO clipping, with `loss.is_cap` as its dual-clip bound.
 - No KL penalty to a reference model and no entropy bonus (as in nanochat's and the paper's RL setups).
 - Update: one AdamW step per batch of rollouts (fully on-policy), gradient-norm clipping.
 - Asynchronous (`train.max_staleness` = m >= 1): the requests of the next m steps are in flight while a step is
@@ -253,6 +256,7 @@ def make_learner(cfg: Config, model_path: str) -> Learner:
                    betas=(cfg.optim.beta1, cfg.optim.beta2), full_finetune=is_full_finetune(cfg),
                    weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
                    tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
+                   top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
                    activation_checkpointing=cfg.optim.activation_checkpointing,
                    share_prompts=cfg.optim.share_prompts)
 

@@ -75,3 +75,21 @@ def test_cli_empty_dataset(tmp_path):
     res = _cli("train", "configs/demo_cpu.yaml", f"data.source={empty}", f"train.output_dir={out}")
     assert res.returncode == 2 and "no rows" in res.stderr
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("temperature", [0.005, 1e-6])
+def test_temperature_below_vllms_floor_is_refused(temperature):
+    """vLLM 0.32 raises a temperature in (0, 0.01) to 0.01 and goes greedy below 1e-5 (untempered logprobs): the
+    learner's 1/T would then score another distribution than the one sampled."""
+    with pytest.raises(ConfigError, match=r"sampler\.temperature: .*below 0\.01") as err:
+        load_config(None, [f"sampler.temperature={temperature}"])
+    assert "\n" not in str(err.value)
+    assert load_config(None, ["sampler.temperature=0.01"]).sampler.temperature == 0.01
+
+
+def test_ppo_takes_is_cap_as_its_dual_clip_bound():
+    with pytest.raises(ConfigError, match=r"loss\.is_cap: 1.1 with loss\.ppo_clip=0\.2: .*dual-clip"):
+        load_config(None, ["loss.ppo_clip=0.2", "loss.is_cap=1.1"])
+    assert load_config(None, ["loss.ppo_clip=0.2"]).loss.is_cap == 2.0  # the default applies as c = 2
+    assert load_config(None, ["loss.ppo_clip=0.2", "loss.is_cap=inf"]).loss.is_cap == float("inf")
+

@@ -80,3 +80,15 @@ def test_failing_reward_costs_zero_not_the_run(tmp_path, make_config):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = step_rows(tmp_path / "run")
     assert all(r["reward/errors"] == 32 for r in rows)
+
+
+def test_top_p_and_top_k_keep_the_run_on_policy(tmp_path, make_config):
+    """vLLM reports logprobs of the truncated distribution; the learner replays the truncation, so step 1 is
+    on-policy (before: is/ratio_mean 0.80 at top_p 0.8) and the push check, sampling the probe with the same
+    settings, passes."""
+    cfg = make_config(sampler={"top_p": 0.8, "top_k": 40, "max_tokens": 8}, train={"steps": 2})
+    res = run_cli(cfg, "--quiet", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = step_rows(tmp_path / "run")
+    assert abs(rows[0]["is/ratio_mean"] - 1) < 1e-3 and rows[0]["is/kl_sampler_learner"] < 1e-4, rows[0]
+    assert all(r["push/probe_gap"] < 1e-3 for r in rows)
