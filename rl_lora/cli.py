@@ -107,6 +107,25 @@ OVERWRITE_HELP = ("start a new run in a train.output_dir that holds an earlier r
                   "deleted). Without it such a folder is refused")
 
 
+def _plan(args) -> int:
+    from rl_lora.config import ConfigError, load_config
+    from rl_lora.models import resolve_model_path
+    from rl_lora.plan import make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, resolve_model_path(cfg.model.path))
+    print(f"GPU memory plan: {cfg.model.path} ({plan.source}), {cfg.model.dtype}, "
+          f"{'engine beside the learner' if plan.colocated else 'engines on their own GPUs'}")
+    print(plan.table())
+    for line in plan.problems[1:]:
+        print(f"also: {line}")
+    if plan.problems:
+        raise ConfigError(plan.problems[0])
+    print(f"fits: learner {plan.learner_gib:.1f} GiB"
+          + (f" + engine {plan.engine_gib:.1f} GiB" if plan.colocated else "") + f" <= {plan.available_gib:.1f} GiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl-lora", description="GRPO-style RL for rank-1 LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=1, help="LoRA rank for the capacity check (default 1)")
     s.add_argument("--target-modules", help="comma-separated; default: all linear layers")
     s.set_defaults(func=_lr_suggest)
+    p = sub.add_parser("plan", help="predict a run's GPU memory (learner + engine) from config.json; refuse if it "
+                                    "cannot fit",
+                       description="GPU memory plan from the model's config.json alone (no weights): learner weights, "
+                                   "adapters + optimizer, activations x micro-batch tokens, logits chunk, the engine's "
+                                   "share. Exit 2 with one line if it cannot fit model.gpu_memory_gib.")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.tokens_per_microbatch=8192")
+    p.set_defaults(func=_plan)
     return parser
 
 

@@ -56,6 +56,9 @@ class ModelConfig:
     dtype: str = "float32"
     # Engine context length in tokens (prompt + completion). 0 = the model's own limit.
     max_model_len: int = 1024
+    # Memory of the GPU the run is given, GiB (`rl-lora plan` and train's preflight check that learner + engine
+    # fit). 0 = the visible GPU's own; where none is visible, an 80 GB A100/H100 (79.3 GiB).
+    gpu_memory_gib: float = 0.0
 
 
 @dataclass
@@ -408,6 +411,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     _require(cfg.model.max_model_len >= 0, "model.max_model_len", "must be >= 0")
+    _require(cfg.model.gpu_memory_gib >= 0, "model.gpu_memory_gib", "must be >= 0 (0 = the GPU's own)")
     _require(bool(cfg.model.path), "model.path", "must not be empty")
     if isinstance(cfg.lora.rank, str):
         _require(cfg.lora.rank == "full", "lora.rank", f"must be an integer >= 1 or 'full', got {cfg.lora.rank!r}")

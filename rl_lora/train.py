@@ -57,11 +57,13 @@ from tqdm import tqdm
 
 from rl_lora import checkpoint, faults, rundir
 from rl_lora.advantages import group_advantages, has_signal
+from rl_lora.checks import check_model, check_rewards
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
+from rl_lora.plan import check_fits
 from rl_lora.rollout import Group
 from rl_lora.sync import Run, RunError, build_fleet, uses_ray, version_of
 
@@ -72,6 +74,7 @@ def preflight(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
     import importlib.util
     import shutil
 
+    check_rewards(cfg)  # importable, callable rewards (before anything is written)
     run_dir = Path(cfg.train.output_dir)
     rundir.check_folder(run_dir, resume, overwrite)  # before anything in the folder changes
     try:
@@ -316,9 +319,12 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
     specs = adapter_specs(cfg)
     tasks, task_of = load_tasks(cfg, specs)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
+    check_model(cfg, model_path)  # target_modules and sampler settings against config.json, before any engine
     for t in tasks:
         t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
     cfg, notes = apply_science(cfg, model_path)
+    if torch.cuda.is_available():  # the GPU memory plan (`rl-lora plan`): refuse what cannot fit, before any model
+        notes.append(check_fits(cfg, model_path).summary())
     for line in notes:
         print(line) if not quiet or "WARNING" in line else None
     start = checkpoint.latest(run_dir) if resume else None

@@ -1,0 +1,100 @@
+"""Checks of a run's config against its rewards and its model that need no weights: one line (ConfigError) each,
+before any model loads or any engine starts.
+
+- rewards: every named reward resolves to a callable (a registry name, or an importable `package.module:function`)
+  that takes (prompt, completion) positionally;
+- lora.target_modules: matched against the linear layers of the model's own architecture, built from its
+  config.json on the meta device (no weights, no memory), with the learner's own matching rule (lora._targets);
+- sampler settings against the model: LoRA ranks vLLM can serve, tensor parallelism that divides the attention
+  heads, model.max_model_len within the model's context.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from rl_lora.config import Config, ConfigError, adapter_specs, is_full_finetune
+
+VLLM_MAX_LORA_RANK = 512  # vLLM 0.32's largest max_lora_rank (vllm/config/lora.py MaxLoRARanks)
+
+
+def check_rewards(cfg: Config) -> None:
+    """Every reward of the run (the run's list and each adapter's own) resolves to a callable taking
+    (prompt, completion)."""
+    from reward.registry import RewardSpec, resolve
+
+    lists = [("reward.rewards", cfg.reward.rewards)]
+    lists += [(f"adapters[{i}].rewards", a["rewards"]) for i, a in enumerate(cfg.adapters) if "rewards" in a]
+    for key, rewards in lists:
+        for j, raw in enumerate(rewards):
+            where = f"{key}[{j}]"
+            try:
+                spec = RewardSpec.coerce(raw)
+                fn = resolve(spec.name)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            try:
+                sig = inspect.signature(fn)
+            except (TypeError, ValueError):
+                continue  # a builtin without a signature: it is called as it is
+            try:
+                sig.bind_partial("prompt", "completion")
+            except TypeError:
+                raise ConfigError(f"{where}: reward '{spec.name}' must take (prompt, completion, **fields), "
+                                  f"its signature is {spec.name.rpartition(':')[2]}{sig}") from None
+
+
+def _model_config(model_path: str):
+    """The model's transformers config, from a local directory or the HF cache (never the network); None if
+    neither has it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except Exception:
+        return None
+
+
+def check_model(cfg: Config, model_path: str) -> None:
+    """target_modules and sampler settings against the model's config.json."""
+    ranks = [s.rank for s in adapter_specs(cfg)] if not is_full_finetune(cfg) else []
+    for i, rank in enumerate(ranks):
+        if rank > VLLM_MAX_LORA_RANK:
+            key = "lora.rank" if not cfg.adapters else f"adapters[{i}].rank"
+            raise ConfigError(f"{key}: {rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANK})")
+    config = _model_config(model_path)
+    if config is None:
+        return  # no local config.json: the learner checks target_modules when it builds the model
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    own = getattr(text, "max_position_embeddings", None)
+    if own and cfg.model.max_model_len > own:
+        raise ConfigError(f"model.max_model_len: {cfg.model.max_model_len} exceeds the model's context ({own} tokens)")
+    tp = cfg.sampler.tensor_parallel_size
+    heads = getattr(text, "num_attention_heads", None)
+    if heads and heads % tp:
+        raise ConfigError(f"sampler.tensor_parallel_size: {tp} does not divide the model's {heads} attention heads "
+                          "(vLLM shards heads evenly)")
+    if not is_full_finetune(cfg):
+        _check_targets(cfg, config)
+
+
+def _check_targets(cfg: Config, config) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rl_lora.lora import _targets
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return  # an architecture transformers cannot build here: the learner checks when it builds the model
+    specs = adapter_specs(cfg)
+    for i, spec in enumerate(specs):
+        key = "lora.target_modules" if not cfg.adapters else f"adapters[{i}].target_modules"
+        try:
+            _targets(model, spec.target_modules, key)
+        except ValueError as exc:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+            raise ConfigError(f"{exc} (model_type {config.model_type!r} has: {', '.join(linear)})") from None
