@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     w.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
     w.set_defaults(func=_sweep)
-    e = sub.add_parser("eval", help="evaluate the base model and adapters: avg@k, pass@k, maj@k with 95% intervals",
+    e = sub.add_parser("eval", help="evaluate the base model and adapters: avg@k, pass@k, maj@k with 95%% intervals",
                        description="Evaluate the base model and every --adapter in one vLLM engine (multi-LoRA), "
                                    "k samples per problem. Writes eval_results.json/.md, pass_at_k.png and "
                                    "eval_samples.jsonl to --out (default: <first adapter's parent>/eval).")
