@@ -10,7 +10,9 @@ a function without **kwargs only receives the keyword arguments it names.
 
 Failure semantics (RewardRunner.score): a call that raises, returns None / NaN / inf / a non-number, or runs
 past `timeout_s` scores 0.0 for that completion and that reward, is counted (`errors` / `timeouts`) and
-logged (logger "reward.registry", one warning per reward per batch), and never stops the run.
+logged (logger "reward.registry", one warning per reward per batch), and never stops the run. The completion is
+marked in `failed` (when the reward has a non-zero weight: its weighted sum is then not a real score), so a
+trainer can leave it out rather than learn from a made-up 0.
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ class RewardResult:
     per_reward: dict[str, list[float]]   # each reward's unweighted value per completion
     timeouts: int                        # calls that hit the wall-clock limit
     errors: int                          # calls that raised or returned NaN/None/non-number
+    # per completion: a reward with non-zero weight failed or timed out, so `rewards[i]` is not a real score
+    failed: list[bool] = field(default_factory=list)
 
 
 _RESERVED = ("prompt", "completion")
@@ -261,6 +265,7 @@ class RewardRunner:
         m = len(self.specs)
         per = {key: [0.0] * n for key in self.keys}
         rewards = [0.0] * n
+        failed = [False] * n
         timeouts = errors = 0
         failures: dict[str, list] = {}
         for idx, res in enumerate(results):
@@ -274,12 +279,13 @@ class RewardRunner:
                 timeouts += 1
             else:
                 errors += 1
+            failed[i] = failed[i] or self.specs[j].weight != 0
             failures.setdefault(key, []).append(res.error if res is not None else "no result")
         for key, errs in failures.items():
             log.warning("reward '%s': %d of %d calls failed and scored 0 (first: %s)", key, len(errs), n, errs[0])
         self.total_timeouts += timeouts
         self.total_errors += errors
-        return RewardResult(rewards, per, timeouts, errors)
+        return RewardResult(rewards, per, timeouts, errors, failed)
 
     def close(self) -> None:
         if self._pool is not None:

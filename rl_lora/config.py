@@ -428,8 +428,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
              f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
     _require(cfg.sampler.temperature >= MIN_TEMPERATURE, "sampler.temperature",
-             f"{cfg.sampler.temperature:g} is below {MIN_TEMPERATURE:g}: vLLM raises it to 0.01 (greedy below 1e-5) and "
-             "reports logprobs of another temperature, so every importance ratio would be wrong; use >= 0.01")
+             f"{cfg.sampler.temperature:g} is below {MIN_TEMPERATURE:g}: vLLM raises it to 0.01 (greedy below 1e-5) "
+             "and reports logprobs of another temperature, so every importance ratio would be wrong; use >= 0.01")
     _require(0 < cfg.sampler.top_p <= 1, "sampler.top_p", "must be in (0, 1]")
     _require(cfg.sampler.top_k == -1 or cfg.sampler.top_k >= 1, "sampler.top_k", "must be -1 (off) or >= 1")
     _require(cfg.sampler.max_tokens >= 1, "sampler.max_tokens", "must be >= 1")
@@ -443,8 +443,9 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
     if cfg.loss.ppo_clip > 0:
         _require(cfg.loss.is_cap > 1 + cfg.loss.ppo_clip, "loss.is_cap",
-                 f"{cfg.loss.is_cap:g} with loss.ppo_clip={cfg.loss.ppo_clip:g}: under PPO is_cap is the dual-clip bound "
-                 f"on negative-advantage tokens and must exceed 1 + ppo_clip = {1 + cfg.loss.ppo_clip:g} (inf = off)")
+                 f"{cfg.loss.is_cap:g} with loss.ppo_clip={cfg.loss.ppo_clip:g}: under PPO is_cap is the dual-clip "
+                 f"bound on negative-advantage tokens and must exceed 1 + ppo_clip = {1 + cfg.loss.ppo_clip:g} "
+                 "(inf = off)")
     if isinstance(cfg.optim.lr, str):
         _require(cfg.optim.lr == "auto", "optim.lr", f"must be a number or 'auto', got {cfg.optim.lr!r}")
     else:

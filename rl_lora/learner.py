@@ -77,7 +77,8 @@ class Learner:
     def __init__(self, model_path: str, *, rank: int = 1, alpha: float = 32.0, target_modules: list[str],
                  lr: float = 1e-4, lora_plus_ratio: float = 1.0, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
-                 temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int = 0, full_finetune: bool = False, device: str | None = None,
+                 temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int = 0,
+                 full_finetune: bool = False, device: str | None = None,
                  activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None,
                  share_prompts: bool = True, fuse_mlp: bool = True):
         """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`

@@ -25,5 +25,6 @@ class Group:
     prompt_ids: list[int]
     completions: list[Completion]
     rewards_G: list[float] = field(default_factory=list)
-    advantages_G: list[float] = field(default_factory=list)
+    failed_G: list[bool] = field(default_factory=list)  # its reward call failed or timed out: no real score
+    advantages_G: list[float | None] = field(default_factory=list)  # None: left out of the loss (failed reward)
     adapter: int = 0  # index of the run's adapter that sampled it (K > 1: sweeps, tenants)

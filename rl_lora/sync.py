@@ -146,7 +146,8 @@ class Run:
         K = len(self.refs)
         groups = self.fleet.generate([self.probe_ids] * K, n=1, adapters=self.refs, seeds=[PROBE_SEED] * K,
                                      temperature=self.cfg.sampler.temperature, top_p=self.cfg.sampler.top_p,
-                                     top_k=self.cfg.sampler.top_k, max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
+                                     top_k=self.cfg.sampler.top_k,
+                                     max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
         probes = [TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, k)
                   for k, (c,) in enumerate(groups) if c.token_ids]
         worst = 0.0

@@ -34,8 +34,11 @@ Reliability (each behaviour has a test in tests/faults/):
   such steps in a row stop the run.
 - A sampler engine (or Ray actor) that dies is rebuilt with the live adapter versions and its unfinished
   prompts are submitted again: no step lost, no prompt scored twice.
-- A step in which every reward call fails or times out carries no signal; `reward.max_failed_steps` in a row
-  stop the run (a broken reward should not burn a cluster for hours).
+- A completion whose reward call failed or timed out (exception, non-number, over `reward.timeout_s`) has no
+  score: it is left out of its group's advantages and of the loss (not trained as a genuine 0), and a group with
+  fewer than 2 scored completions is dropped (`reward/failed_completions`, `groups/dropped_reward_failure`). A step
+  in which no completion could be scored carries no signal; `reward.max_failed_steps` in a row stop the run (a
+  broken reward should not burn a cluster for hours).
 - Checkpoints are atomic and fsynced; a killed process resumes from the last complete one, and metrics logged
   after it are dropped on resume, so no step is counted twice.
 - Run folders (rl_lora/rundir.py): a fresh run refuses a `train.output_dir` holding another run's results
@@ -56,7 +59,7 @@ import torch
 from tqdm import tqdm
 
 from rl_lora import checkpoint, faults, rundir
-from rl_lora.advantages import group_advantages, has_signal
+from rl_lora.advantages import valid_group_advantages
 from rl_lora.checks import check_model, check_rewards
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
@@ -230,6 +233,7 @@ class Scored:
     timeouts: int
     errors: int
     calls: int  # reward calls made (completions x rewards)
+    failed: list[bool] = dataclasses.field(default_factory=list)  # per completion: no real score (a call failed)
 
 
 def score_completions(scorers_K: list, flat: list, problems_K: list) -> Scored:
@@ -246,12 +250,27 @@ def score_completions(scorers_K: list, flat: list, problems_K: list) -> Scored:
         out.correct += res.per_reward.get("math_answer", res.rewards)
         out.timeouts, out.errors = out.timeouts + res.timeouts, out.errors + res.errors
         out.calls += len(mine) * len(scorer.specs)
+        out.failed += res.failed
     return out
 
 
 def make_samples(groups: list[Group]) -> list[TrainSample]:
     return [TrainSample(g.prompt_ids, c.token_ids, c.logprobs, a, g.adapter)
-            for g in groups for c, a in zip(g.completions, g.advantages_G) if c.token_ids]
+            for g in groups for c, a in zip(g.completions, g.advantages_G) if c.token_ids and a is not None]
+
+
+def assign_advantages(groups: list[Group], scale_by_std: bool) -> tuple[list[Group], int]:
+    """Set each group's advantages over its scored completions (None for those whose reward failed); return the
+    groups that carry signal and the number dropped because fewer than 2 of their completions were scored."""
+    kept, dropped_for_failure = [], 0
+    for g in groups:
+        valid_G = torch.tensor([not f for f in g.failed_G], dtype=torch.bool)
+        advantages_G = valid_group_advantages(torch.tensor(g.rewards_G), valid_G, scale_by_std)
+        dropped_for_failure += int(valid_G.sum()) < 2
+        if advantages_G is not None:
+            g.advantages_G = [None if f else a for a, f in zip(advantages_G.tolist(), g.failed_G)]
+            kept.append(g)
+    return kept, dropped_for_failure
 
 
 def make_learner(cfg: Config, model_path: str) -> Learner:
@@ -397,26 +416,25 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
                 raise RunError(f"step {step_num} was sampled {staleness} versions behind the learner "
                                f"(train.max_staleness={cfg.train.max_staleness}): a bug in the request pipeline")
             t1 = time.perf_counter()
-            # 2. score every completion (wall-clock limited; failures score 0 and are counted)
+            # 2. score every completion (wall-clock limited; a failed or timed-out call is counted, and its
+            #    completion has no score)
             flat = [(g, c) for g in groups for c in g.completions]
             result = score_completions(scorers_K, flat, [tasks[d].train for d in task_of])
             G = cfg.sampler.samples_per_prompt
             for j, g in enumerate(groups):
                 g.rewards_G = result.rewards[j * G:(j + 1) * G]
-            all_failed = result.timeouts + result.errors >= result.calls
-            failed_streak = failed_streak + 1 if all_failed else 0
+                g.failed_G = result.failed[j * G:(j + 1) * G]
+            every_call = result.timeouts + result.errors >= result.calls
+            failed_streak = failed_streak + 1 if every_call or all(result.failed) else 0
             if cfg.reward.max_failed_steps and failed_streak >= cfg.reward.max_failed_steps:
-                raise RunError(f"every reward call failed or timed out in {failed_streak} steps in a row (last: "
-                               f"step {step_num}; {result.timeouts} timeouts, {result.errors} errors of {len(flat)}): "
-                               "the reward is broken; fix it (or raise reward.timeout_s) and --resume")
+                what = "every reward call failed or timed out" if every_call else \
+                    "every completion had a failed or timed-out reward call"
+                raise RunError(f"{what} in {failed_streak} steps in a row (last: step {step_num}; {result.timeouts} "
+                               f"timeouts, {result.errors} errors of {result.calls} calls): the reward is broken; fix "
+                               "it (or raise reward.timeout_s) and --resume")
             t2 = time.perf_counter()
-            # 3. group-centred advantages; zero-variance groups carry no signal
-            kept = []
-            for g in groups:
-                rewards_G = torch.tensor(g.rewards_G)
-                if has_signal(rewards_G):
-                    g.advantages_G = group_advantages(rewards_G, cfg.loss.scale_by_std).tolist()
-                    kept.append(g)
+            # 3. group-centred advantages over the scored completions; zero-variance groups carry no signal
+            kept, dropped_for_failure = assign_advantages(groups, cfg.loss.scale_by_std)
             # 4. learn: one AdamW step over all kept completions (sharded over the learner ranks under torchrun)
             samples = make_samples(kept)
             if samples and faults.fire("nan_logprobs", step_num):
@@ -439,6 +457,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
             lengths = [len(c.token_ids) for _, c in flat]
             m = {"reward/mean": sum(result.rewards) / len(flat), "reward/accuracy": sum(correct) / len(flat),
                  "reward/timeouts": float(result.timeouts), "reward/errors": float(result.errors),
+                 "reward/failed_completions": float(sum(result.failed)),
+                 "groups/dropped_reward_failure": float(dropped_for_failure),
                  "response/length_mean": sum(lengths) / len(lengths),
                  "response/truncated": sum(c.finish_reason == "length" for _, c in flat) / len(flat),
                  "groups/total": float(len(groups)), "groups/kept": float(len(kept)),

@@ -245,3 +245,28 @@ def test_close_is_idempotent():
     runner = RewardRunner(["boxed_format"], num_workers=1)
     runner.close()
     runner.close()
+
+
+def flaky(prompt, completion, **_):
+    if completion == "bad":
+        raise RuntimeError("flaky")
+    return 1.0
+
+
+def test_failed_marks_exactly_the_completions_whose_weighted_reward_failed():
+    """A trainer drops these instead of learning from a made-up 0; a failing zero-weight (diagnostic) reward does
+    not make the weighted score wrong, so it does not mark the completion."""
+    specs = [{"name": ref(flaky)}, {"name": ref(sleepy), "weight": 0.5, "kwargs": {"seconds": 10}},
+             {"name": ref(returns_nan), "weight": 0.0}]
+    with RewardRunner(specs, timeout_s=0.3, num_workers=0) as runner:
+        res = runner.score(["q"] * 4, ["ok", "bad", "sleep", "fine"], [{}] * 4)
+    assert res.failed == [False, True, True, False]
+    assert res.errors == 5 and res.timeouts == 1  # 4 NaNs of the zero-weight reward + 1 raise; 1 timeout
+    assert res.rewards == [1.5, 0.5, 1.0, 1.5]
+
+
+def test_pool_marks_failed_completions():
+    specs = [{"name": ref(flaky)}, {"name": "boxed_format"}]
+    with RewardRunner(specs, timeout_s=5.0, num_workers=1) as runner:
+        res = runner.score(["q"] * 3, ["bad", r"\boxed{1}", "bad"], [{}] * 3)
+    assert res.failed == [True, False, True] and res.errors == 2

@@ -72,14 +72,19 @@ def test_prompt_longer_than_context_fails_before_training(tmp_path, make_config)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_failing_reward_costs_zero_not_the_run(tmp_path, make_config):
+def test_failing_reward_is_not_trained_as_zero_and_costs_not_the_run(tmp_path, make_config):
+    """Every completion's second reward raises: none has a real score, so nothing is trained on made-up zeros
+    (before: all 32 trained with the 0 of the failed call), and 2 such steps stay under reward.max_failed_steps."""
     cfg = _config(make_config, train={"steps": 2, "eval_samples": 1},
                   reward={"rewards": [{"name": "reward_fixtures:ascii_start"},
                                       {"name": "reward_fixtures:explodes", "weight": 1.0}]})
     res = _run(cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = step_rows(tmp_path / "run")
-    assert all(r["reward/errors"] == 32 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["reward/errors"] == 32 and r["reward/failed_completions"] == 32
+        assert r["groups/dropped_reward_failure"] == 4 and r["groups/kept"] == 0 and "learn/tokens" not in r
 
 
 def test_top_p_and_top_k_keep_the_run_on_policy(tmp_path, make_config):

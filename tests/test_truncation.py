@@ -81,3 +81,24 @@ def test_full_finetune_path_truncates_the_same(tiny_model):
     want = _reference_logprobs(lora, samples, 0.7, 50, 0.7).detach()
     torch.testing.assert_close(full.token_logprobs(samples).detach(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor([x for lp in lora.score(samples) for x in lp]), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 0.9), (-1, 0.3), (1000, 0.95), (5, 1.0), (-1, 1e-3)])
+def test_kept_set_equals_vllms_on_a_large_vocabulary(top_k, top_p):
+    """rl_lora.truncation's kept set against vLLM 0.32's own masking, on peaked and flat rows of a 32k vocabulary;
+    targets sampled from vLLM's truncated distribution (so the always-kept target changes nothing)."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from rl_lora.truncation import dropped_mask
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.5, 1.0, 3.0, 8.0]).repeat(4)[:, None]
+    logits = torch.randn(16, 32000, generator=gen) * scale
+    n = logits.shape[0]
+    k = torch.full((n,), top_k, dtype=torch.long) if top_k > 0 else None
+    p = torch.full((n,), top_p) if top_p < 1 else None
+    masked = apply_top_k_top_p_pytorch(logits.clone(), k, p, allow_cpu_sync=True)
+    targets = torch.multinomial(masked.softmax(-1), 1, generator=gen)[:, 0]
+    got = dropped_mask(logits, targets, top_k, top_p)
+    assert torch.equal(got, torch.isinf(masked))
+    assert got.any() and (~got).sum() > n  # something dropped, and more than one token kept somewhere
