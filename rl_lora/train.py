@@ -51,6 +51,7 @@ from rl_lora import checkpoint, faults
 from rl_lora.advantages import group_advantages, has_signal
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
+from rl_lora.heads import check_model
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
@@ -305,6 +306,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False) -> dict:
     specs = adapter_specs(cfg)
     tasks, task_of = load_tasks(cfg, specs)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
+    check_model(model_path)  # an output layer the learner cannot reproduce: refused before any model loads
     for t in tasks:
         t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
     cfg, notes = apply_science(cfg, model_path)
