@@ -74,6 +74,15 @@ def head_of(config) -> Head:
     return Head(scale=float(scale), softcap=None if softcap is None else float(softcap))
 
 
+def attn_implementation(config) -> str | None:
+    """The attention the learner must load the model with, None for transformers' default. Attention-logit
+    soft-capping (Gemma-2's `attn_logit_softcapping`) is applied by eager attention (and by vLLM's), but silently
+    dropped by the default SDPA: on the tiny Gemma-2 that moved logits by 4e-3 and the sampler/learner gap on the
+    probe from 4e-7 to 8e-4 per token (issue 15). Eager keeps [heads, L, L] scores: more memory at long contexts."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else None
+
+
 def unsupported_line(cls) -> str | None:
     """The first line of `cls.forward` that changes the hidden state or the logits beyond a plain head, if any."""
     try:

@@ -94,10 +94,12 @@ class Learner:
         (each with its own AdamW and LR, all trained in one forward/backward per micro-batch). `share_prompts`:
         one prompt forward per group of completions of the same prompt; `fuse_mlp`: SwiGLU MLPs recompute their
         [tokens, d_ff] intermediates in backward instead of storing them (both exact; off only to compare)."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
+        attention = heads.attn_implementation(AutoConfig.from_pretrained(model_path))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[dtype], **({"attn_implementation": attention} if attention else {})).to(self.device)
         self.model.config.use_cache = False
         self.head = heads.head_of(self.model.config)
         self.model_path = model_path

@@ -43,12 +43,12 @@ def qwen3(target) -> Path:
     return _build(target, Qwen3Config, Qwen3ForCausalLM, tie_word_embeddings=False)
 
 
-def gemma2(target, softcap: float = 5.0) -> Path:
+def gemma2(target, softcap: float = 5.0, **kw) -> Path:
     """Soft-capping at 5 (Gemma-2 ships 30): this random model's logits reach ~±20 and are capped hard."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     return _build(target, Gemma2Config, Gemma2ForCausalLM, final_logit_softcapping=softcap,
-                  query_pre_attn_scalar=64, sliding_window=512)
+                  query_pre_attn_scalar=64, sliding_window=512, **kw)
 
 
 def granite(target, logits_scaling: float = 8.0) -> Path:
