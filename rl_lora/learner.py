@@ -123,7 +123,7 @@ class Learner:
             # so an update below the weight's bf16 spacing (lr 1e-5 on |w| ~ 0.01-0.1) is kept, not rounded
             # away (stepping bf16 weights in place changed 2.9% of them in 2 steps at lr 1e-5, issue 15).
             self.masters = None
-            if self.param_sets[0][0].dtype != torch.float32:
+            if any(p.dtype != torch.float32 for p in self.param_sets[0]):
                 self.masters = [p.detach().float().clone() for p in self.param_sets[0]]
             self.step_params = [self.masters or self.param_sets[0]]
             self.optimizers = [torch.optim.AdamW(self.step_params[0], lr=spec0.lr, **adamw)]
@@ -315,7 +315,7 @@ class Learner:
                     sums[key] += out.metrics[key]
                 sums["ratio_max"] = max(sums["ratio_max"], out.metrics["is/ratio_max"])
             loss.backward()
-        self._grads_to_masters()
+            self._grads_to_masters()  # per micro-batch: the step's gradient is summed in fp32
         if data_parallel:
             distributed.all_reduce_grads([p for ps in self.step_params for p in ps])
             keys = ("is/ratio_sum", "is/limited_sum", "is/kl_sum", "loss")
@@ -423,12 +423,13 @@ class Learner:
                             p.copy_(src)
 
     def _grads_to_masters(self) -> None:
-        """Move the low-precision weights' gradients onto the fp32 masters (freeing them)."""
+        """Add the low-precision weights' gradients to the fp32 masters' (and free them)."""
         if self.masters is None:
             return
         for m, p in zip(self.masters, self.param_sets[0]):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
+            if p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
 
     @torch.no_grad()
     def _masters_to_model(self) -> None:
