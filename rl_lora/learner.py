@@ -11,6 +11,10 @@ Built for small adapters on small machines:
   [tokens, d_ff] silu output and product are recomputed there, one elementwise pass;
 - micro-batches are packed by a token budget (padded prompt + completion tokens), so memory is bounded
   by `optim.tokens_per_microbatch` whatever the completion lengths;
+- the output layer is the model family's own (rl_lora/heads.py: final-logit soft-capping, logit scale, lm_head
+  bias; eager attention where SDPA would drop Gemma-2's attention soft-cap), and at load the learner's logprobs are
+  checked against the model's own forward (`_check_head`): a family it would get wrong is refused, not trained;
+- full fine-tuning of a bf16/fp16 model steps fp32 master weights (fp32 AdamW state) and copies them back;
 - a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
 - K adapters on one base (`specs`) train in the same micro-batches: each sample names its adapter, the rows of
   an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip.
