@@ -56,7 +56,11 @@ def _model_config(model_path: str):
 
 
 def check_model(cfg: Config, model_path: str) -> None:
-    """target_modules and sampler settings against the model's config.json."""
+    """The model's output layer (one the learner reproduces, rl_lora/heads.py), target_modules and sampler settings
+    against the model's config.json."""
+    from rl_lora.heads import check_output_layer
+
+    check_output_layer(model_path)
     ranks = [s.rank for s in adapter_specs(cfg)] if not is_full_finetune(cfg) else []
     for i, rank in enumerate(ranks):
         if rank > VLLM_MAX_LORA_RANK:

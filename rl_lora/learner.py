@@ -11,6 +11,10 @@ Built for small adapters on small machines:
   [tokens, d_ff] silu output and product are recomputed there, one elementwise pass;
 - micro-batches are packed by a token budget (padded prompt + completion tokens), so memory is bounded
   by `optim.tokens_per_microbatch` whatever the completion lengths;
+- the output layer is the model family's own (rl_lora/heads.py: final-logit soft-capping, logit scale, lm_head
+  bias; eager attention where SDPA would drop Gemma-2's attention soft-cap), and at load the learner's logprobs are
+  checked against the model's own forward (`_check_head`): a family it would get wrong is refused, not trained;
+- full fine-tuning of a bf16/fp16 model steps fp32 master weights (fp32 AdamW state) and copies them back;
 - a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
 - K adapters on one base (`specs`) train in the same micro-batches: each sample names its adapter, the rows of
   an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip.
@@ -25,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rl_lora import heads, prefix
 from rl_lora import lora as lora_mod
-from rl_lora import prefix, truncation
+from rl_lora import truncation
 from rl_lora.loss import LossInputs, ppo_clip_loss, truncated_is_loss
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,35 +47,50 @@ class TrainSample:
     adapter: int = 0  # which adapter of the run produced it (and is trained on it)
 
 
-def _chunk_token_logprobs(hidden_N: torch.Tensor, weight: torch.Tensor, targets_N: torch.Tensor,
-                          inv_temperature: float, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
-    logits_NV = (hidden_N @ weight.t()).float() * inv_temperature
+def _chunk_token_logprobs(hidden_N: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets_N: torch.Tensor, head: heads.Head, inv_temperature: float, top_k: int = -1,
+                          top_p: float = 1.0) -> torch.Tensor:
+    logits_NV = heads.logits(hidden_N, weight, bias, head, inv_temperature)
     if truncation.active(top_k, top_p):  # the sampler's top-k / top-p set (rl_lora/truncation.py)
         logits_NV = logits_NV.masked_fill(truncation.dropped_mask(logits_NV, targets_N, top_k, top_p), float("-inf"))
     return logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(-1)
 
 
 class _FrozenHeadLogprobs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] for a frozen W, with d/dh computed in the forward pass:
-    d logp_t / d h_t = (W[y_t] - softmax_t W) / T does not depend on the upstream gradient, so backward is one
-    multiply and the chunk's [tokens, vocab] logits die in forward (3 vocab-sized matmuls become 2)."""
+    """log softmax(l)[target] for a frozen output layer, l = softcap(s (h W^T + b)) / T, with d/dh computed in the
+    forward pass: d logp_t / d l = e_y - softmax(l) does not depend on the upstream gradient, so backward is one
+    multiply and the chunk's [tokens, vocab] logits die in forward (3 vocab-sized matmuls become 2). With
+    soft-capping c tanh(z / c), dl/dz = (1 - tanh^2(z / c)) / T, so the row is weighted by it before the product
+    with W: d logp / d h = s/T ((1 - tanh^2_y) W[y] - (softmax(l) (1 - tanh^2)) W)."""
 
     @staticmethod
-    def forward(ctx, hidden_N, weight, targets_N, inv_temperature, top_k=-1, top_p=1.0):
-        logits_NV = (hidden_N @ weight.t()).float() * inv_temperature
+    def forward(ctx, hidden_N, weight, bias, targets_N, head, inv_temperature, top_k=-1, top_p=1.0):
+        z_NV = torch.nn.functional.linear(hidden_N, weight, bias).float()
+        if head.scale != 1.0:
+            z_NV.mul_(head.scale)
+        slope_NV = None
+        if head.softcap:
+            z_NV = z_NV.div_(head.softcap).tanh_()
+            slope_NV = 1 - z_NV * z_NV  # d tanh(u)/du, u = z / c
+            z_NV.mul_(head.softcap)
+        logits_NV = z_NV.mul_(inv_temperature)
         if truncation.active(top_k, top_p):  # dropped tokens get probability 0 in the softmax below
             logits_NV.masked_fill_(truncation.dropped_mask(logits_NV, targets_N, top_k, top_p), float("-inf"))
         lse_N = logits_NV.logsumexp(-1)
         logp_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
         probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # in place: the logits are not needed any more
-        dlogp_dh = (weight[targets_N].float() - probs_NV.to(weight.dtype) @ weight) * inv_temperature
+        rows_Nd = weight[targets_N].float()
+        if slope_NV is not None:
+            rows_Nd = rows_Nd * slope_NV.gather(-1, targets_N[:, None])
+            probs_NV.mul_(slope_NV)
+        dlogp_dh = (rows_Nd - probs_NV.to(weight.dtype) @ weight) * (head.scale * inv_temperature)
         ctx.save_for_backward(dlogp_dh.to(hidden_N.dtype))
         return logp_N
 
     @staticmethod
     def backward(ctx, grad_N):
         (dlogp_dh,) = ctx.saved_tensors
-        return grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh, None, None, None, None, None
+        return grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh, None, None, None, None, None, None, None
 
 
 class Learner:
@@ -85,11 +105,14 @@ class Learner:
         (each with its own AdamW and LR, all trained in one forward/backward per micro-batch). `share_prompts`:
         one prompt forward per group of completions of the same prompt; `fuse_mlp`: SwiGLU MLPs recompute their
         [tokens, d_ff] intermediates in backward instead of storing them (both exact; off only to compare)."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
+        attention = heads.attn_implementation(AutoConfig.from_pretrained(model_path))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[dtype], **({"attn_implementation": attention} if attention else {})).to(self.device)
         self.model.config.use_cache = False
+        self.head = heads.head_of(self.model.config)
         self.model_path = model_path
         self.full_finetune = full_finetune
         self.grad_clip = grad_clip
@@ -108,7 +131,14 @@ class Learner:
             for p in self.model.parameters():
                 p.requires_grad_(True)
             self.param_sets = [list(self.model.parameters())]
-            self.optimizers = [torch.optim.AdamW(self.param_sets[0], lr=spec0.lr, **adamw)]
+            # Mixed precision: AdamW steps fp32 master copies and the low-precision weights are copied from them,
+            # so an update below the weight's bf16 spacing (lr 1e-5 on |w| ~ 0.01-0.1) is kept, not rounded
+            # away (stepping bf16 weights in place changed 2.9% of them in 2 steps at lr 1e-5, issue 15).
+            self.masters = None
+            if any(p.dtype != torch.float32 for p in self.param_sets[0]):
+                self.masters = [p.detach().float().clone() for p in self.param_sets[0]]
+            self.step_params = [self.masters or self.param_sets[0]]
+            self.optimizers = [torch.optim.AdamW(self.step_params[0], lr=spec0.lr, **adamw)]
         else:
             self.routing, self.adapter_sets = lora_mod.inject_adapters(self.model, self.specs)
             if fuse_mlp:
@@ -118,11 +148,14 @@ class Learner:
                 groups = lora_mod.adapter_parameters(views, spec.lora_plus_ratio, spec.lr)
                 self.param_sets.append([p for g in groups for p in g["params"]])
                 self.optimizers.append(torch.optim.AdamW(groups, lr=spec.lr, **adamw))
+            self.masters, self.step_params = None, self.param_sets  # adapters are fp32 whatever the base dtype
         self.adapters = self.adapter_sets[0]  # the single-adapter view
         self.optimizer = self.optimizers[0]
         self.params = [p for ps in self.param_sets for p in ps]
         self.backbone = getattr(self.model, self.model.base_model_prefix)
         self.share_prompts = share_prompts and prefix.supported(self.model)
+        self.kv_weight = prefix.kv_copy_weight(self.model.config) if self.share_prompts else 0.0
+        self._check_head()
         if activation_checkpointing:
             # Recompute each decoder layer in backward instead of storing its activations: peak memory drops to
             # ~one layer's activations, for one extra forward pass. (HF applies it only in train mode; Llama-family
@@ -146,19 +179,21 @@ class Learner:
     def _microbatches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
         """Pack samples into micro-batches of at most `tokens_per_microbatch` padded tokens. With prompt sharing
         the unit is a group (the samples of one adapter and prompt, split if it alone exceeds the budget), costed
-        as one padded prompt plus its padded completions; otherwise one sample, costed as padded prompt+completion."""
+        as one padded prompt plus its padded completions plus each completion's gathered copy of the prompt's
+        keys/values (prefix.shared_cost); otherwise one sample, costed as padded prompt+completion."""
         budget = self.tokens_per_microbatch
         if self.share_prompts:
             units, index = prefix.group_keys(samples)
             members: list[list[TrainSample]] = [[] for _ in units]
             for s, u in zip(samples, index):
                 members[u].append(s)
-            pieces = []  # (prompt length, samples) with prompt + n * longest completion <= budget, or one sample
+            kv = self.kv_weight
+            pieces = []  # (prompt length, samples) costing <= budget as one micro-batch, or one sample
             for group in members:
                 group.sort(key=lambda s: len(s.completion_ids), reverse=True)
                 p, piece = len(group[0].prompt_ids), []
                 for s in group:
-                    if piece and p + (len(piece) + 1) * len(piece[0].completion_ids) > budget:
+                    if piece and prefix.shared_cost(1, p, len(piece) + 1, len(piece[0].completion_ids), kv) > budget:
                         pieces.append((p, piece))
                         piece = []
                     piece.append(s)
@@ -167,7 +202,7 @@ class Learner:
             batches, current, n_prompts, n_samples, width_p, width_c = [], [], 0, 0, 0, 0
             for p, piece in pieces:
                 wp, wc = max(width_p, p), max(width_c, len(piece[0].completion_ids))
-                if current and (n_prompts + 1) * wp + (n_samples + len(piece)) * wc > budget:
+                if current and prefix.shared_cost(n_prompts + 1, wp, n_samples + len(piece), wc, kv) > budget:
                     batches.append(current)
                     current, n_prompts, n_samples, wp, wc = [], 0, 0, p, len(piece[0].completion_ids)
                 current += piece
@@ -218,21 +253,26 @@ class Learner:
     def token_logprobs(self, samples: list[TrainSample]) -> torch.Tensor:
         """[N] log p_learner of every completion token of `samples`, concatenated in order."""
         groups = prefix.group_keys(samples)
-        if self.share_prompts and len(groups[0]) < len(samples):
-            hidden_N = prefix.shared_hidden(self.backbone, samples, groups, self.device, self._route)
-        else:
-            hidden_N = self._hidden(samples)
+        try:
+            if self.share_prompts and len(groups[0]) < len(samples):
+                hidden_N = prefix.shared_hidden(self.backbone, samples, groups, self.device, self._route)
+            else:
+                hidden_N = self._hidden(samples)
+        finally:  # the routing describes this batch only: a later forward (e.g. model(ids)) is adapter 0's again
+            if self.routing is not None:
+                self.routing.segments = None
         targets_N = torch.tensor([t for s in samples for t in s.completion_ids], device=self.device)
-        weight = self.model.get_output_embeddings().weight
+        output = self.model.get_output_embeddings()
+        weight, bias, head, inv_t = output.weight, output.bias, self.head, self.inv_temperature
         out = []
         for start in range(0, hidden_N.shape[0], _LOGIT_CHUNK):
             h, t = hidden_N[start: start + _LOGIT_CHUNK], targets_N[start: start + _LOGIT_CHUNK]
             if not torch.is_grad_enabled():
-                out.append(_chunk_token_logprobs(h, weight, t, self.inv_temperature, *self.truncation))
+                out.append(_chunk_token_logprobs(h, weight, bias, t, head, inv_t, *self.truncation))
             elif not weight.requires_grad:
-                out.append(_FrozenHeadLogprobs.apply(h, weight, t, self.inv_temperature, *self.truncation))
+                out.append(_FrozenHeadLogprobs.apply(h, weight, bias, t, head, inv_t, *self.truncation))
             else:
-                out.append(checkpoint(_chunk_token_logprobs, h, weight, t, self.inv_temperature, *self.truncation,
+                out.append(checkpoint(_chunk_token_logprobs, h, weight, bias, t, head, inv_t, *self.truncation,
                                       use_reentrant=False))
         return torch.cat(out)
 
@@ -288,8 +328,9 @@ class Learner:
                     sums[key] += out.metrics[key]
                 sums["ratio_max"] = max(sums["ratio_max"], out.metrics["is/ratio_max"])
             loss.backward()
+            self._grads_to_masters()  # per micro-batch: the step's gradient is summed in fp32
         if data_parallel:
-            distributed.all_reduce_grads(self.params)
+            distributed.all_reduce_grads([p for ps in self.step_params for p in ps])
             keys = ("is/ratio_sum", "is/limited_sum", "is/kl_sum", "loss")
             flat = distributed.all_reduce_sum([sums[key] for sums in sums_K for key in keys], self.device)
             maxima = torch.tensor([sums["ratio_max"] for sums in sums_K], device=self.device)
@@ -310,10 +351,11 @@ class Learner:
         for k in range(K):
             sums, n = sums_K[k], tokens_K[k]
             clip = self.grad_clip if self.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.param_sets[k], clip).item() if n else 0.0
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.step_params[k], clip).item() if n else 0.0
             finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"]) and math.isfinite(sums["is/ratio_sum"])
             if n and finite:
                 self.optimizers[k].step()
+                self._masters_to_model()
             # else: this adapter and its optimizer state stay as they were
             self.optimizers[k].zero_grad(set_to_none=True)
             per_K.append({
@@ -367,14 +409,72 @@ class Learner:
         return "adapter" if self.num_adapters == 1 else f"adapters/{self.specs[k].name}"
 
     def optimizer_states(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers]
+        """Each optimizer's state; with fp32 masters (low-precision full fine-tuning) they travel with it."""
+        states = [opt.state_dict() for opt in self.optimizers]
+        if self.masters is not None:
+            states[0] = {**states[0], "fp32_masters": [m.detach().cpu().clone() for m in self.masters]}
+        return states
 
     def load_optimizer_states(self, states: list[dict]) -> None:
+        """After the model's own weights are loaded (full fine-tuning): the masters are the checkpoint's, or, from a
+        checkpoint without them, the loaded weights."""
         if len(states) != len(self.optimizers):
             raise ValueError(f"checkpoint has {len(states)} optimizer states, the run has {len(self.optimizers)} "
                              "adapters (a different adapter list?)")
-        for opt, st in zip(self.optimizers, states):
+        for k, (opt, st) in enumerate(zip(self.optimizers, states)):
+            st = dict(st)
+            saved = st.pop("fp32_masters", None)
             opt.load_state_dict(st)
+            if k == 0 and self.full_finetune:
+                with torch.no_grad():
+                    if self.masters is not None:  # fp32 masters, from the checkpoint or the loaded weights
+                        for m, src in zip(self.masters, saved or self.param_sets[0]):
+                            m.copy_(src)
+                        self._masters_to_model()
+                    elif saved is not None:  # a low-precision run's masters, resumed in fp32
+                        for p, src in zip(self.param_sets[0], saved):
+                            p.copy_(src)
+
+    def _grads_to_masters(self) -> None:
+        """Add the low-precision weights' gradients to the fp32 masters' (and free them)."""
+        if self.masters is None:
+            return
+        for m, p in zip(self.masters, self.param_sets[0]):
+            if p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
+
+    @torch.no_grad()
+    def _masters_to_model(self) -> None:
+        if self.masters is None:
+            return
+        for m, p in zip(self.masters, self.param_sets[0]):
+            p.copy_(m)
+
+    @torch.no_grad()
+    def _check_head(self) -> None:
+        """Once at load: this learner's logprobs (its own output layer, chunked) equal the model's own
+        `log_softmax(model(ids).logits / T)` on a short sequence. A family whose output layer does something the
+        learner does not reproduce is refused here rather than trained wrong (heads.check_output_layer refuses the ones it
+        can see before any engine starts)."""
+        from rl_lora.config import ConfigError
+
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        ids = (torch.arange(16) * 7919 + 11) % min(vocab, 4096)  # fixed, spread over the vocabulary
+        sample = TrainSample(ids[:4].tolist(), ids[4:].tolist(), [0.0] * 12, 0.0)
+        kept, self.truncation = self.truncation, (-1, 1.0)  # the model's own forward has no top-k / top-p
+        try:
+            ours = self.token_logprobs([sample]).float().cpu()
+        finally:
+            self.truncation = kept
+        logits = self.model(input_ids=ids[None].to(self.device)).logits[0, 3:-1].float().cpu()
+        theirs = torch.log_softmax(logits * self.inv_temperature, -1).gather(-1, ids[4:, None]).squeeze(-1)
+        gap = (ours - theirs).abs().mean().item()
+        tol = 1e-3 if self.model.dtype == torch.float32 else 0.1  # as sync.push_check_tol
+        if not gap <= tol:
+            raise ConfigError(f"model.path: the learner's logprobs differ from {type(self.model).__name__}'s own "
+                              f"forward by {gap:.3g} nats per token (output layer applied: {self.head.describe()}): "
+                              "its output layer does something the learner does not reproduce; not supported")
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)

@@ -78,18 +78,11 @@ def smollm2_from_gguf() -> Path:
     return target
 
 
-def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2,
-                     initializer_range: float = 0.1) -> Path:
-    """A randomly initialised Llama with a byte-level tokenizer, loadable by HF and vLLM, made offline.
-
-    Head size 64 (vLLM's CPU attention supports it); vocabulary = 256 bytes + ChatML specials.
-    """
-    import torch
+def byte_tokenizer(target: str | Path):
+    """A byte-level BPE tokenizer without merges (256 bytes + ChatML specials), saved into `target`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -101,18 +94,42 @@ def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, 
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(target)
-    vocab_size = 320  # 259 used, padded
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1,
-        head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-        torch_dtype="float32", initializer_range=initializer_range,
-    )
-    model = LlamaForCausalLM(config)
+    return fast
+
+
+TINY_VOCAB = 320  # the byte tokenizer's 259 tokens, padded
+
+
+def save_tiny(model, fast, target: Path) -> Path:
+    """Save a random model built on the byte tokenizer, with a generation config naming its special tokens."""
     model.save_pretrained(target)
     gen = {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id,
            "pad_token_id": fast.pad_token_id}
     (target / "generation_config.json").write_text(json.dumps(gen))
     return target
+
+
+def special_ids(fast) -> dict:
+    return {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id, "pad_token_id": fast.pad_token_id}
+
+
+def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2,
+                     initializer_range: float = 0.1, tie_word_embeddings: bool = True) -> Path:
+    """A randomly initialised Llama with a byte-level tokenizer, loadable by HF and vLLM, made offline.
+
+    Head size 64 (vLLM's CPU attention supports it); vocabulary = 256 bytes + ChatML specials.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    fast = byte_tokenizer(target)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1,
+        head_dim=64, max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings,
+        torch_dtype="float32", initializer_range=initializer_range, **special_ids(fast),
+    )
+    return save_tiny(LlamaForCausalLM(config), fast, target)

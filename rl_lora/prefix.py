@@ -64,6 +64,29 @@ def supported(model) -> bool:
     return not getattr(config, "use_sliding_window", False)
 
 
+def kv_copy_weight(config) -> float:
+    """What one completion's gathered copy of one prompt token's keys/values costs, in the micro-batch budget's unit
+    (one token through the model). Per layer, the completion pass keeps cat(prompt, new) keys and values for
+    attention's backward: 2 x kv_dim values, or 2 x q_dim where SDPA's GQA path repeats them per query head (counted,
+    to be safe); a token through the layer keeps ~7 hidden-size tensors (norm inputs and outputs, q, attention
+    output, o_proj input) plus k, v and the fused MLP's gate and up (lora._SwiGLUDown). An estimate from what
+    autograd saves (issue 15: uncounted, the copies are GBs at 8B with long prompts); ~0.17 for the tiny test
+    Llama, ~0.15 for Qwen3-8B."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    kv_dim = getattr(config, "num_key_value_heads", None) or heads
+    kv_dim *= head_dim
+    d_ff = getattr(config, "intermediate_size", None) or 4 * d
+    return 2 * max(kv_dim, heads * head_dim) / (7 * d + 2 * kv_dim + 2 * d_ff)
+
+
+def shared_cost(n_prompts: int, prompt_width: int, n_samples: int, completion_width: int, kv_weight: float) -> float:
+    """Budget cost of a shared-prompt micro-batch: its padded prompts and completions through the model, plus each
+    completion's gathered copy of its prompt's keys/values."""
+    return n_prompts * prompt_width + n_samples * (completion_width + kv_weight * prompt_width)
+
+
 def allow_with_checkpointing(model) -> None:
     """HF drops the cache under activation checkpointing (a recomputed layer would append twice to a normal cache);
     ours is recompute-safe (see the module doc), so let the decoder layers keep it."""

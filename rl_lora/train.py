@@ -338,7 +338,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
     specs = adapter_specs(cfg)
     tasks, task_of = load_tasks(cfg, specs)  # data errors before any model loads
     model_path = resolve_model_path(cfg.model.path)
-    check_model(cfg, model_path)  # target_modules and sampler settings against config.json, before any engine
+    check_model(cfg, model_path)  # output layer, target_modules, sampler settings: before any model loads
     for t in tasks:
         t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
     cfg, notes = apply_science(cfg, model_path)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from rl_lora import distributed
+from rl_lora import distributed, heads
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample, _chunk_token_logprobs, _FrozenHeadLogprobs
 
@@ -80,30 +80,62 @@ def test_shared_prompt_runs_each_prompt_once(tiny_model):
     assert shared < 0.8 * unshared
 
 
+def _cost(mb, kv_weight):
+    """Padded prompts + padded completions through the model + each completion's gathered copy of its prompt."""
+    prompts = {(s.adapter, tuple(s.prompt_ids)) for s in mb}
+    width_p = max(len(p) for _, p in prompts)
+    return len(prompts) * width_p + len(mb) * max(len(s.completion_ids) for s in mb) + kv_weight * len(mb) * width_p
+
+
 def test_microbatches_keep_groups_and_the_budget(tiny_model):
     samples = grpo_samples(groups=4, group_size=4)
     learner = _learner(tiny_model, tokens_per_microbatch=60)
     batches = learner._microbatches(samples)
     assert sorted(map(id, samples)) == sorted(id(s) for mb in batches for s in mb)
     for mb in batches:
-        prompts = {(s.adapter, tuple(s.prompt_ids)) for s in mb}
-        cost = len(prompts) * max(len(p) for _, p in prompts) + len(mb) * max(len(s.completion_ids) for s in mb)
-        assert cost <= 60 or len(mb) == 1
+        assert _cost(mb, learner.kv_weight) <= 60 or len(mb) == 1
         assert [s.adapter for s in mb] == sorted(s.adapter for s in mb)
 
 
-def test_frozen_head_logprob_gradient_equals_autograd():
+def test_budget_counts_each_completions_copy_of_the_prompt_keys_values(tiny_model):
+    """Long prompts, short completions: the gathered prompt keys/values (one copy per completion, kept for
+    attention's backward) dominate, and must be counted (uncounted, this step packed into one micro-batch)."""
+    rng = random.Random(0)
+    samples = []
+    for _ in range(2):
+        prompt = [rng.randrange(3, 200) for _ in range(150)]
+        samples += [TrainSample(prompt, [rng.randrange(3, 200) for _ in range(4)], [-5.0] * 4, 1.0)
+                    for _ in range(8)]
+    learner = Learner(tiny_model, target_modules=ALL_LINEAR, tokens_per_microbatch=500)
+    weight = learner.kv_weight
+    config = learner.model.config  # 2 x the repeated keys/values (q_dim) over ~7 d + 2 kv_dim + 2 d_ff per token
+    assert weight == pytest.approx(2 * 128 / (7 * 128 + 2 * 64 + 2 * config.intermediate_size))
+    batches = learner._microbatches(samples)
+    assert len(batches) > 1
+    assert all(_cost(mb, weight) <= 500 for mb in batches)
+    assert sorted(map(id, samples)) == sorted(id(s) for mb in batches for s in mb)
+
+
+@pytest.mark.parametrize("head,with_bias", [(heads.Head(), False), (heads.Head(scale=0.125), False),
+                                            (heads.Head(softcap=2.0), False), (heads.Head(4.0, 3.0), True)])
+def test_frozen_head_logprob_gradient_equals_autograd(head, with_bias):
+    """Plain, scaled (Granite/Cohere), soft-capped (Gemma-2: the cap changes the gradient) and biased (Phi) heads."""
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
     weight = torch.randn(50, 16, generator=gen)
+    bias = torch.randn(50, generator=gen) if with_bias else None
     targets = torch.randint(0, 50, (37,), generator=gen)
     upstream = torch.randn(37, generator=gen)
-    ours = _FrozenHeadLogprobs.apply(hidden, weight, targets, 1 / 0.7)
+    ours = _FrozenHeadLogprobs.apply(hidden, weight, bias, targets, head, 1 / 0.7)
     (g_ours,) = torch.autograd.grad((ours * upstream).sum(), hidden)
-    plain = _chunk_token_logprobs(hidden, weight, targets, 1 / 0.7)
+    z = hidden @ weight.T + (0 if bias is None else bias)
+    z = z * head.scale
+    z = head.softcap * torch.tanh(z / head.softcap) if head.softcap else z
+    plain = torch.log_softmax(z / 0.7, -1).gather(-1, targets[:, None]).squeeze(-1)
     (g_plain,) = torch.autograd.grad((plain * upstream).sum(), hidden)
     torch.testing.assert_close(ours, plain)
     torch.testing.assert_close(g_ours, g_plain)
+    torch.testing.assert_close(_chunk_token_logprobs(hidden, weight, bias, targets, head, 1 / 0.7), plain)
 
 
 def test_data_parallel_shards_deal_whole_groups():

@@ -1,0 +1,84 @@
+"""Tiny random models of several families, built offline on the byte tokenizer (like rl_lora.models.build_tiny_llama),
+each with the output-layer feature that sets its family apart switched on and large enough to matter:
+Gemma-2's final-logit soft-capping, Granite's logits_scaling (divides), Cohere's logit_scale (multiplies), Phi's
+lm_head bias. Head size 64 and one KV head, as vLLM's CPU attention needs."""
+
+from pathlib import Path
+
+import torch
+
+from rl_lora.models import TINY_VOCAB, build_tiny_llama, byte_tokenizer, save_tiny, special_ids
+
+HIDDEN = 128
+
+
+def _common(fast, **kw) -> dict:
+    return dict(vocab_size=TINY_VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                initializer_range=0.1, **special_ids(fast), **kw)
+
+
+def _build(target, config_cls, model_cls, seed=0, **kw) -> Path:
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    fast = byte_tokenizer(target)
+    torch.manual_seed(seed)
+    config = config_cls(**_common(fast, **kw))
+    return save_tiny(model_cls(config), fast, target)
+
+
+def llama_untied(target) -> Path:
+    return build_tiny_llama(target, tie_word_embeddings=False)
+
+
+def qwen2(target) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _build(target, Qwen2Config, Qwen2ForCausalLM, tie_word_embeddings=True)
+
+
+def qwen3(target) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _build(target, Qwen3Config, Qwen3ForCausalLM, tie_word_embeddings=False)
+
+
+def gemma2(target, softcap: float = 5.0, **kw) -> Path:
+    """Soft-capping at 5 (Gemma-2 ships 30): this random model's logits reach ~±20 and are capped hard."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _build(target, Gemma2Config, Gemma2ForCausalLM, final_logit_softcapping=softcap,
+                  query_pre_attn_scalar=64, sliding_window=512, **kw)
+
+
+def granite(target, logits_scaling: float = 8.0) -> Path:
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    return _build(target, GraniteConfig, GraniteForCausalLM, logits_scaling=logits_scaling,
+                  tie_word_embeddings=True)
+
+
+def cohere(target, logit_scale: float = 4.0) -> Path:
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return _build(target, CohereConfig, CohereForCausalLM, logit_scale=logit_scale)
+
+
+def phi(target) -> Path:
+    """Phi-1/2: its lm_head has a bias (random here: the base init leaves it at zero)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    fast = byte_tokenizer(target)
+    torch.manual_seed(0)
+    kw = _common(fast)
+    kw.pop("head_dim")
+    model = PhiForCausalLM(PhiConfig(**kw))
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0, 1.0)
+    return save_tiny(model, fast, target)
+
+
+BUILDERS = {"llama_tied": build_tiny_llama, "llama_untied": llama_untied, "qwen2": qwen2, "qwen3": qwen3,
+            "gemma2": gemma2, "granite": granite, "cohere": cohere, "phi": phi}
