@@ -194,7 +194,11 @@ _TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 class _Engine:
-    """The body of one sampler actor: a Sampler and its adapter versions (Ray resolves ObjectRef arguments)."""
+    """The body of one sampler actor: a Sampler and its adapter versions (Ray resolves ObjectRef arguments).
+
+    Created in two calls, so the driver knows where the engine lives before vLLM starts: the constructor makes the
+    actor's process the leader of a process group of its own (vLLM's engine-core and worker processes inherit it,
+    and keep it if the actor dies), `where()` names it, and `start()` loads the engine."""
 
     def __init__(self, model_path: str, kwargs: dict, env: dict):
         # The driver may be rank 0 of a torchrun learner: its process-group variables would make this engine try
@@ -202,20 +206,35 @@ class _Engine:
         for key in [k for k in os.environ if k in _TORCHRUN_ENV or k.startswith("TORCHELASTIC_")]:
             del os.environ[key]
         os.environ.update(env)
-        from rl_lora.sampler import Sampler
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # already a group leader, or not allowed: the group is then the actor's pid only if it leads
+            pass
+        self.model_path, self.kwargs, self.sampler = model_path, kwargs, None
 
-        self.sampler = Sampler(model_path, **kwargs)
-
-    def info(self) -> dict:
-        """The engine's context length and the processes that hold its memory: this actor's and its children's
-        (vLLM's engine-core process when VLLM_ENABLE_V1_MULTIPROCESSING=1, the GPU default; TP workers)."""
+    def where(self) -> dict:
+        """The node and process group of this engine's processes: what `_reap` kills once the engine is dead."""
         import psutil
         import ray
 
         me = psutil.Process()
-        procs = [(p.pid, p.create_time()) for p in [me, *me.children(recursive=True)]]
-        return {"max_model_len": self.sampler.max_model_len, "pid": me.pid, "procs": procs,
-                "node_id": ray.get_runtime_context().get_node_id()}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": me.pid, "pgid": os.getpgid(0),
+                "created": me.create_time()}
+
+    def start(self) -> dict:
+        from rl_lora.sampler import Sampler
+
+        self.sampler = Sampler(self.model_path, **self.kwargs)
+        return self.info()
+
+    def info(self) -> dict:
+        """The engine's context length and the processes that hold its memory: this actor and its children (vLLM's
+        engine-core process when VLLM_ENABLE_V1_MULTIPROCESSING=1, the GPU default; its workers)."""
+        import psutil
+
+        me = psutil.Process()
+        return {"max_model_len": self.sampler.max_model_len, "pid": me.pid,
+                "procs": [(p.pid, p.create_time()) for p in [me, *me.children(recursive=True)]]}
 
     def push(self, version: int, tensors: dict, config: dict) -> None:
         self.sampler.push(version, _writer(tensors, config), evict_older=False)
@@ -246,36 +265,44 @@ def _engine_failure(exc: Exception) -> None:
     raise exc
 
 
-def _reap(procs: list, timeout_s: float) -> list[int]:
-    """Runs on the dead engine's node: SIGKILL every (pid, start time) still alive (the start time tells a reused
-    pid apart) and wait until all have exited. Returns the pids still running."""
+def _reap(where: dict, timeout_s: float) -> list[int]:
+    """Runs on the dead engine's node: SIGKILL its process group (the actor, vLLM's engine-core and worker
+    processes, even those orphaned by the actor's death) and wait until every member has exited. Members are
+    processes of that group started no earlier than the actor (so a reused id is never touched). Returns the pids
+    still running."""
+    import signal
     import time
 
     import psutil
 
-    alive = []
-    for pid, created in procs:
+    def members() -> list[int]:
+        out = []
+        for p in psutil.process_iter(["pid", "create_time", "status"]):
+            try:
+                if (os.getpgid(p.info["pid"]) == where["pgid"] and p.info["create_time"] >= where["created"] - 1
+                        and p.info["status"] != psutil.STATUS_ZOMBIE):
+                    out.append(p.info["pid"])
+            except (ProcessLookupError, PermissionError):
+                pass
+        return out
+
+    if where["pgid"] != where["pid"]:  # not our own group (setpgid failed): only the actor process itself
         try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 1e-3:
-                p.kill()
-                alive.append(p)
+            psutil.Process(where["pid"]).kill()
         except psutil.NoSuchProcess:
             pass
+        return []
     deadline = time.monotonic() + timeout_s
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _running(p)]
+    left = members()
+    while left and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.2)
-    return [p.pid for p in alive]
-
-
-def _running(p) -> bool:
-    import psutil
-
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        left = members()
+    return left
 
 
 class RayFleet(_Fleet):
@@ -296,8 +323,9 @@ class RayFleet(_Fleet):
         self.gpus = gpus_per_engine if self.on_gpu else 0
         self.num_engines = num_engines
         self.actors = [self._start(i) for i in range(num_engines)]
-        self.procs = ray.get([a.info.remote() for a in self.actors])  # per engine: its processes, for _free
-        self.max_model_len = self.procs[0]["max_model_len"]
+        self.procs = ray.get([a.where.remote() for a in self.actors])  # per engine: its node and processes, for _free
+        infos = ray.get([a.start.remote() for a in self.actors])
+        self.max_model_len = infos[0]["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     def _start(self, i: int):
@@ -377,30 +405,31 @@ class RayFleet(_Fleet):
                          f"{info}); stopping")
 
     def _start_loaded(self, e: int):
-        """(actor, info) of a new engine holding the live weights and adapters, or (None, why) if it died."""
+        """(actor, where) of a new engine holding the live weights and adapters, or (None, why) if it died."""
         import ray
         from ray.exceptions import GetTimeoutError
 
         actor = self._start(e)
-        info = None
+        where = None
         try:  # a lost node leaves no free GPU for the new engine: stop instead of waiting forever
-            info = ray.get(actor.info.remote(), timeout=ENGINE_START_TIMEOUT_S)
+            where = ray.get(actor.where.remote(), timeout=ENGINE_START_TIMEOUT_S)
+            ray.get(actor.start.remote(), timeout=ENGINE_START_TIMEOUT_S)
             if self.weights is not None:
                 ray.get(actor.load_weights.remote(self.weights))
             ray.get([actor.push.remote(v, t, c) for v, (_, t, c) in sorted(self.adapters.items())])
-            return actor, info
+            return actor, where
         except GetTimeoutError:
-            self._free(actor, info)
+            self._free(actor, where)
             raise FleetError(f"a new sampler engine did not start within {ENGINE_START_TIMEOUT_S} s (no free "
                              f"{'GPU' if self.on_gpu else 'CPU'} in the Ray cluster?)") from None
         except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
             _engine_failure(exc)
-            self._free(actor, info)
+            self._free(actor, where)
             return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
-    def _free(self, actor, info: dict | None) -> None:
+    def _free(self, actor, where: dict | None) -> None:
         """Release a dead (or failing) engine's resources before another takes its place: ray.kill the actor (Ray
-        frees its GPU slot), then, on its node, SIGKILL any process of it still running and wait until they have
+        frees its GPU slot), then, on its node, SIGKILL its process group and wait until every process of it has
         exited. vLLM's engine-core process is a child of the actor and can outlive it, holding the GPU memory that
         vLLM's free-memory check at the next engine's start would refuse."""
         import ray
@@ -410,12 +439,12 @@ class RayFleet(_Fleet):
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 -- already gone
             pass
-        if not info:
-            return  # it never started: Ray's kill ends its one process
+        if not where:
+            return  # it was never placed: no process of it exists
         task = ray.remote(num_cpus=0)(_reap).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(info["node_id"], soft=False))
+            scheduling_strategy=NodeAffinitySchedulingStrategy(where["node_id"], soft=False))
         try:
-            left = ray.get(task.remote(info["procs"], FREE_TIMEOUT_S), timeout=FREE_TIMEOUT_S + 60)
+            left = ray.get(task.remote(where, FREE_TIMEOUT_S), timeout=FREE_TIMEOUT_S + 60)
         except Exception as exc:  # noqa: BLE001 -- the node itself is gone: so are its processes
             self.say(f"could not check the dead engine's processes ({type(exc).__name__}); its node is gone?")
             return
@@ -460,11 +489,9 @@ class RayFleet(_Fleet):
         self._each("load_weights", self.weights)
 
     def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 -- already gone
+        for actor, where in zip(self.actors, self.procs):
+            try:  # killed with their engine-core processes, which would otherwise keep their GPU memory
+                self._free(actor, where)
+            except Exception:  # noqa: BLE001 -- best effort at the end of a run
                 pass
         self.actors = []

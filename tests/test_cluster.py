@@ -177,19 +177,29 @@ def test_ray_engine_killed_for_real_is_freed_and_replaced(tiny_model, monkeypatc
         prompt = list(range(5, 25))
         kw = dict(n=2, adapters=[1], seeds=[7], temperature=1.0, max_tokens=6)
         before = fleet.generate([prompt], **kw)
-        first = fleet.procs[0]
-        assert len(first["procs"]) >= 2, "the engine core should run in a child process of the actor"
+        first = ray.get(fleet.actors[0].info.remote())
+        actor_proc = psutil.Process(first["pid"])
+        first_procs = [(p.pid, p.create_time()) for p in [actor_proc, *actor_proc.children(recursive=True)]]
+        assert len(first_procs) >= 2, "the engine core should run in a child process of the actor"
 
-        killed, raylet = [], psutil.Process(first["pid"]).ppid()  # only this test's Ray: workers of its raylet
+        killed, raylet = [], actor_proc.ppid()  # only this test's Ray: workers of its raylet
 
         def kill_the_replacement_while_it_loads():
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and not killed:
                 for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
                     title = " ".join(p.info["cmdline"] or [])
-                    if "_Engine.__init__" in title and p.info["ppid"] == raylet and p.info["pid"] != first["pid"]:
+                    loading = "_Engine.__init__" in title or "_Engine.start" in title
+                    if loading and p.info["ppid"] == raylet and p.info["pid"] != first["pid"]:
+                        try:
+                            children = p.children(recursive=True)
+                            if not children:  # kill it once vLLM's engine-core process exists
+                                continue
+                            killed.append((p.pid, p.create_time()))
+                            killed.extend((c.pid, c.create_time()) for c in children)
+                        except psutil.NoSuchProcess:
+                            continue
                         os.kill(p.info["pid"], signal.SIGKILL)
-                        killed.append(p.info["pid"])
                         break
                 time.sleep(0.1)
 
@@ -201,9 +211,10 @@ def test_ray_engine_killed_for_real_is_freed_and_replaced(tiny_model, monkeypatc
         assert killed, "the replacement engine was not seen loading"
         assert [[c.token_ids for c in g] for g in after] == [[c.token_ids for c in g] for g in before]
         assert all(c.adapter_version == 1 for g in after for c in g)
-        assert fleet.restarts == 1 and fleet.procs[0]["pid"] not in (first["pid"], killed[0])
+        assert fleet.restarts == 1 and ray.get(fleet.actors[0].info.remote())["pid"] not in (first["pid"], killed[0][0])
         assert any("died while starting" in line for line in said), said
-        assert _engine_processes_alive(first["procs"]) == []  # the actor and its engine-core child are gone
+        assert _engine_processes_alive(first_procs) == []  # the actor and its engine-core child are gone
+        assert _engine_processes_alive(killed) == []  # and the replacement killed while loading, with its children
     finally:
         if fleet is not None:
             fleet.close()
