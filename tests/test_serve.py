@@ -5,6 +5,7 @@ lookup; `python -m vllm.entrypoints.openai.api_server` works), with the settings
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from rl_lora.config import ALL_LINEAR
 from rl_lora.learner import Learner, TrainSample
@@ -80,7 +80,7 @@ def test_openai_server_serves_the_trained_adapter_like_our_sampler(tiny_model, s
 
     greedy = dict(n=1, temperature=0.0, max_tokens=12, seed=0)
     base = sampler.generate([prompt], adapters=None, **greedy)[0][0]
-    ref = sampler.push(901, lambda path: __import__("shutil").copytree(adapter, path))
+    ref = sampler.push(901, lambda path: shutil.copytree(adapter, path))
     ours = sampler.generate([prompt], adapters=ref, **greedy)[0][0]
     sampler.evict(901)
     assert ours.token_ids != base.token_ids, "the trained adapter should change the greedy completion"
