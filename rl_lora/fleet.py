@@ -23,6 +23,8 @@ from rl_lora.sampler import AdapterRef
 
 MAX_RESTARTS = 2  # per request: a third death in a row is not a transient fault
 ENGINE_START_TIMEOUT_S = 900  # an 8B engine loads in minutes; longer means Ray has nowhere to put it
+START_ATTEMPTS = 3  # a replacement engine that dies while starting (e.g. its GPU not yet free) is tried again
+FREE_TIMEOUT_S = 120  # how long the processes of a dead engine may take to exit once killed
 
 
 class FleetError(RuntimeError):
@@ -192,7 +194,11 @@ _TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 class _Engine:
-    """The body of one sampler actor: a Sampler and its adapter versions (Ray resolves ObjectRef arguments)."""
+    """The body of one sampler actor: a Sampler and its adapter versions (Ray resolves ObjectRef arguments).
+
+    Created in two calls, so the driver knows where the engine lives before vLLM starts: the constructor makes the
+    actor's process the leader of a process group of its own (vLLM's engine-core and worker processes inherit it,
+    and keep it if the actor dies), `where()` names it, and `start()` loads the engine."""
 
     def __init__(self, model_path: str, kwargs: dict, env: dict):
         # The driver may be rank 0 of a torchrun learner: its process-group variables would make this engine try
@@ -200,12 +206,35 @@ class _Engine:
         for key in [k for k in os.environ if k in _TORCHRUN_ENV or k.startswith("TORCHELASTIC_")]:
             del os.environ[key]
         os.environ.update(env)
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # already a group leader, or not allowed: the group is then the actor's pid only if it leads
+            pass
+        self.model_path, self.kwargs, self.sampler = model_path, kwargs, None
+
+    def where(self) -> dict:
+        """The node and process group of this engine's processes: what `_reap` kills once the engine is dead."""
+        import psutil
+        import ray
+
+        me = psutil.Process()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": me.pid, "pgid": os.getpgid(0),
+                "created": me.create_time()}
+
+    def start(self) -> dict:
         from rl_lora.sampler import Sampler
 
-        self.sampler = Sampler(model_path, **kwargs)
+        self.sampler = Sampler(self.model_path, **self.kwargs)
+        return self.info()
 
     def info(self) -> dict:
-        return {"max_model_len": self.sampler.max_model_len, "pid": os.getpid()}
+        """The engine's context length and the processes that hold its memory: this actor and its children (vLLM's
+        engine-core process when VLLM_ENABLE_V1_MULTIPROCESSING=1, the GPU default; its workers)."""
+        import psutil
+
+        me = psutil.Process()
+        return {"max_model_len": self.sampler.max_model_len, "pid": me.pid,
+                "procs": [(p.pid, p.create_time()) for p in [me, *me.children(recursive=True)]]}
 
     def push(self, version: int, tensors: dict, config: dict) -> None:
         self.sampler.push(version, _writer(tensors, config), evict_older=False)
@@ -219,6 +248,61 @@ class _Engine:
     def generate(self, prompt_ids_P, versions_P, seeds_P, n, sampling):
         refs = [None if v is None else self.sampler.live[v] for v in versions_P]
         return self.sampler.generate(prompt_ids_P, n=n, adapters=refs, seed=0, seeds=seeds_P, **sampling)
+
+
+def _engine_failure(exc: Exception) -> None:
+    """Re-raise `exc` unless it says an engine died: its actor (RayActorError, ActorDiedError, ActorUnavailableError),
+    the objects it held, or the vLLM engine inside a live actor (any error but bad input)."""
+    from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+
+    if isinstance(exc, (RayActorError, ObjectLostError)):
+        return
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ValueError):
+            raise cause from None  # bad input (prompt too long, ...), not a dead engine
+        return
+    raise exc
+
+
+def _reap(where: dict, timeout_s: float) -> list[int]:
+    """Runs on the dead engine's node: SIGKILL its process group (the actor, vLLM's engine-core and worker
+    processes, even those orphaned by the actor's death) and wait until every member has exited. Members are
+    processes of that group started no earlier than the actor (so a reused id is never touched). Returns the pids
+    still running."""
+    import signal
+    import time
+
+    import psutil
+
+    def members() -> list[int]:
+        out = []
+        for p in psutil.process_iter(["pid", "create_time", "status"]):
+            try:
+                if (os.getpgid(p.info["pid"]) == where["pgid"] and p.info["create_time"] >= where["created"] - 1
+                        and p.info["status"] != psutil.STATUS_ZOMBIE):
+                    out.append(p.info["pid"])
+            except (ProcessLookupError, PermissionError):
+                pass
+        return out
+
+    if where["pgid"] != where["pid"]:  # not our own group (setpgid failed): only the actor process itself
+        try:
+            psutil.Process(where["pid"]).kill()
+        except psutil.NoSuchProcess:
+            pass
+        return []
+    deadline = time.monotonic() + timeout_s
+    left = members()
+    while left and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+        left = members()
+    return left
 
 
 class RayFleet(_Fleet):
@@ -239,7 +323,8 @@ class RayFleet(_Fleet):
         self.gpus = gpus_per_engine if self.on_gpu else 0
         self.num_engines = num_engines
         self.actors = [self._start(i) for i in range(num_engines)]
-        infos = ray.get([a.info.remote() for a in self.actors])
+        self.procs = ray.get([a.where.remote() for a in self.actors])  # per engine: its node and processes, for _free
+        infos = ray.get([a.start.remote() for a in self.actors])
         self.max_model_len = infos[0]["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 
@@ -272,7 +357,6 @@ class RayFleet(_Fleet):
 
     def result(self, req: _Request):
         import ray
-        from ray.exceptions import RayActorError
 
         out: list = [None] * len(req.prompt_ids_P)
         for e in range(len(req.pending)):
@@ -280,7 +364,8 @@ class RayFleet(_Fleet):
                 actor, idx, ref = req.pending[e]
                 try:
                     groups = ray.get(ref)
-                except RayActorError as exc:
+                except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
+                    _engine_failure(exc)
                     self._failed(req, exc)
                     if self.actors[e] is actor:  # not yet replaced by another request that saw the death
                         self.say(f"sampler engine {e} died ({type(exc).__name__}); starting a new one with "
@@ -304,33 +389,81 @@ class RayFleet(_Fleet):
         ray.kill(self.actors[e], no_restart=True)
 
     def _replace(self, e: int) -> None:
+        """Engine `e` died: kill what is left of it, wait until its processes (and so its GPU memory) are gone, and
+        start another with the live weights and adapters. A replacement that dies while starting (another fault,
+        or vLLM's free-memory check on a GPU still held) is freed the same way and tried again."""
+        self.restarts += 1
+        self._free(self.actors[e], self.procs[e])
+        for attempt in range(1, START_ATTEMPTS + 1):
+            actor, info = self._start_loaded(e)
+            if actor is not None:
+                self.actors[e], self.procs[e] = actor, info
+                return
+            self.say(f"sampler engine {e}: the new engine died while starting ({info}); "
+                     f"attempt {attempt} of {START_ATTEMPTS}")
+        raise FleetError(f"sampler engine {e}: {START_ATTEMPTS} new engines in a row died while starting (last: "
+                         f"{info}); stopping")
+
+    def _start_loaded(self, e: int):
+        """(actor, where) of a new engine holding the live weights and adapters, or (None, why) if it died."""
         import ray
         from ray.exceptions import GetTimeoutError
 
-        self.restarts += 1
         actor = self._start(e)
+        where = None
         try:  # a lost node leaves no free GPU for the new engine: stop instead of waiting forever
-            ray.get(actor.info.remote(), timeout=ENGINE_START_TIMEOUT_S)
+            where = ray.get(actor.where.remote(), timeout=ENGINE_START_TIMEOUT_S)
+            ray.get(actor.start.remote(), timeout=ENGINE_START_TIMEOUT_S)
+            if self.weights is not None:
+                ray.get(actor.load_weights.remote(self.weights))
+            ray.get([actor.push.remote(v, t, c) for v, (_, t, c) in sorted(self.adapters.items())])
+            return actor, where
         except GetTimeoutError:
+            self._free(actor, where)
             raise FleetError(f"a new sampler engine did not start within {ENGINE_START_TIMEOUT_S} s (no free "
                              f"{'GPU' if self.on_gpu else 'CPU'} in the Ray cluster?)") from None
-        if self.weights is not None:
-            ray.get(actor.load_weights.remote(self.weights))
-        ray.get([actor.push.remote(v, t, c) for v, (_, t, c) in sorted(self.adapters.items())])
-        self.actors[e] = actor
+        except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
+            _engine_failure(exc)
+            self._free(actor, where)
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+    def _free(self, actor, where: dict | None) -> None:
+        """Release a dead (or failing) engine's resources before another takes its place: ray.kill the actor (Ray
+        frees its GPU slot), then, on its node, SIGKILL its process group and wait until every process of it has
+        exited. vLLM's engine-core process is a child of the actor and can outlive it, holding the GPU memory that
+        vLLM's free-memory check at the next engine's start would refuse."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 -- already gone
+            pass
+        if not where:
+            return  # it was never placed: no process of it exists
+        task = ray.remote(num_cpus=0)(_reap).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(where["node_id"], soft=False))
+        try:
+            left = ray.get(task.remote(where, FREE_TIMEOUT_S), timeout=FREE_TIMEOUT_S + 60)
+        except Exception as exc:  # noqa: BLE001 -- the node itself is gone: so are its processes
+            self.say(f"could not check the dead engine's processes ({type(exc).__name__}); its node is gone?")
+            return
+        if left:
+            raise FleetError(f"the dead sampler engine's processes {left} did not exit within {FREE_TIMEOUT_S} s "
+                             "after SIGKILL; its GPU memory is not free")
 
     def _each(self, method: str, *args) -> list:
         """Call `method` on every engine and wait; an engine found dead is replaced (with the live state)."""
         import ray
-        from ray.exceptions import RayActorError
 
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         out = []
         for e, ref in enumerate(refs):
             try:
                 out.append(ray.get(ref))
-            except RayActorError:
-                self.say(f"sampler engine {e} died; starting a new one with the live adapters")
+            except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
+                _engine_failure(exc)
+                self.say(f"sampler engine {e} died ({type(exc).__name__}); starting a new one with the live adapters")
                 self._replace(e)
                 out.append(None)
         return out
@@ -356,11 +489,9 @@ class RayFleet(_Fleet):
         self._each("load_weights", self.weights)
 
     def close(self) -> None:
-        import ray
-
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 -- already gone
+        for actor, where in zip(self.actors, self.procs):
+            try:  # killed with their engine-core processes, which would otherwise keep their GPU memory
+                self._free(actor, where)
+            except Exception:  # noqa: BLE001 -- best effort at the end of a run
                 pass
         self.actors = []

@@ -138,8 +138,11 @@ class Sampler:
         self._weights_pushed += 1
         path = self._dir / f"weights-{self._weights_pushed}.safetensors"
         try:
-            # copies: on CPU `.to("cpu")` alone would alias the live parameters (and tied ones each other)
-            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in hf_state.items()}, str(path))
+            # CPU copies in the engine's dtype (the engine casts to it anyway; fp32 master weights make a file half
+            # the size). copy=True: on CPU `.to()` alone could alias the live parameters, and tied ones each other.
+            dtype = self.llm.llm_engine.model_config.dtype
+            save_file({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+                       .contiguous() for k, v in hf_state.items()}, str(path))
             missing = self.llm.collective_rpc("rl_lora_load_weights", args=(str(path),))[0]
         finally:
             path.unlink(missing_ok=True)

@@ -14,8 +14,16 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
+@pytest.fixture
+def sampler(request, _session_sampler):
+    """The session's engine; a test that uses it starts vLLM, so it must be marked slow."""
+    if request.node.get_closest_marker("slow") is None:
+        pytest.fail(f"{request.node.nodeid} starts a vLLM engine: mark it @pytest.mark.slow")
+    return _session_sampler
+
+
 @pytest.fixture(scope="session")
-def sampler(tiny_model):
+def _session_sampler(tiny_model):
     """One engine for the whole session (vLLM start is the slow part)."""
     from rl_lora.sampler import Sampler
 

@@ -133,3 +133,89 @@ def test_async_steps_record_versions_and_bound_the_lag(tmp_path, make_config, ma
     # off-policy data: the learner's policy has moved past the sampler's by the time it learns
     assert any(abs(r["is/ratio_mean"] - 1) > 1e-6 for r in rows[1:] if "is/ratio_mean" in r)
     assert any(r.get("eval/base_accuracy") is not None for r in metrics(tmp_path / "run"))
+
+
+def _engine_processes_alive(procs) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid, created in procs:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 1e-3 and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_ray_engine_killed_for_real_is_freed_and_replaced(tiny_model, monkeypatch):
+    """A Ray sampler actor (vLLM's engine core in a child process, as on GPU) is SIGKILLed from outside; so is the
+    first replacement, while it loads. The fleet frees each dead engine (ray.kill, then every process of it,
+    the engine-core child included, must have exited) and starts another with the live adapter; the request
+    that saw the death returns what the first engine gave (per-request seeds)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+    import ray
+
+    from rl_lora import lora as lora_mod
+    from rl_lora.fleet import RayFleet
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # read by the actors' engines (Ray inherits it)
+    said, fleet = [], None
+    try:
+        fleet = RayFleet(tiny_model, dict(max_model_len=256, max_lora_rank=1, max_loras=2, kvcache_gib=1),
+                         num_engines=1, say=said.append)
+        learner = Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, temperature=1.0, seed=0)
+        with torch.no_grad():
+            for m in learner.adapters.values():
+                m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        fleet.push_adapter(1, 0, lora_mod.peft_state_dict(learner.adapters), learner.peft_config())
+        prompt = list(range(5, 25))
+        kw = dict(n=2, adapters=[1], seeds=[7], temperature=1.0, max_tokens=6)
+        before = fleet.generate([prompt], **kw)
+        first = ray.get(fleet.actors[0].info.remote())
+        actor_proc = psutil.Process(first["pid"])
+        first_procs = [(p.pid, p.create_time()) for p in [actor_proc, *actor_proc.children(recursive=True)]]
+        assert len(first_procs) >= 2, "the engine core should run in a child process of the actor"
+
+        killed, raylet = [], actor_proc.ppid()  # only this test's Ray: workers of its raylet
+
+        def kill_the_replacement_while_it_loads():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not killed:
+                for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+                    title = " ".join(p.info["cmdline"] or [])
+                    loading = "_Engine.__init__" in title or "_Engine.start" in title
+                    if loading and p.info["ppid"] == raylet and p.info["pid"] != first["pid"]:
+                        try:
+                            children = p.children(recursive=True)
+                            if not children:  # kill it once vLLM's engine-core process exists
+                                continue
+                            killed.append((p.pid, p.create_time()))
+                            killed.extend((c.pid, c.create_time()) for c in children)
+                        except psutil.NoSuchProcess:
+                            continue
+                        os.kill(p.info["pid"], signal.SIGKILL)
+                        break
+                time.sleep(0.1)
+
+        os.kill(first["pid"], signal.SIGKILL)  # a real death, from outside: not ray.kill, not a flag
+        killer = threading.Thread(target=kill_the_replacement_while_it_loads, daemon=True)
+        killer.start()
+        after = fleet.generate([prompt], **kw)
+        killer.join(timeout=5)
+        assert killed, "the replacement engine was not seen loading"
+        assert [[c.token_ids for c in g] for g in after] == [[c.token_ids for c in g] for g in before]
+        assert all(c.adapter_version == 1 for g in after for c in g)
+        assert fleet.restarts == 1 and ray.get(fleet.actors[0].info.remote())["pid"] not in (first["pid"], killed[0][0])
+        assert any("died while starting" in line for line in said), said
+        assert _engine_processes_alive(first_procs) == []  # the actor and its engine-core child are gone
+        assert _engine_processes_alive(killed) == []  # and the replacement killed while loading, with its children
+    finally:
+        if fleet is not None:
+            fleet.close()
+        ray.shutdown()

@@ -106,6 +106,7 @@ def test_an_adapter_gets_no_gradient_from_its_neighbours_rows(tiny_model, tokens
     assert not torch.equal(*(learner.adapter_sets[k]["model.layers.0.mlp.down_proj"].lora_B for k in (0, 1)))
 
 
+@pytest.mark.slow
 def test_one_sampler_call_equals_single_adapter_calls(sampler, tiny_model):
     """Two adapters in one generate call, same seeds: each group equals that adapter sampled alone."""
     learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS[:1] + [

@@ -151,3 +151,13 @@ def test_base_rows_run_apart_from_lora_rows_on_cpu_only(on_cpu, calls):
     assert out == [[10], [11], [12]]  # each prompt's group in its place
     assert [names for names, _ in seen] == calls
     assert sorted(x for _, seeds in seen for x in seeds) == [0, 2, 4]
+
+
+def test_full_finetune_with_tensor_parallel_engines_is_refused_in_config():
+    """Full FT copies whole HF tensors into the engine's parameters, which under tensor parallelism are per-rank
+    shards: refused before anything loads, in one line naming the key."""
+    from rl_lora.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^sampler\.tensor_parallel_size: full fine-tuning .* not supported$"):
+        load_config(None, ["lora.rank=full", "sampler.tensor_parallel_size=2"])
+    load_config(None, ["lora.rank=full"])  # TP 1 is fine
