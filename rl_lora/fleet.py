@@ -103,11 +103,16 @@ class LocalFleet(_Fleet):
     def __init__(self, make_sampler, *, asynchronous: bool = False, say=None):
         super().__init__(say)
         self.make_sampler = make_sampler
-        self.sampler = make_sampler()
+        self.sampler = self._start()
         self.tokenizer, self.max_model_len = self.sampler.tokenizer, self.sampler.max_model_len
         # vLLM's LLM is not thread-safe: in async mode EVERY engine call goes through this one thread, in order.
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler") if asynchronous else None
         self._dead = False  # a call failed on the engine: the next call rebuilds it first
+
+    def _start(self):
+        sampler = self.make_sampler()
+        _wake_on_engine_death(sampler)
+        return sampler
 
     def _guarded(self, fn, *args):
         """Every engine call runs here, in order (async: on the worker thread, so a generation queued behind a
@@ -169,7 +174,7 @@ class LocalFleet(_Fleet):
             self.sampler.close()
         except Exception:  # noqa: BLE001 -- it is already broken
             pass
-        self.sampler = self.make_sampler()
+        self.sampler = self._start()
         self._dead = False
         if self.weights is not None:
             self.sampler.load_weights(self.weights)
@@ -214,6 +219,29 @@ def _break_engine(sampler) -> None:
         os.kill(proc.pid, signal.SIGKILL)
     for proc in manager.processes:
         proc.join(timeout=60)
+
+
+def _wake_on_engine_death(sampler) -> None:
+    """vLLM 0.32's synchronous multiprocess client: when the engine-core process dies hard (SIGKILL, the OOM
+    killer, a segfault), its output thread exits without a word and a generate() that is waiting for outputs, or
+    sent its request before vLLM's monitor noticed, waits forever (seen here: a run hung). A watcher wakes it with
+    the EngineDeadError the client raises everywhere else, so the fleet sees a failure and rebuilds the engine."""
+    import threading
+    from multiprocessing.connection import wait
+
+    core = getattr(getattr(getattr(sampler, "llm", None), "llm_engine", None), "engine_core", None)
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    queue = getattr(core, "outputs_queue", None)
+    if manager is None or queue is None or not manager.processes:  # in-process engine core (or a stand-in)
+        return
+
+    def watch():
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        wait([p.sentinel for p in manager.processes])
+        queue.put_nowait(EngineDeadError())
+
+    threading.Thread(target=watch, daemon=True, name="rl-lora-engine-watch").start()
 
 
 def _writer(tensors, config):
