@@ -192,9 +192,9 @@ class TrainConfig:
     wandb_project: str = ""
     # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped). 0 = never.
     max_skipped_steps: int = 3
-    # Stale-adapter guard: after every push, mean |logp_sampler - logp_learner| per token on a fixed probe must
-    # be <= this, else the run stops. -1 = by dtype (1e-3 for float32, where they agree to ~1e-5; 0.1 for
-    # bf16/fp16). 0 = off.
+    # Stale-adapter guard: after every push, on every engine, mean |logp_sampler - logp_learner| per token on a
+    # fixed probe must be <= this, and well below the gap to the previous version, else the run stops. -1 = by
+    # dtype (1e-3 for float32, where they agree to ~1e-5; 0.1 for bf16/fp16, ~0.015 measured). 0 = off.
     push_check_tol: float = -1.0
     # Asynchronous off-policy steps: the fleet samples up to this many steps ahead with the adapter version it
     # has while the learner trains, so data is at most this many versions old (IS-corrected). 0 = synchronous.

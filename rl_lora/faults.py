@@ -4,9 +4,14 @@
 
 Each entry is name@step or name@first-last; a fault fires once per (name, step), so a redone step runs clean.
 Names and where they fire:
-  sampler_crash       the sampler engine dies inside generate() at that step (it is shut down for real)
+  sampler_crash       the sampler engine dies for real (engine-core process SIGKILLed, or the in-process engine
+                      shut down; no flag) just after that step's request is submitted: the request fails inside
+                      vLLM (Ray: the actor is killed)
   nan_logprobs        a NaN in the sampler logprobs handed to the learner at that step
-  stale_push          the push at that step loads a wrong adapter (zeros) instead of the learner's
+  stale_push          the push at that step loads the PREVIOUS version's tensors under the new version's id (zeros
+                      where there is none; full fine-tuning: the engine keeps its weights)
+  stale_request       that step's request is sampled under the previous version, reloaded for it (LoRA): a
+                      pipeline bug, for the staleness guard
   kill_in_checkpoint  SIGKILL to the process halfway through writing that step's checkpoint
 """
 

@@ -7,10 +7,11 @@
   An adapter version is `ray.put` ONCE and every engine loads it from the object store (a rank-1 adapter of
   an 8B model is ~11 MB in fp32, so a push to the whole fleet costs one copy per node, not one per engine).
 
-Both keep the tensors of every live adapter version (and the last full-FT weights), so an engine that dies is
-rebuilt with exactly what the learner last pushed and its unfinished requests are submitted again: no step
-is lost, no prompt is scored twice. An actor's calls run in the order they were submitted (Ray's ordering per
-caller; one thread locally), so a push queued behind a generation never changes the adapter under it.
+Both keep a copy of the tensors of every live adapter version (and of the last full-FT weights), so an engine
+that dies is rebuilt with exactly what the learner pushed (not what it has learned since) and its unfinished
+requests are submitted again, with the same seeds: no step is lost, no prompt is scored twice. An actor's calls
+run in the order they were submitted (Ray's ordering per caller; one thread locally), so a push queued behind a
+generation never changes the adapter under it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class _Request:
 class _Fleet:
     """What both fleets share: the live adapters (to rebuild an engine) and request bookkeeping."""
 
+    num_engines = 1  # prompt i of a request is served by engine i % num_engines (RayFleet deals round-robin)
+
     def __init__(self, say=None):
         self.say = say or (lambda text: None)
         self.adapters: dict[int, tuple[int, object, dict]] = {}  # version -> (slot, tensors or ObjectRef, config)
@@ -74,12 +77,17 @@ class _Fleet:
         self._submit(req)
         return req
 
-    def _record_push(self, version: int, slot: int, tensors, config) -> None:
+    def _record_push(self, version: int, slot: int, tensors, config):
+        """Keep what a rebuilt engine must load for `version`: a copy of `tensors` (they may be the learner's live
+        parameters, which the next step changes in place; an ObjectRef is already a copy). Returns what is kept."""
         if version < 1 or version in self.adapters:
             raise ValueError(f"adapter version {version} must be new and >= 1")
+        if isinstance(tensors, dict):
+            tensors = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
         self.adapters[version] = (slot, tensors, config)
         self.latest_in_slot[slot] = version
         self.slot_of[version] = slot
+        return tensors
 
     def _failed(self, req: _Request, exc: Exception) -> None:
         if req.restarts >= MAX_RESTARTS:
@@ -97,25 +105,39 @@ class LocalFleet(_Fleet):
     def __init__(self, make_sampler, *, asynchronous: bool = False, say=None):
         super().__init__(say)
         self.make_sampler = make_sampler
-        self.sampler = make_sampler()
+        self.sampler = self._start()
         self.tokenizer, self.max_model_len = self.sampler.tokenizer, self.sampler.max_model_len
         # vLLM's LLM is not thread-safe: in async mode EVERY engine call goes through this one thread, in order.
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler") if asynchronous else None
-        self._dead = self._killed = False  # dead: known to need a rebuild; killed: shut down by a fault test
+        self._dead = False  # a call failed on the engine: the next call rebuilds it first
+
+    def _start(self):
+        sampler = self.make_sampler()
+        _wake_on_engine_death(sampler)
+        return sampler
 
     def _guarded(self, fn, *args):
-        """Every engine call runs here, in order: a dead engine is rebuilt first. A killed one is noticed by the
-        generation that fails on it (that request is then submitted again), or else by the next other call."""
-        if self._dead or (self._killed and fn != self._generate_now):
+        """Every engine call runs here, in order (async: on the worker thread, so a generation queued behind a
+        failed one already finds a rebuilt engine). A call that fails on the engine marks it dead, whatever the
+        call: a failed generation is raised to `result`, which submits it again; any other call (push, evict,
+        weights) is complete once the engine is rebuilt, since the rebuild loads the live state it recorded."""
+        if self._dead:
             self._rebuild()
-        return fn(*args)
+        try:
+            return fn(*args)
+        except ValueError:
+            raise  # bad input (prompt too long, ...), not a dead engine
+        except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild it
+            self._dead = True
+            self.say(f"sampler failed ({type(exc).__name__}: {exc})")
+            if fn == self._generate_now:
+                raise
+            self._rebuild()
 
     def _call(self, fn, *args):
         return self._guarded(fn, *args) if self.pool is None else self.pool.submit(self._guarded, fn, *args).result()
 
     def _generate_now(self, req: _Request):
-        if self._killed:
-            raise RuntimeError("injected fault: the sampler engine died")
         refs = [None if v is None else self.sampler.live[v] for v in req.versions_P]
         return self.sampler.generate(req.prompt_ids_P, n=req.n, adapters=refs, seed=0, seeds=req.seeds_P, **req.sampling)
 
@@ -128,11 +150,9 @@ class LocalFleet(_Fleet):
             try:
                 return self._call(self._generate_now, req) if req.pending is None else req.pending.result()
             except ValueError:
-                raise  # bad input (prompt too long, ...), not a dead engine
-            except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild it and submit again
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the engine died under it (and is marked dead): again
                 self._failed(req, exc)
-                self.say(f"sampler failed ({type(exc).__name__}: {exc})")
-                self._dead = True  # whatever killed it: the next engine call rebuilds it
                 self._submit(req)
 
     def drain(self) -> None:
@@ -140,12 +160,14 @@ class LocalFleet(_Fleet):
         self._call(lambda: None)
 
     def kill_one(self) -> None:
-        """Fault injection: the engine dies (shut down for real); the next request fails and rebuilds it."""
-        def die():
-            self.sampler.close()
-            self._killed = True
-
-        self._call(die)
+        """Fault injection: the engine dies for real and unannounced (no flag is set), so that the next call on it
+        fails inside vLLM: the engine-core process is SIGKILLed (vLLM's multiprocess engine, the GPU default), or
+        the in-process engine core is shut down. Async: queued behind the calls already submitted, not waited
+        for, so the next queued generation is the call that fails."""
+        if self.pool is None:
+            _break_engine(self.sampler)
+        else:
+            self.pool.submit(lambda: _break_engine(self.sampler))
 
     def _rebuild(self) -> None:
         self.restarts += 1
@@ -154,29 +176,74 @@ class LocalFleet(_Fleet):
             self.sampler.close()
         except Exception:  # noqa: BLE001 -- it is already broken
             pass
-        self.sampler = self.make_sampler()
-        self._dead = self._killed = False
+        self.sampler = self._start()
+        self._dead = False
         if self.weights is not None:
             self.sampler.load_weights(self.weights)
         for version, (_, tensors, config) in sorted(self.adapters.items()):
             self.sampler.push(version, _writer(tensors, config), evict_older=False)
 
     def push_adapter(self, version: int, slot: int, tensors: dict, config: dict) -> AdapterRef:
-        self._record_push(version, slot, tensors, config)
-        return self._call(lambda: self.sampler.push(version, _writer(tensors, config), evict_older=False))
+        tensors = self._record_push(version, slot, tensors, config)
+        self._call(lambda: self.sampler.push(version, _writer(tensors, config), evict_older=False))
+        return AdapterRef(version, "")  # requests name the version; the engine of the moment knows its files
 
     def evict(self, version: int) -> None:
         self.adapters.pop(version, None)
         self._call(self.sampler.evict, version)
 
     def load_weights(self, hf_state: dict) -> None:
-        self.weights = hf_state
+        # a copy on the CPU, for a rebuild (the learner's parameters change in place at the next step), into the
+        # same buffers every push
+        if self.weights is None or self.weights.keys() != hf_state.keys():
+            self.weights = {name: t.detach().to("cpu", copy=True) for name, t in hf_state.items()}
+        else:
+            for name, t in hf_state.items():
+                self.weights[name].copy_(t.detach())
         self._call(self.sampler.load_weights, hf_state)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.sampler.close()
+
+
+def _break_engine(sampler) -> None:
+    """Kill a Sampler's vLLM engine the way a crash would (fault injection)."""
+    import signal
+
+    core = sampler.llm.llm_engine.engine_core
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    if manager is None:  # in-process engine core: shut down under the LLM, which still believes it is alive
+        core.shutdown()
+        return
+    for proc in manager.processes:
+        os.kill(proc.pid, signal.SIGKILL)
+    for proc in manager.processes:
+        proc.join(timeout=60)
+
+
+def _wake_on_engine_death(sampler) -> None:
+    """vLLM 0.32's synchronous multiprocess client: when the engine-core process dies hard (SIGKILL, the OOM
+    killer, a segfault), its output thread exits without a word and a generate() that is waiting for outputs, or
+    sent its request before vLLM's monitor noticed, waits forever (seen here: a run hung). A watcher wakes it with
+    the EngineDeadError the client raises everywhere else, so the fleet sees a failure and rebuilds the engine."""
+    import threading
+    from multiprocessing.connection import wait
+
+    core = getattr(getattr(getattr(sampler, "llm", None), "llm_engine", None), "engine_core", None)
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    queue = getattr(core, "outputs_queue", None)
+    if manager is None or queue is None or not manager.processes:  # in-process engine core (or a stand-in)
+        return
+
+    def watch():
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        wait([p.sentinel for p in manager.processes])
+        queue.put_nowait(EngineDeadError())
+
+    threading.Thread(target=watch, daemon=True, name="rl-lora-engine-watch").start()
 
 
 def _writer(tensors, config):

@@ -4,7 +4,11 @@ asynchronous pipeline of sampling requests.
 - Push: every adapter of the learner becomes a new immutable version (LoRA id (version-1)*K + k + 1, unique per
   engine) in every engine; the previous version of each is evicted. Full fine-tuning overwrites the engines'
   weights instead. Never merged, never restarted.
-- Guard: after every push, the fleet's logprobs on a fixed probe must match the learner's for the new version.
+- Guard: after every push, EVERY engine samples a fixed probe under each adapter at the training sampling settings,
+  and its logprobs must match the learner's for the new version (within `train.push_check_tol`) and be much
+  closer to the new version than to the previous one (the learner scores the probe under both), so that an
+  engine serving an adapter one version stale is caught even when the versions differ by less than the
+  tolerance (bf16). Full fine-tuning keeps no copy of the previous weights: the tolerance check only.
 - Pipeline (`train.max_staleness` = m): the requests of steps s..s+m are in flight while step s is learned, each
   sampled with the version that was live when it was submitted, so the data of step s is at most m versions
   behind the learner (m = 0: synchronous, on-policy). The sampler's logprobs travel with every completion and
@@ -25,6 +29,16 @@ from rl_lora.sampler import AdapterRef
 
 PROBE_SEED = 9_000_000  # request seed of the push-check probe
 PROBE_TOKENS = 8
+PROBE_SAMPLES = 4  # completions per engine and adapter: up to 32 probe tokens, one request per engine
+# An engine is serving the previous version when its gap to the new version is more than STALE_RATIO times its
+# gap to the previous one. With delta = the versions' own mean distance on the probe, the triangle inequality
+# gives gap_prev >= delta - gap_new: an engine serving the new version cannot trip the ratio once delta exceeds
+# 1.5x its noise (gap_new), and a stale one (gap_prev = its noise) trips it as soon as delta exceeds 3x the
+# noise (bf16 here: noise ~0.015 nats per token, a step at lr 1e-3 moves the probe by 0.07-0.09, tolerance 0.1).
+# Gaps below STALE_FLOOR * tol are numerical noise (fp32: ~5e-6 measured) and never judged by the ratio:
+# versions that close are the same policy.
+STALE_RATIO = 2.0
+STALE_FLOOR = 0.01
 
 
 class RunError(RuntimeError):
@@ -94,7 +108,11 @@ class Run:
         self.learner = None
         self.version = 0
         self.refs: list[AdapterRef | None] = []  # the live version of each adapter, in adapter order
+        # copies of each adapter's tensors as pushed: the live version and the one before it (for the guard)
+        self.pushed_K: list[dict] | None = None
+        self.previous_K: list[dict] | None = None
         self.probe_ids: list[int] = []
+        self.probe: dict[str, float] = {}  # what the last push check measured (push/... metrics)
         # the last push: waiting for queued generations, loading the adapters, and the probe check after it
         self.wait_s = self.push_s = self.check_s = 0.0
         self.in_flight: dict[int, Submitted] = {}
@@ -122,15 +140,19 @@ class Run:
                 self.fleet.load_weights({n: p.detach() for n, p in self.learner.model.named_parameters()})
             refs = [None]
         else:
+            pushed_K = [{n: t.clone() for n, t in lora_mod.peft_state_dict(views).items()}
+                        for views in self.learner.adapter_sets]
             refs = []
             for k in range(K):
-                tensors = lora_mod.peft_state_dict(self.learner.adapter_sets[k])
-                if stale:  # the engine gets a wrong adapter (zeros: the base policy)
-                    tensors = {n: torch.zeros_like(v) for n, v in tensors.items()}
+                tensors = pushed_K[k]
+                if stale:  # the engine gets the previous version again (zeros where there is none: the base)
+                    tensors = self.pushed_K[k] if self.pushed_K else {n: torch.zeros_like(v)
+                                                                      for n, v in tensors.items()}
                 refs.append(self.fleet.push_adapter(lora_id(self.version, K, k), k, tensors,
                                                     self.learner.peft_config(k)))
                 if len(self.refs) > k:
                     self.fleet.evict(self.refs[k].version)
+            self.previous_K, self.pushed_K = self.pushed_K, pushed_K
         self.refs = refs
         t1 = time.perf_counter()
         gap = self.check_push(step)
@@ -138,29 +160,79 @@ class Run:
         return gap
 
     def check_push(self, step: int) -> float:
+        """Every engine samples the probe under every live adapter (one request per engine); the learner scores
+        those tokens under the new version and, where it is known, the previous one. Raises RunError if an engine
+        is off the new version by more than the tolerance, or is serving the previous one. Returns the worst gap
+        to the new version; `self.probe` gets the metrics."""
         tol = push_check_tol(self.cfg)
+        self.probe = {"push/probe_gap": 0.0}
         if tol == 0 or not self.probe_ids:
             return 0.0
         from rl_lora.learner import TrainSample
 
-        K = len(self.refs)
-        groups = self.fleet.generate([self.probe_ids] * K, n=1, adapters=self.refs, seeds=[PROBE_SEED] * K,
-                                     temperature=self.cfg.sampler.temperature, top_p=self.cfg.sampler.top_p,
-                                     top_k=self.cfg.sampler.top_k,
-                                     max_tokens=min(PROBE_TOKENS, self.cfg.sampler.max_tokens))
-        probes = [TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, k)
-                  for k, (c,) in enumerate(groups) if c.token_ids]
-        worst = 0.0
-        for s, learner_lp in zip(probes, self.learner.score(probes) if probes else []):
-            gap = sum(abs(a - b) for a, b in zip(s.sampler_logprobs, learner_lp)) / len(learner_lp)
-            if not gap <= tol:
-                which = "" if K == 1 else f" of adapter {self.learner.specs[s.adapter].name!r}"
+        K, N, cfg = len(self.refs), self.fleet.num_engines, self.cfg
+        # adapter-major, engine-minor: prompt k*N + e is served by engine e
+        groups = self.fleet.generate([self.probe_ids] * (K * N), n=PROBE_SAMPLES,
+                                     adapters=[r for r in self.refs for _ in range(N)], seeds=[PROBE_SEED] * (K * N),
+                                     temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p,
+                                     top_k=cfg.sampler.top_k, max_tokens=min(PROBE_TOKENS, cfg.sampler.max_tokens))
+        probes = [[TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, j // N) for c in g if c.token_ids]
+                  for j, g in enumerate(groups)]
+        flat = [s for p in probes for s in p]
+        if not flat:
+            return 0.0
+        new = self.learner.score(flat)
+        prev = self._score_under(self.previous_K, flat) if self.previous_K and not self.learner.full_finetune else None
+
+        def gap(scored, samples):
+            return (sum(abs(a - b) for s, lp in zip(samples, scored) for a, b in zip(s.sampler_logprobs, lp))
+                    / sum(len(lp) for lp in scored))
+
+        worst, closest_prev, offset = 0.0, float("inf"), 0
+        for j, samples in enumerate(probes):
+            if not samples:
+                continue
+            mine = slice(offset, offset + len(samples))
+            offset += len(samples)
+            gap_new = gap(new[mine], samples)
+            gap_prev = gap(prev[mine], samples) if prev is not None else float("inf")
+            k, e = j // N, j % N
+            where = (("" if K == 1 else f" of adapter {self.learner.specs[k].name!r}")
+                     + ("" if N == 1 else f" on engine {e}"))
+            if gap_new > STALE_FLOOR * tol and gap_new > STALE_RATIO * gap_prev:
+                raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe are "
+                               f"{gap_new:.2e} per token from the learner's version {self.version}{where} but "
+                               f"{gap_prev:.2e} from version {self.version - 1}: the sampler is serving a stale or "
+                               "wrong adapter (the previous version), and training on it would be off-policy "
+                               "without knowing it")
+            if not gap_new <= tol:
                 raise RunError(f"push check failed after step {step}: the sampler's logprobs on the probe differ "
-                               f"from the learner's by {gap:.2e} per token (tolerance {tol:g}, train.push_check_tol) "
-                               f"for version {self.version}{which}: the sampler is serving a stale or wrong adapter, "
-                               "and training on it would be off-policy without knowing it")
-            worst = max(worst, gap)
+                               f"from the learner's by {gap_new:.2e} per token (tolerance {tol:g}, "
+                               f"train.push_check_tol) for version {self.version}{where}: the sampler is serving a "
+                               "stale or wrong adapter, and training on it would be off-policy without knowing it")
+            worst, closest_prev = max(worst, gap_new), min(closest_prev, gap_prev)
+        self.probe = {"push/probe_gap": worst}
+        if prev is not None:
+            self.probe["push/probe_gap_prev"] = closest_prev
         return worst
+
+    def _score_under(self, tensors_K: list[dict], samples: list) -> list[list[float]]:
+        """The learner's logprobs of `samples` with its adapters set to `tensors_K` (PEFT names), then set back to
+        the live version (bit-exact copies of what was pushed)."""
+        from rl_lora.lora import PEFT_PREFIX
+
+        def load(tensors_by_adapter):
+            with torch.no_grad():
+                for views, tensors in zip(self.learner.adapter_sets, tensors_by_adapter):
+                    for name, view in views.items():
+                        view.lora_A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+                        view.lora_B.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+
+        load(tensors_K)
+        try:
+            return self.learner.score(samples)
+        finally:
+            load(self.pushed_K)
 
     # -- sampling: requests submitted ahead (async) or just in time (sync) ------------------------------------
 
@@ -171,8 +243,14 @@ class Run:
         cfg, K = self.cfg, len(self.refs)
         P, n = len(prompts_KP[0]), cfg.sampler.samples_per_prompt
         seed = (cfg.train.seed * 1_000_003 + step) * 10_000
+        refs = self.refs
+        if faults.fire("stale_request", step) and self.previous_K:  # a pipeline bug: the previous version, reloaded
+            refs = [self.fleet.push_adapter(lora_id(self.version - 1, K, k), k, self.previous_K[k],
+                                            self.learner.peft_config(k)) for k in range(K)]
+        if faults.fire("sampler_crash", step):
+            self.fleet.kill_one()  # for real; async: just before this request runs
         request = self.fleet.submit([p for prompts_P in prompts_KP for p in prompts_P], n=n,
-                                    adapters=[r for r in self.refs for _ in range(P)],
+                                    adapters=[r for r in refs for _ in range(P)],
                                     seeds=[seed + i * n for i in range(P)] * K, temperature=cfg.sampler.temperature,
                                     max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
         self.in_flight[step] = Submitted(step, idx_D, request, self.version, data_position)
@@ -182,8 +260,6 @@ class Run:
         from rl_lora.fleet import FleetError
 
         sub = self.in_flight.pop(step)
-        if faults.fire("sampler_crash", step):
-            self.fleet.kill_one()
         try:
             return sub, self.fleet.result(sub.request)
         except FleetError as exc:

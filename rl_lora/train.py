@@ -28,8 +28,9 @@ Algorithmic choices (and where they come from):
   and `rewards` (its completions scored by its own reward runner).
 
 Reliability (each behaviour has a test in tests/faults/):
-- After every push, the sampler's logprobs on a fixed probe must match the learner's for the new version
-  (`train.push_check_tol`), else the run stops: it would be training on a stale or wrong policy.
+- After every push, every engine's logprobs on a fixed probe must match the learner's for the new version
+  (`train.push_check_tol`) and be much closer to it than to the previous version, else the run stops: it would
+  be training on a stale or wrong policy.
 - A step whose loss or gradient is not finite leaves adapter and optimizer untouched; `train.max_skipped_steps`
   such steps in a row stop the run.
 - A sampler engine (or Ray actor) that dies is rebuilt with the live adapter versions and its unfinished
@@ -470,7 +471,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
                  "time/push_wait": run.wait_s if probe_gap is not None else 0.0,
                  "time/step": t4 - t0, **learn}
             if probe_gap is not None:
-                m["push/probe_gap"] = probe_gap
+                m.update(run.probe)  # push/probe_gap, push/probe_gap_prev
             if len(specs) > 1:
                 per = len(flat) // len(specs)
                 for k, spec in enumerate(specs):

@@ -33,8 +33,8 @@ def write_config(tmp_path: Path, tiny_model: str, **sections) -> Path:
     return path
 
 
-def run_cli(*args, faults: str = "", timeout: int = 300):
-    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+def run_cli(*args, faults: str = "", timeout: int = 300, env: dict | None = None):
+    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", **(env or {})}
     if faults:
         env["RL_LORA_FAULTS"] = faults
     return subprocess.run([sys.executable, "-m", "rl_lora.cli", "train", *map(str, args)], capture_output=True,

@@ -1,0 +1,112 @@
+"""LocalFleet's engine rebuilds against a stand-in engine: fast, no vLLM (the real-engine versions are in
+test_faults.py). The stand-in reads back the PEFT files it is given, as vLLM does, and once closed every call on
+it fails inside it (as vLLM's do after its engine core is shut down): no flag tells the fleet it is dead."""
+
+import threading
+
+import torch
+from safetensors.torch import load_file
+
+from rl_lora.fleet import LocalFleet
+from rl_lora.rollout import Completion
+from rl_lora.sampler import AdapterRef
+
+KEY = "base_model.model.layers.0.mlp.down_proj.lora_B.weight"
+CONFIG = {"peft_type": "LORA", "r": 1}
+
+
+class StandInSampler:
+    def __init__(self, root, gate=None):
+        self.root, self.gate = root, gate
+        self.tokenizer, self.max_model_len = None, 64
+        self.engine: dict | None = {}  # version -> tensors, as read back from the adapter files
+        self.live: dict[int, AdapterRef] = {}
+
+    def push(self, version, write_adapter, evict_older=True):
+        path = self.root / f"{id(self)}-v{version}"
+        write_adapter(path)
+        self.engine[version] = load_file(str(path / "adapter_model.safetensors"))
+        self.live[version] = AdapterRef(version, str(path))
+        return self.live[version]
+
+    def load_weights(self, hf_state):
+        self.engine["weights"] = {name: t.clone() for name, t in hf_state.items()}
+
+    def evict(self, version):
+        self.engine.pop(version)
+        self.live.pop(version)
+
+    def generate(self, prompt_ids_P, *, n, adapters, seed, seeds, **sampling):
+        if self.gate is not None:
+            self.gate.wait()
+        # a "completion" says which seed and which adapter tensors produced it
+        return [[Completion([s + i], [float(self.engine[a.version][KEY].sum())], "", "length", a.version)
+                 for i in range(n)] for a, s in zip(adapters, seeds)]
+
+    def close(self):
+        self.engine = None  # every later call fails with a TypeError, inside the engine
+
+
+def _fleet(tmp_path, gate=None, **kwargs):
+    """A LocalFleet of stand-ins; the first one waits for `gate` before each generation."""
+    made = []
+
+    def make():
+        made.append(StandInSampler(tmp_path, None if made else gate))
+        return made[-1]
+
+    return LocalFleet(make, **kwargs), made
+
+
+def test_a_rebuilt_engine_gets_the_pushed_tensors_not_the_learners_later_ones(tmp_path):
+    fleet, made = _fleet(tmp_path)
+    live = torch.zeros(4, 1)  # the learner's parameter, pushed as version 1
+    fleet.push_adapter(1, 0, {KEY: live}, CONFIG)
+    live.add_(1.0)  # the learner's next step, in place
+    made[0].close()  # the engine dies
+    (group,) = fleet.generate([[1, 2]], n=2, adapters=AdapterRef(1, ""), seeds=[7])
+    assert fleet.restarts == 1 and len(made) == 2
+    assert torch.equal(made[1].engine[1][KEY], torch.zeros(4, 1))  # version 1 as pushed
+    assert [c.token_ids for c in group] == [[7], [8]] and group[0].logprobs == [0.0]
+
+
+def test_a_rebuilt_engine_gets_the_pushed_full_finetuning_weights(tmp_path):
+    fleet, made = _fleet(tmp_path)
+    live = torch.zeros(4, 4)
+    for step in range(2):  # two pushes: the second reuses the first's buffers
+        fleet.load_weights({"model.layers.0.mlp.down_proj.weight": live})
+        live.add_(1.0)
+    made[0].close()
+    fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)  # any call on the dead engine rebuilds it
+    assert fleet.restarts == 1
+    assert torch.equal(made[1].engine["weights"]["model.layers.0.mlp.down_proj.weight"], torch.ones(4, 4))
+
+
+def test_async_a_failed_queued_generation_rebuilds_the_engine_and_is_submitted_again(tmp_path):
+    """The run's order: a request queued under version 1; the engine dies under it; then the push of version 2
+    (drain, load, evict 1); then the result. The push finds a rebuilt engine, and the request is sampled again
+    with its own seeds, under the newest version of its adapter."""
+    gate = threading.Event()
+    fleet, made = _fleet(tmp_path, asynchronous=True, gate=gate)
+    fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
+    request = fleet.submit([[1, 2], [3, 4]], n=1, adapters=AdapterRef(1, ""), seeds=[10, 20])  # held at the gate
+    made[0].close()  # the engine dies while the generation runs
+    gate.set()
+    fleet.drain()
+    fleet.push_adapter(2, 0, {KEY: torch.ones(4, 1)}, CONFIG)
+    fleet.evict(1)
+    groups = fleet.result(request)
+    assert fleet.restarts == 1 and len(made) == 2
+    assert [g[0].token_ids for g in groups] == [[10], [20]]  # the same seeds
+    assert [g[0].adapter_version for g in groups] == [2, 2] and groups[0][0].logprobs == [4.0]
+    fleet.close()
+
+
+def test_an_engine_found_dead_by_a_push_is_rebuilt_with_that_push(tmp_path):
+    fleet, made = _fleet(tmp_path)
+    fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
+    made[0].close()
+    ref = fleet.push_adapter(2, 0, {KEY: torch.ones(4, 1)}, CONFIG)
+    assert ref.version == 2 and fleet.restarts == 1 and sorted(made[1].engine) == [1, 2]
+    fleet.evict(1)
+    assert sorted(made[1].engine) == [2]
