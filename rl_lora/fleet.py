@@ -292,6 +292,7 @@ class _Engine:
         from rl_lora.sampler import Sampler
 
         self.sampler = Sampler(self.model_path, **self.kwargs)
+        _wake_on_engine_death(self.sampler)  # a hard engine-core death fails the call (RayTaskError), never hangs it
         return self.info()
 
     def info(self) -> dict:
