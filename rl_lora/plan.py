@@ -159,6 +159,33 @@ def gpu_memory_gib(cfg: Config) -> tuple[float, str]:
     return DEFAULT_GPU_GIB, "model.gpu_memory_gib=0: assumed an 80 GB GPU"
 
 
+def learner_rows(shape: ModelShape, vocab: int, tied: bool, b: int, full_finetune: bool, n_lora: int, tokens: int,
+                 ckpt: bool, prompt: int, G: int) -> list:
+    """(label, GiB, how) of the learner's memory: a micro-batch of `tokens` tokens, one group of G completions of
+    a `prompt`-token prompt."""
+    n_base = base_parameters(shape, vocab, tied)
+    rows = [("learner weights", n_base * b / GIB, f"{n_base / 1e9:.2f}B parameters x {b} B")]
+    if full_finetune:
+        per = b + (12 if b < 4 else 8)
+        rows.append(("trainable state", n_base * per / GIB,
+                     f"full FT: gradient ({b} B) + " + ("fp32 master + " if b < 4 else "") + "AdamW m, v (fp32)"))
+    else:
+        rows.append(("adapters + AdamW", n_lora * 16 / GIB, f"{n_lora:,} fp32 parameters x (weight, grad, m, v)"))
+    per_token = activation_bytes_per_token(shape, b, ckpt)
+    how = "checkpointed: layer inputs + one layer" if ckpt else f"all {shape.num_layers} layers kept"
+    rows.append(("activations", per_token * tokens / GIB,
+                 f"{per_token / 2**20:.2f} MiB/token x {tokens:,} tokens ({how})"))
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    # the prompt pass's keys/values (every layer) and each completion's gathered copy (every layer, or the one
+    # being recomputed)
+    copies = prompt * 2 * kv_dim * b * (shape.num_layers + G * (1 if ckpt else shape.num_layers))
+    rows.append(("prompt K/V copies", copies / GIB, f"{G} completions x prompt <= {prompt:,} tokens"))
+    head = LOGIT_CHUNK * vocab * (8 + b) * (3 if full_finetune else 1) + tokens * shape.hidden_size * 3 * b
+    rows.append(("logits chunk + head", head / GIB, f"{LOGIT_CHUNK} tokens x {vocab:,} vocab; final hidden states"))
+    rows.append(("CUDA context, slack", CUDA_RESERVE_GIB, "fixed reserve"))
+    return rows
+
+
 def make_plan(cfg: Config, model_path: str) -> Plan:
     raw, source = read_model_config(model_path)
     shape = shape_of(raw)
@@ -170,32 +197,17 @@ def make_plan(cfg: Config, model_path: str) -> Plan:
                 colocated=cfg.sampler.num_engines == 1 and not cfg.sampler.ray_address
                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)
     n_base = base_parameters(shape, vocab, tied)
-    rows = plan.rows
-    rows.append(("learner weights", n_base * b / GIB, f"{n_base / 1e9:.2f}B parameters x {b} B ({cfg.model.dtype})"))
-    if is_full_finetune(cfg):
-        per = b + (12 if b < 4 else 8)
-        rows.append(("trainable state", n_base * per / GIB,
-                     f"full FT: gradient ({b} B) + " + ("fp32 master + " if b < 4 else "") + "AdamW m, v (fp32)"))
-    else:
-        n_lora = sum(adapter_parameters(shape, s.rank, s.target_modules) for s in adapter_specs(cfg))
-        rows.append(("adapters + AdamW", n_lora * 16 / GIB, f"{n_lora:,} fp32 parameters x (weight, grad, m, v)"))
+    n_lora = 0 if is_full_finetune(cfg) else sum(adapter_parameters(shape, s.rank, s.target_modules)
+                                                 for s in adapter_specs(cfg))
     context = cfg.model.max_model_len or int(raw.get("max_position_embeddings") or 0) or cfg.sampler.max_tokens
     tokens = max(cfg.optim.tokens_per_microbatch, context)
     ckpt = cfg.optim.activation_checkpointing
-    per_token = activation_bytes_per_token(shape, b, ckpt)
-    how = "checkpointed: layer inputs + one layer" if ckpt else f"all {shape.num_layers} layers kept"
-    rows.append(("activations", per_token * tokens / GIB,
-                 f"{per_token / 2**20:.2f} MiB/token x {tokens:,} tokens ({how})"))
-    kv_dim = shape.num_kv_heads * shape.head_dim
     prompt = max(context - cfg.sampler.max_tokens, 0)
-    G = cfg.sampler.samples_per_prompt
-    # the prompt pass's keys/values (every layer) and each completion's gathered copy (every layer, or the one
-    # being recomputed)
-    copies = prompt * 2 * kv_dim * b * (shape.num_layers + G * (1 if ckpt else shape.num_layers))
-    rows.append(("prompt K/V copies", copies / GIB, f"{G} completions x prompt <= {prompt:,} tokens"))
-    head = cfg.optim.tokens_per_microbatch and (LOGIT_CHUNK * vocab * (8 + b) + tokens * shape.hidden_size * 3 * b)
-    rows.append(("logits chunk + head", head / GIB, f"{LOGIT_CHUNK} tokens x {vocab:,} vocab; final hidden states"))
-    rows.append(("CUDA context, slack", CUDA_RESERVE_GIB, "fixed reserve"))
+    rows = plan.rows
+    rows += learner_rows(shape, vocab, tied, b, is_full_finetune(cfg), n_lora, tokens, ckpt, prompt,
+                         cfg.sampler.samples_per_prompt)
+    per_token = activation_bytes_per_token(shape, b, ckpt)
+    kv_dim = shape.num_kv_heads * shape.head_dim
     plan.learner_gib = sum(gib for _, gib, _ in rows)
     util = cfg.sampler.gpu_memory_utilization
     plan.engine_gib = util * total_gib
