@@ -1,0 +1,153 @@
+"""Calibrate `rl-lora plan`'s learner activation model: measure our Learner on reduced-depth models of a recipe's
+real widths, fit a per-layer slope, and check the prediction at a third depth.
+
+Each measurement runs in its own process: a Qwen3-8B-shaped model (hidden 4096, d_ff 12288, 32 heads, 8 KV heads,
+head_dim 128) with 1, 2 or 3 decoder layers and random weights, rank-1 LoRA on every linear layer, one
+`Learner.train_step` on a GRPO group (one prompt, G completions). The vocabulary is cut to 4096: the output
+layer's logits chunk does not grow with depth and is counted apart in rl_lora/plan.py. Peak memory is the
+process's peak RSS during the step (VmHWM reset via /proc/self/clear_refs after the model is built) minus its RSS
+before the step: the step's activations, logits chunk and adapter gradients/optimizer state (the last two are
+~0.1 MB here). fp32 on this AVX2 CPU (bf16 matmuls are ~4.5x slower here); the per-token element count is the
+same in bf16, at half the bytes.
+
+Fit: act(L) = a + b L from depths 1 and 2; the prediction for depth 3 is compared with its measurement, and
+rl_lora.plan's analytic per-layer figure (elements per token per layer x bytes) is compared with b / tokens.
+
+    PYTHONPATH=. python benchmarks/plan_calibration.py [--prompt 256] [--completion 896] [--group 2]
+
+Measured on this 2-core AVX2 machine (shared), 2026-12-01, fp32, 1 prompt of 256 + 2 completions of 896 tokens
+(2048 tokens with prompt sharing):
+  see the README / report of issue 15 (filled in below after the run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, vocab_size=4096)
+
+
+def _status_kib(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def worker(args) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from rl_lora.config import ALL_LINEAR
+    from rl_lora.learner import Learner, TrainSample
+
+    torch.manual_seed(0)
+    config = Qwen3Config(num_hidden_layers=args.layers, **QWEN3_8B)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    def build(path, dtype=None, **_):  # random weights from the config in code: nothing is read or downloaded
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    transformers.AutoModelForCausalLM.from_pretrained = build
+    learner = Learner("qwen3-8b-shape", rank=1, target_modules=ALL_LINEAR, lr=1e-4, dtype=args.dtype,
+                      tokens_per_microbatch=args.prompt + args.group * args.completion,
+                      activation_checkpointing=args.ckpt, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
+    batch = [TrainSample(prompt, torch.randint(0, config.vocab_size, (args.completion,), generator=g).tolist(),
+                         [-8.0] * args.completion, 1.0 if i % 2 else -1.0) for i in range(args.group)]
+    assert len(learner._microbatches(batch)) == 1
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
+    before = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    learner.train_step(batch)
+    step_s = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    return {"layers": args.layers, "ckpt": args.ckpt, "tokens": args.prompt + args.group * args.completion,
+            "act_mib": (peak - before) / 1024, "weights_mib": before / 1024, "step_s": step_s,
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def _measure(args, layers, ckpt, prompt, completion, cache):
+    key = (layers, bool(ckpt), prompt + args.group * completion, args.dtype)
+    for r in cache:
+        if (r["layers"], r["ckpt"], r["tokens"], r["dtype"]) == key:
+            return r
+    cmd = [sys.executable, __file__, "--layers", str(layers), "--ckpt", str(int(ckpt)), "--prompt", str(prompt),
+           "--completion", str(completion), "--group", str(args.group), "--dtype", args.dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"depth {layers} ckpt {ckpt}: failed\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(r), flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    cache.append(r)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--completion", type=int, default=896)
+    ap.add_argument("--group", type=int, default=2, help="completions of the prompt (GRPO's G)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--results", help="JSON lines of measurements: reused if present, appended to")
+    ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.layers:
+        args.ckpt = bool(args.ckpt)
+        print(json.dumps(worker(args)))
+        return
+    from rl_lora.plan import LOGIT_CHUNK, activation_bytes_per_token
+    from rl_lora.science import ModelShape
+
+    shape = ModelShape("qwen3", 4096, 12288, 36, 32, 8, 128)
+    nbytes = 4 if args.dtype == "float32" else 2
+    cache = [json.loads(line) for line in open(args.results)] if args.results and Path(args.results).exists() else []
+    P, C, T = args.prompt, args.completion, args.prompt + args.group * args.completion
+    half = (P // 2, C // 2)
+    T2 = half[0] + args.group * half[1]
+    # No checkpointing: act(L, T) = fixed + T (c0 + L c1), from (1, T), (2, T), (1, T/2); predicted at (3, T).
+    m1, m2, m3 = (_measure(args, 1, 0, P, C, cache), _measure(args, 2, 0, P, C, cache),
+                  _measure(args, 3, 0, P, C, cache))
+    h1 = _measure(args, 1, 0, *half, cache)
+    c1 = (m2["act_mib"] - m1["act_mib"]) / T  # MiB per token per layer
+    c0 = (m1["act_mib"] - h1["act_mib"]) / (T - T2) - c1
+    fixed = m1["act_mib"] - T * (c0 + c1)
+    pred3 = fixed + T * (c0 + 3 * c1)
+    # Checkpointing, at T/2 tokens: linear in depth from 1 and 2, predicted at 3.
+    k1, k2, k3 = (_measure(args, L, 1, *half, cache) for L in (1, 2, 3))
+    kpred3 = 2 * k2["act_mib"] - k1["act_mib"]
+    print(f"\nQwen3-8B widths (vocabulary cut to 4096), {args.dtype}, one prompt + {args.group} completions; peak RSS "
+          "of the step above the RSS before it")
+    print(f"fit from depths 1, 2 (and depth 1 at {T2} tokens), no checkpointing: {c1 * 1024:.0f} KiB/token per layer, "
+          f"{c0 * 1024:.0f} KiB/token outside the layers, {fixed:.0f} MiB fixed")
+    print(f"  depth 3 predicted {pred3:.0f} MiB, measured {m3['act_mib']:.0f} MiB: "
+          f"error {(pred3 - m3['act_mib']) / m3['act_mib']:+.1%}")
+    print(f"checkpointing, {T2} tokens, linear in depth from 1, 2: depth 3 predicted {kpred3:.0f} MiB, measured "
+          f"{k3['act_mib']:.0f} MiB: error {(kpred3 - k3['act_mib']) / k3['act_mib']:+.1%}")
+    print("\nrl_lora.plan's model (activations + logits chunk) against every measurement:")
+    print(f"{'depth':>6}{'ckpt':>6}{'tokens':>8}{'measured MiB':>14}{'plan MiB':>10}{'error':>8}")
+    for r in (m1, m2, m3, h1, k1, k2, k3):
+        L = r["layers"]
+        planned = (activation_bytes_per_token(shape, nbytes, r["ckpt"], layers=L) * r["tokens"]
+                   + LOGIT_CHUNK * 4096 * (8 + nbytes)) / 2**20
+        print(f"{L:>6}{int(r['ckpt']):>6}{r['tokens']:>8}{r['act_mib']:>14.0f}{planned:>10.0f}"
+              f"{(planned - r['act_mib']) / r['act_mib']:>+8.1%}")
+
+
+if __name__ == "__main__":
+    main()
