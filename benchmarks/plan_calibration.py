@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -79,16 +80,20 @@ def worker(args) -> dict:
 
 
 def _measure(args, layers, ckpt, prompt, completion, cache):
-    key = (layers, bool(ckpt), prompt + args.group * completion, args.dtype)
+    key = (layers, bool(ckpt), prompt + args.group * completion, args.dtype, args.mmap_threshold)
     for r in cache:
-        if (r["layers"], r["ckpt"], r["tokens"], r["dtype"]) == key:
+        if (r["layers"], r["ckpt"], r["tokens"], r["dtype"], r.get("mmap_threshold", 0)) == key:
             return r
     cmd = [sys.executable, __file__, "--layers", str(layers), "--ckpt", str(int(ckpt)), "--prompt", str(prompt),
            "--completion", str(completion), "--group", str(args.group), "--dtype", args.dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:  # a fixed threshold: every large block is its own mapping, returned when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"depth {layers} ckpt {ckpt}: failed\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["mmap_threshold"] = args.mmap_threshold
     print(json.dumps(r), flush=True)
     if args.results:
         with open(args.results, "a") as f:
@@ -103,6 +108,9 @@ def main():
     ap.add_argument("--completion", type=int, default=896)
     ap.add_argument("--group", type=int, default=2, help="completions of the prompt (GRPO's G)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--mmap-threshold", type=int, default=131072,
+                    help="MALLOC_MMAP_THRESHOLD_ of the measured processes (0 = glibc's dynamic threshold, which "
+                         "keeps freed blocks of up to 32 MiB in the heap and inflates the peak RSS)")
     ap.add_argument("--results", help="JSON lines of measurements: reused if present, appended to")
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)

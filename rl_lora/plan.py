@@ -233,11 +233,14 @@ def make_plan(cfg: Config, model_path: str) -> Plan:
                  plan.learner_gib + (plan.engine_gib if plan.colocated else 0.0),
                  f"of {total_gib:.1f} GiB available ({gpu_source})"))
     if plan.learner_gib > learner_room:
+        act_gib = per_token * tokens / GIB
         fixes = [] if ckpt else ["optim.activation_checkpointing=true"]
         if tokens > context:
             fixes.append("a lower optim.tokens_per_microbatch")
         if plan.colocated:
             fixes.append("a lower sampler.gpu_memory_utilization")
+        if plan.learner_gib - act_gib > learner_room:  # weights and optimizer state alone do not fit
+            fixes = (["LoRA (lora.rank: 1)"] if is_full_finetune(cfg) else []) + ["a GPU with more memory"] + fixes[-1:]
         plan.problems.append(
             f"plan: the learner needs ~{plan.learner_gib:.1f} GiB (activations {per_token * tokens / GIB:.1f} GiB for "
             f"{tokens:,} tokens) but has {where}; try {' or '.join(fixes) or 'a larger GPU'}")
