@@ -3,21 +3,32 @@ real widths, fit a per-layer slope, and check the prediction at a third depth.
 
 Each measurement runs in its own process: a Qwen3-8B-shaped model (hidden 4096, d_ff 12288, 32 heads, 8 KV heads,
 head_dim 128) with 1, 2 or 3 decoder layers and random weights, rank-1 LoRA on every linear layer, one
-`Learner.train_step` on a GRPO group (one prompt, G completions). The vocabulary is cut to 4096: the output
-layer's logits chunk does not grow with depth and is counted apart in rl_lora/plan.py. Peak memory is the
-process's peak RSS during the step (VmHWM reset via /proc/self/clear_refs after the model is built) minus its RSS
-before the step: the step's activations, logits chunk and adapter gradients/optimizer state (the last two are
-~0.1 MB here). fp32 on this AVX2 CPU (bf16 matmuls are ~4.5x slower here); the per-token element count is the
-same in bf16, at half the bytes.
+`Learner.train_step` on a GRPO group (one prompt, G completions; prompt sharing on), activation checkpointing off
+and on. The vocabulary is cut to 4096: the logits chunk does not grow with depth and is counted apart in
+rl_lora/plan.py. Peak memory is the process's peak RSS during the step (VmHWM reset via /proc/self/clear_refs after
+the model is built) minus its RSS before the step, with MALLOC_MMAP_THRESHOLD_ fixed (glibc's dynamic threshold
+keeps freed blocks of up to 32 MiB in the heap: the same runs then read 27-37% higher, and checkpointing seemed to
+keep 264 KiB per token per layer instead of 17). fp32 on this AVX2 CPU (bf16 matmuls are several times slower
+here); rl_lora.plan counts the same elements at 2 bytes in bf16, plus the norms' fp32 copies.
 
-Fit: act(L) = a + b L from depths 1 and 2; the prediction for depth 3 is compared with its measurement, and
-rl_lora.plan's analytic per-layer figure (elements per token per layer x bytes) is compared with b / tokens.
+    PYTHONPATH=. python benchmarks/plan_calibration.py [--prompt 128] [--completion 448] [--group 2] [--results F]
 
-    PYTHONPATH=. python benchmarks/plan_calibration.py [--prompt 256] [--completion 896] [--group 2]
+Measured once on this 2-core AVX2 machine (shared with 5 other jobs), 2026-12-01, fp32, 1 prompt of 128 + 2
+completions of 448 (1024 tokens); activations = peak RSS of the step above the RSS before it:
 
-Measured on this 2-core AVX2 machine (shared), 2026-12-01, fp32, 1 prompt of 256 + 2 completions of 896 tokens
-(2048 tokens with prompt sharing):
-  see the README / report of issue 15 (filled in below after the run)
+    depth  checkpointing  MiB    per token
+    1      off            597    583 KiB
+    2      off            849    +251 KiB per layer (plan: ACT_H fitted to this slope)
+    3      off            1100   predicted from 1, 2: 1100 MiB, error +0.0%
+    1      on             592
+    2      on             609    +17.1 KiB per layer (the layer input: 16 KiB)
+    3      on             626    predicted from 1, 2: 626 MiB, error -0.0%
+rl_lora.plan's model against the same runs (its no-checkpointing constants are fitted to depths 1 and 2; depth 3
+and every checkpointed run are predictions): off 597 / 848 / 1100 MiB (depth 3: +0.0%), on 613 / 629 / 645 MiB
+(+3.7% / +3.4% / +3.1%). Not measured: bf16 (too slow on this CPU; benchmarks/gpu_check.sh prints the plan's
+figure beside the measured CUDA peak), sequence lengths other than 1024 (attention is flash on CPU and GPU: no
+tokens^2 term), and the CUDA allocator's fragmentation (a fixed reserve in the plan).
+Per token at Qwen3-8B's 36 layers in bf16 this gives 5.5 MiB without checkpointing and 0.63 MiB with it.
 """
 
 from __future__ import annotations
@@ -104,8 +115,8 @@ def _measure(args, layers, ckpt, prompt, completion, cache):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--completion", type=int, default=896)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--completion", type=int, default=448)
     ap.add_argument("--group", type=int, default=2, help="completions of the prompt (GRPO's G)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mmap-threshold", type=int, default=131072,
@@ -126,30 +137,18 @@ def main():
     nbytes = 4 if args.dtype == "float32" else 2
     cache = [json.loads(line) for line in open(args.results)] if args.results and Path(args.results).exists() else []
     P, C, T = args.prompt, args.completion, args.prompt + args.group * args.completion
-    half = (P // 2, C // 2)
-    T2 = half[0] + args.group * half[1]
-    # No checkpointing: act(L, T) = fixed + T (c0 + L c1), from (1, T), (2, T), (1, T/2); predicted at (3, T).
-    m1, m2, m3 = (_measure(args, 1, 0, P, C, cache), _measure(args, 2, 0, P, C, cache),
-                  _measure(args, 3, 0, P, C, cache))
-    h1 = _measure(args, 1, 0, *half, cache)
-    c1 = (m2["act_mib"] - m1["act_mib"]) / T  # MiB per token per layer
-    c0 = (m1["act_mib"] - h1["act_mib"]) / (T - T2) - c1
-    fixed = m1["act_mib"] - T * (c0 + c1)
-    pred3 = fixed + T * (c0 + 3 * c1)
-    # Checkpointing, at T/2 tokens: linear in depth from 1 and 2, predicted at 3.
-    k1, k2, k3 = (_measure(args, L, 1, *half, cache) for L in (1, 2, 3))
-    kpred3 = 2 * k2["act_mib"] - k1["act_mib"]
-    print(f"\nQwen3-8B widths (vocabulary cut to 4096), {args.dtype}, one prompt + {args.group} completions; peak RSS "
-          "of the step above the RSS before it")
-    print(f"fit from depths 1, 2 (and depth 1 at {T2} tokens), no checkpointing: {c1 * 1024:.0f} KiB/token per layer, "
-          f"{c0 * 1024:.0f} KiB/token outside the layers, {fixed:.0f} MiB fixed")
-    print(f"  depth 3 predicted {pred3:.0f} MiB, measured {m3['act_mib']:.0f} MiB: "
-          f"error {(pred3 - m3['act_mib']) / m3['act_mib']:+.1%}")
-    print(f"checkpointing, {T2} tokens, linear in depth from 1, 2: depth 3 predicted {kpred3:.0f} MiB, measured "
-          f"{k3['act_mib']:.0f} MiB: error {(kpred3 - k3['act_mib']) / k3['act_mib']:+.1%}")
+    series = {ckpt: [_measure(args, L, ckpt, P, C, cache) for L in (1, 2, 3)] for ckpt in (0, 1)}
+    print(f"\nQwen3-8B widths (vocabulary cut to 4096), {args.dtype}, one prompt of {P} + {args.group} completions of {C} "
+          f"({T} tokens); peak RSS of the step above the RSS before it")
+    for ckpt, (m1, m2, m3) in series.items():
+        slope = m2["act_mib"] - m1["act_mib"]
+        pred3 = m2["act_mib"] + slope
+        print(f"checkpointing {'on ' if ckpt else 'off'}: {slope * 1024 / T:.1f} KiB/token per layer, depth 1 "
+              f"{m1['act_mib'] * 1024 / T:.0f} KiB/token; depth 3 predicted from 1, 2: {pred3:.0f} MiB, measured "
+              f"{m3['act_mib']:.0f} MiB, error {(pred3 - m3['act_mib']) / m3['act_mib']:+.1%}")
     print("\nrl_lora.plan's model (activations + logits chunk) against every measurement:")
     print(f"{'depth':>6}{'ckpt':>6}{'tokens':>8}{'measured MiB':>14}{'plan MiB':>10}{'error':>8}")
-    for r in (m1, m2, m3, h1, k1, k2, k3):
+    for r in series[0] + series[1]:
         L = r["layers"]
         planned = (activation_bytes_per_token(shape, nbytes, r["ckpt"], layers=L) * r["tokens"]
                    + LOGIT_CHUNK * 4096 * (8 + nbytes)) / 2**20

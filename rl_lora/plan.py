@@ -44,14 +44,15 @@ ENGINE_OVERHEAD_GIB = 3.0  # vLLM's activation peak at its token budget, CUDA gr
 # Saved activations per token per decoder layer, in elements: 2 x d_ff (SwiGLU's gate and up, kept by
 # lora._SwiGLUDown) + 6 x q_dim (q-norm input, roped queries, keys and values repeated to the query heads, the
 # attention output and o_proj's input) + kv_dim (k-norm input) + ACT_H x hidden (norm inputs and outputs, residual
-# stream, LoRA inputs, and what the structural count misses). ACT_H is fitted to the measurement of
-# benchmarks/plan_calibration.py: 1-3 layers of Qwen3-8B widths in fp32, 396 KiB per token per layer (the slope
-# over depths 1-3; see its docstring). In bf16 the norms' inputs are kept as fp32 copies (2 bytes more each).
-ACT_H = 12.5
+# stream, LoRA inputs). ACT_H is fitted to benchmarks/plan_calibration.py's measurement: layers 1 -> 2 of Qwen3-8B
+# widths in fp32 add 251 KiB per token (64.3k elements: the structural count gives 50.2k + 3.45 x hidden; see its
+# docstring). In bf16 the norms' inputs are kept as fp32 copies (2 bytes more each).
+ACT_H = 3.45
 # Outside the stored layers, at the step's peak (in backward): one layer's gradient workspace (SwiGLU recomputation,
 # attention backward), the embedding output, final hidden states and the head's saved d logp / d h; measured as
-# 1.15 layers' worth per token (the same calibration: depth-1 total per token minus the per-layer slope).
-OUTSIDE_LAYERS = 1.15
+# 1.33 layers' worth per token (the same calibration: depth 1's peak per token, less the logits chunk, is 2.33
+# layers' worth).
+OUTSIDE_LAYERS = 1.33
 
 # config.json sizes of the shipped recipes' models (copied from the hub files), used only when the hub cannot
 # be reached and the HF cache has no copy, so that `rl-lora plan configs/*.yaml` answers offline.
