@@ -10,12 +10,13 @@ Learner (one process; the in-process engine shares its GPU unless the engines ar
   fp32 (issue 15 point 3), else gradient + moments in fp32;
 - activations: tokens of the largest micro-batch (`optim.tokens_per_microbatch`, or one longest sample,
   prompt + completion <= model.max_model_len, which the learner never splits) x bytes per token. Without
-  activation checkpointing every layer keeps its activations (ACT_ELEMENTS per token per layer, calibrated on
-  reduced-depth Qwen3-8B-shaped models by benchmarks/plan_calibration.py); with it each layer keeps only its
-  input, and one layer's activations live during its recomputation;
+  activation checkpointing every layer keeps its activations (layer_activation_bytes, calibrated on reduced-depth
+  Qwen3-8B-shaped models by benchmarks/plan_calibration.py); with it each layer keeps only its input, and one
+  layer's activations live during its recomputation;
 - the prompt's keys/values gathered once per completion (prompt sharing): one group of samples_per_prompt
   completions of a longest prompt (max_model_len - max_tokens), every layer without checkpointing;
-- the logits chunk: LOGIT_CHUNK completion tokens x vocabulary in fp32 (logits, probabilities) plus its cast;
+- the logits chunk: LOGIT_CHUNK completion tokens x vocabulary in fp32 (logits, probabilities) plus its cast
+  (full fine-tuning recomputes it in backward: x3);
 - CUDA context and allocator slack: a fixed reserve.
 Engine: `sampler.gpu_memory_utilization` x GPU memory is what vLLM claims (its whole budget: weights, activation
 peak, CUDA graphs, KV cache); inside it the KV cache must hold at least one max_model_len sequence, or vLLM
@@ -40,13 +41,18 @@ DEFAULT_GPU_GIB = 79.3
 LOGIT_CHUNK = 256  # rl_lora.learner._LOGIT_CHUNK
 CUDA_RESERVE_GIB = 1.5  # CUDA context (~0.5 GiB) and caching-allocator fragmentation, learner process
 ENGINE_OVERHEAD_GIB = 3.0  # vLLM's activation peak at its token budget, CUDA graphs, sampler buffers (8B models)
-# Saved activations per token per decoder layer, in elements of the model dtype, as a width-weighted sum:
-# ACT_H x hidden + 2 x d_ff (SwiGLU's gate and up, kept by lora._SwiGLUDown) + 4 x kv_dim (keys and values
-# before and after RoPE) + ACT_Q x q_dim (queries, attention output). ACT_H counts the residual stream, norm
-# inputs and outputs (fp32 copies in bf16 count double) and the LoRA inputs; calibrated per dtype by
-# benchmarks/plan_calibration.py (see its docstring for the measurement).
-ACT_H = {4: 6.0, 2: 8.0}
-ACT_Q = 3.0
+# Saved activations per token per decoder layer, in elements: 2 x d_ff (SwiGLU's gate and up, kept by
+# lora._SwiGLUDown) + 6 x q_dim (q-norm input, roped queries, keys and values repeated to the query heads, the
+# attention output and o_proj's input) + kv_dim (k-norm input) + ACT_H x hidden (norm inputs and outputs, residual
+# stream, LoRA inputs). ACT_H is fitted to benchmarks/plan_calibration.py's measurement: layers 1 -> 2 of Qwen3-8B
+# widths in fp32 add 251 KiB per token (64.3k elements: the structural count gives 50.2k + 3.45 x hidden; see its
+# docstring). In bf16 the norms' inputs are kept as fp32 copies (2 bytes more each).
+ACT_H = 3.45
+# Outside the stored layers, at the step's peak (in backward): one layer's gradient workspace (SwiGLU recomputation,
+# attention backward), the embedding output, final hidden states and the head's saved d logp / d h; measured as
+# 1.33 layers' worth per token (the same calibration: depth 1's peak per token, less the logits chunk, is 2.33
+# layers' worth).
+OUTSIDE_LAYERS = 1.33
 
 # config.json sizes of the shipped recipes' models (copied from the hub files), used only when the hub cannot
 # be reached and the HF cache has no copy, so that `rl-lora plan configs/*.yaml` answers offline.
@@ -105,22 +111,24 @@ def base_parameters(shape: ModelShape, vocab: int, tied: bool) -> int:
     return vocab * h * (1 if tied else 2) + shape.num_layers * (attn + mlp + norms) + h
 
 
-def layer_activation_elements(shape: ModelShape, nbytes: int) -> float:
-    """Saved activations per token of one decoder layer, in elements of the model dtype (no checkpointing)."""
+def layer_activation_bytes(shape: ModelShape, nbytes: int) -> float:
+    """Saved activations per token of one decoder layer, bytes (no checkpointing)."""
     h, q, kv = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     f = shape.intermediate_size
     if shape.num_experts:  # routed tokens: experts_per_token experts' gate and up
         f = (shape.moe_intermediate_size or f) * max(shape.experts_per_token, 1)
-    return ACT_H[nbytes] * h + 2 * f + 4 * kv + ACT_Q * q
+    elements = ACT_H * h + 2 * f + 6 * q + kv
+    fp32_copies = 0 if nbytes == 4 else 2 * h + q + kv  # input_layernorm, post_attention_layernorm, q/k norms
+    return elements * nbytes + fp32_copies * (4 - nbytes)
 
 
 def activation_bytes_per_token(shape: ModelShape, nbytes: int, checkpointing: bool, layers: int | None = None) -> float:
     """Bytes per token of the learner's saved activations over `layers` decoder layers (default: all)."""
     L = shape.num_layers if layers is None else layers
-    per_layer = layer_activation_elements(shape, nbytes) * nbytes
+    per_layer = layer_activation_bytes(shape, nbytes)
     if checkpointing:  # each layer's input is kept; one layer's activations exist while it is recomputed
-        return L * shape.hidden_size * nbytes + per_layer
-    return L * per_layer
+        return L * shape.hidden_size * nbytes + (1 + OUTSIDE_LAYERS) * per_layer
+    return (L + OUTSIDE_LAYERS) * per_layer
 
 
 @dataclass
@@ -159,6 +167,33 @@ def gpu_memory_gib(cfg: Config) -> tuple[float, str]:
     return DEFAULT_GPU_GIB, "model.gpu_memory_gib=0: assumed an 80 GB GPU"
 
 
+def learner_rows(shape: ModelShape, vocab: int, tied: bool, b: int, full_finetune: bool, n_lora: int, tokens: int,
+                 ckpt: bool, prompt: int, G: int) -> list:
+    """(label, GiB, how) of the learner's memory: a micro-batch of `tokens` tokens, one group of G completions of
+    a `prompt`-token prompt."""
+    n_base = base_parameters(shape, vocab, tied)
+    rows = [("learner weights", n_base * b / GIB, f"{n_base / 1e9:.2f}B parameters x {b} B")]
+    if full_finetune:
+        per = b + (12 if b < 4 else 8)
+        rows.append(("trainable state", n_base * per / GIB,
+                     f"full FT: gradient ({b} B) + " + ("fp32 master + " if b < 4 else "") + "AdamW m, v (fp32)"))
+    else:
+        rows.append(("adapters + AdamW", n_lora * 16 / GIB, f"{n_lora:,} fp32 parameters x (weight, grad, m, v)"))
+    per_token = activation_bytes_per_token(shape, b, ckpt)
+    how = "checkpointed: layer inputs + one layer" if ckpt else f"all {shape.num_layers} layers kept"
+    rows.append(("activations", per_token * tokens / GIB,
+                 f"{per_token / 2**20:.2f} MiB/token x {tokens:,} tokens ({how})"))
+    kv_dim = shape.num_kv_heads * shape.head_dim
+    # the prompt pass's keys/values (every layer) and each completion's gathered copy (every layer, or the one
+    # being recomputed)
+    copies = prompt * 2 * kv_dim * b * (shape.num_layers + G * (1 if ckpt else shape.num_layers))
+    rows.append(("prompt K/V copies", copies / GIB, f"{G} completions x prompt <= {prompt:,} tokens"))
+    head = LOGIT_CHUNK * vocab * (8 + b) * (3 if full_finetune else 1)
+    rows.append(("logits chunk", head / GIB, f"{LOGIT_CHUNK} tokens x {vocab:,} vocab (fp32 logits, probabilities)"))
+    rows.append(("CUDA context, slack", CUDA_RESERVE_GIB, "fixed reserve"))
+    return rows
+
+
 def make_plan(cfg: Config, model_path: str) -> Plan:
     raw, source = read_model_config(model_path)
     shape = shape_of(raw)
@@ -170,32 +205,17 @@ def make_plan(cfg: Config, model_path: str) -> Plan:
                 colocated=cfg.sampler.num_engines == 1 and not cfg.sampler.ray_address
                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)
     n_base = base_parameters(shape, vocab, tied)
-    rows = plan.rows
-    rows.append(("learner weights", n_base * b / GIB, f"{n_base / 1e9:.2f}B parameters x {b} B ({cfg.model.dtype})"))
-    if is_full_finetune(cfg):
-        per = b + (12 if b < 4 else 8)
-        rows.append(("trainable state", n_base * per / GIB,
-                     f"full FT: gradient ({b} B) + " + ("fp32 master + " if b < 4 else "") + "AdamW m, v (fp32)"))
-    else:
-        n_lora = sum(adapter_parameters(shape, s.rank, s.target_modules) for s in adapter_specs(cfg))
-        rows.append(("adapters + AdamW", n_lora * 16 / GIB, f"{n_lora:,} fp32 parameters x (weight, grad, m, v)"))
+    n_lora = 0 if is_full_finetune(cfg) else sum(adapter_parameters(shape, s.rank, s.target_modules)
+                                                 for s in adapter_specs(cfg))
     context = cfg.model.max_model_len or int(raw.get("max_position_embeddings") or 0) or cfg.sampler.max_tokens
     tokens = max(cfg.optim.tokens_per_microbatch, context)
     ckpt = cfg.optim.activation_checkpointing
-    per_token = activation_bytes_per_token(shape, b, ckpt)
-    how = "checkpointed: layer inputs + one layer" if ckpt else f"all {shape.num_layers} layers kept"
-    rows.append(("activations", per_token * tokens / GIB,
-                 f"{per_token / 2**20:.2f} MiB/token x {tokens:,} tokens ({how})"))
-    kv_dim = shape.num_kv_heads * shape.head_dim
     prompt = max(context - cfg.sampler.max_tokens, 0)
-    G = cfg.sampler.samples_per_prompt
-    # the prompt pass's keys/values (every layer) and each completion's gathered copy (every layer, or the one
-    # being recomputed)
-    copies = prompt * 2 * kv_dim * b * (shape.num_layers + G * (1 if ckpt else shape.num_layers))
-    rows.append(("prompt K/V copies", copies / GIB, f"{G} completions x prompt <= {prompt:,} tokens"))
-    head = cfg.optim.tokens_per_microbatch and (LOGIT_CHUNK * vocab * (8 + b) + tokens * shape.hidden_size * 3 * b)
-    rows.append(("logits chunk + head", head / GIB, f"{LOGIT_CHUNK} tokens x {vocab:,} vocab; final hidden states"))
-    rows.append(("CUDA context, slack", CUDA_RESERVE_GIB, "fixed reserve"))
+    rows = plan.rows
+    rows += learner_rows(shape, vocab, tied, b, is_full_finetune(cfg), n_lora, tokens, ckpt, prompt,
+                         cfg.sampler.samples_per_prompt)
+    per_token = activation_bytes_per_token(shape, b, ckpt)
+    kv_dim = shape.num_kv_heads * shape.head_dim
     plan.learner_gib = sum(gib for _, gib, _ in rows)
     util = cfg.sampler.gpu_memory_utilization
     plan.engine_gib = util * total_gib
@@ -214,11 +234,14 @@ def make_plan(cfg: Config, model_path: str) -> Plan:
                  plan.learner_gib + (plan.engine_gib if plan.colocated else 0.0),
                  f"of {total_gib:.1f} GiB available ({gpu_source})"))
     if plan.learner_gib > learner_room:
+        act_gib = per_token * tokens / GIB
         fixes = [] if ckpt else ["optim.activation_checkpointing=true"]
         if tokens > context:
             fixes.append("a lower optim.tokens_per_microbatch")
         if plan.colocated:
             fixes.append("a lower sampler.gpu_memory_utilization")
+        if plan.learner_gib - act_gib > learner_room:  # weights and optimizer state alone do not fit
+            fixes = (["LoRA (lora.rank: 1)"] if is_full_finetune(cfg) else []) + ["a GPU with more memory"] + fixes[-1:]
         plan.problems.append(
             f"plan: the learner needs ~{plan.learner_gib:.1f} GiB (activations {per_token * tokens / GIB:.1f} GiB for "
             f"{tokens:,} tokens) but has {where}; try {' or '.join(fixes) or 'a larger GPU'}")
