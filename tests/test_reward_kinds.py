@@ -326,3 +326,15 @@ def test_score_completions_passes_each_group_as_one():
         scored = score_completions([runner], flat, [problems])
     assert scored.rewards == [20.0, 21.0, 20.0, 21.0]
     assert f"reward/{ref(group_rank)}/mean" in scored.metrics
+
+
+def test_group_length_correctness_prefers_shorter_right_answers():
+    comps = [r"\boxed{2}", r"so the answer is \boxed{2}", "no idea", r"\boxed{2} hmm", r"\boxed{3}", r"\boxed{2}"]
+    with RewardRunner([{"name": "group_length_correctness", "kwargs": {"alpha": 0.5}}], num_workers=0) as runner:
+        assert runner.kinds() == {"group_length_correctness": "group"}
+        res = runner.score(["p"] * 4 + ["q"] * 2, comps, [{"answer": "2"}] * 4 + [{"answer": "3"}] * 2)
+        span = len(comps[1]) - len(comps[0])
+        assert res.rewards == pytest.approx([1.0, 0.5, 0.0, 1.0 - 0.5 * (len(comps[3]) - len(comps[0])) / span,
+                                             1.0, 0.0])
+        res = runner.score(["p"] * 2, ["a", "b"], [{}] * 2)       # no answer field: the group's call fails
+        assert res.failed == [True, True] and res.errors == 2
