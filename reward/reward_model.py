@@ -38,7 +38,7 @@ def _load(model: str, device: str = "cpu", dtype: str = "float32"):
         if not model:
             raise ValueError("reward_model needs kwargs model (a local path or hub name)")
         tok = AutoTokenizer.from_pretrained(model)
-        net = AutoModelForSequenceClassification.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        net = AutoModelForSequenceClassification.from_pretrained(model, dtype=getattr(torch, dtype))
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         if net.config.pad_token_id is None:
