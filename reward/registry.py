@@ -280,7 +280,7 @@ class RewardSpec:
             extra = set(spec) - set(SPEC_KEYS)
             if extra:
                 raise ValueError(f"reward spec {spec.get('name', spec)!r}: unknown key '{sorted(extra)[0]}' "
-                                 f"(known: {', '.join(SPEC_KEYS)})")
+                                 f"(known: name, weight, kwargs) (options: {', '.join(SPEC_KEYS[3:])})")
             if "name" not in spec:
                 raise ValueError(f"reward spec {spec!r}: missing 'name'")
             out = cls(spec["name"], spec.get("weight", 1.0), spec.get("kwargs") or {}, spec.get("kind"),

@@ -19,7 +19,8 @@ model's logit when it has one label, else the probability of `label` (default: t
 
 kwargs: model (local path or hub name already in the HF cache), device ("cpu", "cuda", "cuda:1"), dtype
 ("float32", "bfloat16", "float16"), micro_batch (16), max_length (1024 tokens; longer inputs are truncated),
-input_format ("auto" | "chat" | "pair"), label (class index for multi-class heads).
+input_format ("auto" | "chat" | "pair"), label (class index for multi-class heads), threads (torch CPU threads
+per worker; on CPU set it so that workers x threads <= cores: oversubscribed, a forward is several times slower).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from reward.registry import batched
 _MODELS: dict = {}
 
 
-def _load(model: str, device: str = "cpu", dtype: str = "float32"):
+def _load(model: str, device: str = "cpu", dtype: str = "float32", threads: int | None = None):
     key = (model, device, dtype)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if key not in _MODELS:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -64,10 +69,10 @@ def _texts(tok, prompts, completions, input_mode: str):
 @batched
 def reward_model(prompts: list[str], completions: list[str], model: str = "", device: str = "cpu",
                  dtype: str = "float32", micro_batch: int = 16, max_length: int = 1024, input_format: str = "auto",
-                 label: int | None = None, **_) -> list[float]:
+                 label: int | None = None, threads: int | None = None, **_) -> list[float]:
     import torch
 
-    tok, net = _load(model, device, dtype)
+    tok, net = _load(model, device, dtype, threads)
     first, second = _texts(tok, prompts, completions, input_format)
     out: list[float] = []
     for a in range(0, len(first), micro_batch):
@@ -84,8 +89,8 @@ def reward_model(prompts: list[str], completions: list[str], model: str = "", de
     return out
 
 
-def _warmup(model: str = "", device: str = "cpu", dtype: str = "float32", **_):
-    _load(model, device, dtype)
+def _warmup(model: str = "", device: str = "cpu", dtype: str = "float32", threads: int | None = None, **_):
+    _load(model, device, dtype, threads)
 
 
 reward_model.__reward_warmup__ = _warmup

@@ -488,7 +488,8 @@ def _check_rewards(rewards, key: str) -> None:
         known = ("name", "weight", "kwargs", "kind", "timeout_s", "batch_size", "max_concurrency")
         extra = sorted(set(spec) - set(known))
         if extra:
-            raise ConfigError(f"{key}[{i}]: unknown key '{extra[0]}' (known: {', '.join(known)})")
+            raise ConfigError(f"{key}[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs) "
+                              f"(options: {', '.join(known[3:])})")
 
 
 def _validate_adapters(cfg: Config) -> None:
