@@ -11,16 +11,14 @@ before any model loads or any engine starts.
 
 from __future__ import annotations
 
-import inspect
-
 from rl_lora.config import Config, ConfigError, adapter_specs, is_full_finetune
 
 VLLM_MAX_LORA_RANK = 512  # vLLM 0.32's largest max_lora_rank (vllm/config/lora.py MaxLoRARanks)
 
 
 def check_rewards(cfg: Config) -> None:
-    """Every reward of the run (the run's list and each adapter's own) resolves to a callable taking
-    (prompt, completion)."""
+    """Every reward of the run (the run's list and each adapter's own) resolves to a callable whose signature
+    fits its kind (completion, batched, group; async or not), and a config `kind` agrees with the function."""
     from reward.registry import check_spec
 
     lists = [("reward.rewards", cfg.reward.rewards)]
