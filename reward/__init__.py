@@ -9,9 +9,9 @@ are loaded lazily), so `import reward` is fast in the trainer process.
 
 from __future__ import annotations
 
-from reward.registry import RewardResult, RewardRunner, RewardSpec, register, resolve
+from reward.registry import RewardResult, RewardRunner, RewardSpec, batched, group, register, resolve
 
-__all__ = ["extract", "score", "RewardSpec", "RewardRunner", "RewardResult", "resolve", "register"]
+__all__ = ["extract", "score", "RewardSpec", "RewardRunner", "RewardResult", "resolve", "register", "batched", "group"]
 
 
 def __getattr__(name):

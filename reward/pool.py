@@ -18,7 +18,9 @@ that is abandoned on timeout (Python cannot kill a thread: the call keeps runnin
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import inspect
 import logging
 import math
 import multiprocessing as mp
@@ -69,17 +71,99 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:300] if msg else type(exc).__name__
 
 
-def execute(ref: str, args: tuple, kwargs: dict) -> CallResult:
-    """Resolve `ref` and call it (no time limit). Never raises (except on KeyboardInterrupt/SystemExit)."""
+def to_rewards(value, n: int) -> tuple[list, str]:
+    """A batched / group reward's return value as `n` entries, each a finite float or None (that entry is not a
+    number), plus the first entry's error. RewardValueError if it is not a sequence of exactly `n` entries."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+        raise RewardValueError(f"returned {type(value).__name__}, expected a list of {n} numbers")
+    values = list(value)
+    if len(values) != n:
+        raise RewardValueError(f"returned {len(values)} values for {n} completions")
+    out, first = [], ""
+    for v in values:
+        try:
+            out.append(to_reward(v))
+        except RewardValueError as exc:
+            out.append(None)
+            first = first or f"entry {len(out) - 1}: {exc}"
+    return out, first
+
+
+def _convert(value, expect):
+    if expect is None:
+        return to_reward(value), ""
+    return to_rewards(value, expect)
+
+
+def execute(ref: str, args: tuple, kwargs: dict, opts: dict | None = None) -> CallResult:
+    """Resolve `ref` and call it (no time limit). Never raises (except on KeyboardInterrupt/SystemExit).
+
+    opts None: a per-completion call, `value` is a float. opts {"expect": n}: a batched or group call, `value` is
+    a list of n floats or None (entries that are not numbers; `error` names the first). opts {"many": [(args,
+    kwargs, expect), ...], "concurrency": c, "timeout": t}: async calls awaited concurrently (at most c at a time,
+    each under t seconds); `value` is a list of (status, value, error, elapsed) per call and `args`, `kwargs`
+    are unused."""
     from reward.registry import call_reward
 
+    if opts and "many" in opts:
+        return _execute_many(ref, opts)
+    expect = opts.get("expect") if opts else None
     t0 = time.perf_counter()
     try:
-        value = to_reward(call_reward(ref, args, kwargs))
-        return CallResult("ok", value, "", time.perf_counter() - t0)
+        out = call_reward(ref, args, kwargs)
+        if inspect.isawaitable(out):
+            out = _loop().run_until_complete(out)
+        value, err = _convert(out, expect)
+        return CallResult("ok", value, err, time.perf_counter() - t0)
     except RewardValueError as exc:
         return CallResult("error", None, str(exc), time.perf_counter() - t0)
     except (Exception, SystemExit) as exc:  # a reward calling sys.exit() must not end the run
+        return CallResult("error", None, _describe(exc), time.perf_counter() - t0)
+
+
+_LOOP = None
+
+
+def _loop():
+    """One event loop per process, reused across calls (so a reward may keep an async client between batches).
+    Never `asyncio.run`: it waits for the default executor, i.e. for any abandoned blocking thread."""
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        _LOOP = asyncio.new_event_loop()
+    return _LOOP
+
+
+def _execute_many(ref: str, opts: dict) -> CallResult:
+    from reward.registry import call_reward
+
+    items, timeout = opts["many"], opts.get("timeout")
+    sem_n = max(1, int(opts.get("concurrency") or len(items) or 1))
+
+    async def one(sem, args, kwargs, expect):
+        async with sem:  # the limit counts from the moment the call may run
+            t0 = time.perf_counter()
+            try:
+                coro = call_reward(ref, args, kwargs)
+                if not inspect.isawaitable(coro):
+                    raise RewardValueError(f"is not async (returned {type(coro).__name__}, not an awaitable)")
+                out = await asyncio.wait_for(coro, timeout) if timeout else await coro
+                value, err = _convert(out, expect)
+                return ("ok", value, err, time.perf_counter() - t0)
+            except asyncio.TimeoutError:
+                return ("timeout", None, f"over {timeout:g}s", time.perf_counter() - t0)
+            except RewardValueError as exc:
+                return ("error", None, str(exc), time.perf_counter() - t0)
+            except (Exception, SystemExit) as exc:
+                return ("error", None, _describe(exc), time.perf_counter() - t0)
+
+    async def main():
+        sem = asyncio.Semaphore(sem_n)
+        return await asyncio.gather(*(one(sem, a, k, e) for a, k, e in items))
+
+    t0 = time.perf_counter()
+    try:
+        return CallResult("ok", list(_loop().run_until_complete(main())), "", time.perf_counter() - t0)
+    except (Exception, SystemExit) as exc:
         return CallResult("error", None, _describe(exc), time.perf_counter() - t0)
 
 
@@ -91,9 +175,11 @@ class _CallTimeout(BaseException):
     """Raised inside the call by SIGALRM; a BaseException so `except Exception` in a reward can't swallow it."""
 
 
-def call_inline(ref: str, args: tuple, kwargs: dict, timeout_s: float) -> CallResult:
+def call_inline(ref: str, args: tuple, kwargs: dict, timeout_s: float, opts: dict | None = None) -> CallResult:
+    if opts and opts.get("deadline_s"):
+        timeout_s = opts["deadline_s"]
     if timeout_s is None or timeout_s <= 0:
-        return execute(ref, args, kwargs)
+        return execute(ref, args, kwargs, opts)
     use_alarm = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
                  and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
     if use_alarm:
@@ -105,15 +191,17 @@ def call_inline(ref: str, args: tuple, kwargs: dict, timeout_s: float) -> CallRe
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
             try:
-                return execute(ref, args, kwargs)
+                return execute(ref, args, kwargs, opts)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _CallTimeout:
+            global _LOOP
+            _LOOP = None  # interrupted mid-run: start the next async call on a fresh loop
             return CallResult("timeout", None, f"over {timeout_s:g}s", time.perf_counter() - t0)
         finally:
             signal.signal(signal.SIGALRM, old)
     box: list[CallResult] = []
-    th = threading.Thread(target=lambda: box.append(execute(ref, args, kwargs)), daemon=True,
+    th = threading.Thread(target=lambda: box.append(execute(ref, args, kwargs, opts)), daemon=True,
                           name="reward-inline-call")
     t0 = time.perf_counter()
     th.start()
@@ -142,9 +230,12 @@ def _worker_main(conn, preload: tuple, ppid: int):
         from reward import math_answer, registry
 
         math_answer.warmup()  # sympy imports lazily and caches on first use: pay that before the first call
-        for ref in preload:
+        for item in preload:  # "module:function", or (ref, kwargs) for a reward with a warm-up (model loading)
             try:
-                registry.resolve(ref)
+                ref, kw = (item, None) if isinstance(item, str) else item
+                fn = registry.resolve(ref)
+                if kw is not None and callable(getattr(fn, "__reward_warmup__", None)):
+                    fn.__reward_warmup__(**kw)
             except Exception:
                 pass  # reported per call
     except Exception:
@@ -155,8 +246,8 @@ def _worker_main(conn, preload: tuple, ppid: int):
             msg = conn.recv()
             if msg is None:
                 break
-            tid, ref, args, kwargs = msg
-            res = execute(ref, args, kwargs)
+            tid, ref, args, kwargs, opts = msg
+            res = execute(ref, args, kwargs, opts)
             conn.send((tid, res.status, res.value, res.error, res.elapsed))
     except (EOFError, OSError, KeyboardInterrupt):
         pass
@@ -274,7 +365,9 @@ class WorkerPool:
                 raise RuntimeError("reward workers did not start")
 
     # -- running calls
-    def run(self, calls: list[tuple[str, tuple, dict]]) -> list[CallResult]:
+    def run(self, calls: list[tuple]) -> list[CallResult]:
+        """calls: (ref, args, kwargs) or (ref, args, kwargs, opts) (see `execute`; opts["deadline_s"] replaces
+        the pool's timeout for that call)."""
         if self._closed:
             raise RuntimeError("WorkerPool is closed")
         results: list[CallResult | None] = [None] * len(calls)
@@ -286,9 +379,10 @@ class WorkerPool:
                     break
                 if w.ready and w.task is None:
                     tid = queue.popleft()
-                    ref, args, kwargs = calls[tid]
+                    ref, args, kwargs = calls[tid][:3]
+                    opts = calls[tid][3] if len(calls[tid]) > 3 else None
                     try:
-                        w.conn.send((tid, ref, args, kwargs))
+                        w.conn.send((tid, ref, args, kwargs, opts))
                     except (pickle.PicklingError, TypeError, AttributeError) as exc:
                         results[tid] = CallResult("error", None, f"arguments not picklable: {_describe(exc)}")
                         continue
@@ -297,7 +391,8 @@ class WorkerPool:
                         self._replace(w)
                         continue
                     now = time.monotonic()
-                    w.task = (tid, now + self.timeout_s, now)
+                    limit = (opts or {}).get("deadline_s") or self.timeout_s
+                    w.task = (tid, now + limit, now, limit)
             deadlines = [w.task[1] for w in self._workers if w.task is not None]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.5
             self._pump(wait_s, results, queue)
@@ -326,8 +421,8 @@ class WorkerPool:
         now = time.monotonic()
         for w in list(self._workers):
             if w.task is not None and now >= w.task[1]:
-                tid, _, t0 = w.task
-                results[tid] = CallResult("timeout", None, f"over {self.timeout_s:g}s", now - t0)
+                tid, _, t0, limit = w.task
+                results[tid] = CallResult("timeout", None, f"over {limit:g}s", now - t0)
                 w.task = None
                 self._replace(w)
             elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:

@@ -11,37 +11,24 @@ before any model loads or any engine starts.
 
 from __future__ import annotations
 
-import inspect
-
 from rl_lora.config import Config, ConfigError, adapter_specs, is_full_finetune
 
 VLLM_MAX_LORA_RANK = 512  # vLLM 0.32's largest max_lora_rank (vllm/config/lora.py MaxLoRARanks)
 
 
 def check_rewards(cfg: Config) -> None:
-    """Every reward of the run (the run's list and each adapter's own) resolves to a callable taking
-    (prompt, completion)."""
-    from reward.registry import RewardSpec, resolve
+    """Every reward of the run (the run's list and each adapter's own) resolves to a callable whose signature
+    fits its kind (completion, batched, group; async or not), and a config `kind` agrees with the function."""
+    from reward.registry import check_spec
 
     lists = [("reward.rewards", cfg.reward.rewards)]
     lists += [(f"adapters[{i}].rewards", a["rewards"]) for i, a in enumerate(cfg.adapters) if "rewards" in a]
     for key, rewards in lists:
         for j, raw in enumerate(rewards):
-            where = f"{key}[{j}]"
             try:
-                spec = RewardSpec.coerce(raw)
-                fn = resolve(spec.name)
+                check_spec(raw)  # name resolves, kind agrees with the function, signature fits the kind
             except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            try:
-                sig = inspect.signature(fn)
-            except (TypeError, ValueError):
-                continue  # a builtin without a signature: it is called as it is
-            try:
-                sig.bind_partial("prompt", "completion")
-            except TypeError:
-                raise ConfigError(f"{where}: reward '{spec.name}' must take (prompt, completion, **fields), "
-                                  f"its signature is {spec.name.rpartition(':')[2]}{sig}") from None
+                raise ConfigError(f"{key}[{j}]: {exc}") from None
 
 
 def _model_config(model_path: str):

@@ -204,6 +204,8 @@ class TrainConfig:
 @dataclass
 class RewardConfig:
     # Rewards to combine: [{name, weight, kwargs}]; name is a registry name or "package.module:function".
+    # Optional per entry: kind (completion | batched | group | async; default: as the function declares),
+    # timeout_s (this reward's per-call limit), batch_size (batched), max_concurrency (async). docs/reward.md.
     rewards: list = field(default_factory=lambda: [{"name": "math_answer", "weight": 1.0}])
     # Wall-clock limit per reward call, seconds. A call over it scores 0 and is counted.
     timeout_s: float = 5.0
@@ -483,9 +485,11 @@ def _check_rewards(rewards, key: str) -> None:
     for i, spec in enumerate(rewards):
         _require(isinstance(spec, dict) and isinstance(spec.get("name"), str), f"{key}[{i}]",
                  "each reward needs a 'name'")
-        extra = sorted(set(spec) - {"name", "weight", "kwargs"})
+        known = ("name", "weight", "kwargs", "kind", "timeout_s", "batch_size", "max_concurrency")
+        extra = sorted(set(spec) - set(known))
         if extra:
-            raise ConfigError(f"{key}[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs)")
+            raise ConfigError(f"{key}[{i}]: unknown key '{extra[0]}' (known: name, weight, kwargs) "
+                              f"(options: {', '.join(known[3:])})")
 
 
 def _validate_adapters(cfg: Config) -> None:

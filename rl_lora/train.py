@@ -235,18 +235,22 @@ class Scored:
     errors: int
     calls: int  # reward calls made (completions x rewards)
     failed: list[bool] = dataclasses.field(default_factory=list)  # per completion: no real score (a call failed)
+    metrics: dict = dataclasses.field(default_factory=dict)  # per reward: reward/<name>/{mean,std_in_group,...}
 
 
-def score_completions(scorers_K: list, flat: list, problems_K: list) -> Scored:
+def score_completions(scorers_K: list, flat: list, problems_K: list, names_K: list | None = None) -> Scored:
     """Score the step's completions (adapter-major, as sampled): adapter k's with its own reward runner, against
-    its own dataset's problems."""
+    its own dataset's problems. Each group's completions are passed as one group (group rewards, metrics); with
+    several adapters the per-reward metrics are prefixed with the adapter's name."""
     out = Scored([], [], 0, 0, 0)
     per = len(flat) // len(scorers_K)
     for k, (scorer, problems) in enumerate(zip(scorers_K, problems_K)):
         mine = flat[k * per:(k + 1) * per]
         res = scorer.score([g.prompt for g, _ in mine], [c.text for _, c in mine],
                            [{"answer": problems[g.problem_index].answer, **problems[g.problem_index].fields}
-                            for g, _ in mine])
+                            for g, _ in mine], group_ids=[id(g) for g, _ in mine])
+        prefix = f"{names_K[k]}/" if names_K and len(scorers_K) > 1 else ""
+        out.metrics.update({prefix + key: v for key, v in getattr(res, "metrics", {}).items()})
         out.rewards += res.rewards
         out.correct += res.per_reward.get("math_answer", res.rewards)
         out.timeouts, out.errors = out.timeouts + res.timeouts, out.errors + res.errors
@@ -420,7 +424,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
             # 2. score every completion (wall-clock limited; a failed or timed-out call is counted, and its
             #    completion has no score)
             flat = [(g, c) for g in groups for c in g.completions]
-            result = score_completions(scorers_K, flat, [tasks[d].train for d in task_of])
+            result = score_completions(scorers_K, flat, [tasks[d].train for d in task_of], [s.name for s in specs])
             G = cfg.sampler.samples_per_prompt
             for j, g in enumerate(groups):
                 g.rewards_G = result.rewards[j * G:(j + 1) * G]
@@ -469,7 +473,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
                  "time/push": run.push_s if probe_gap is not None else t4 - t3,
                  "time/push_check": run.check_s if probe_gap is not None else 0.0,
                  "time/push_wait": run.wait_s if probe_gap is not None else 0.0,
-                 "time/step": t4 - t0, **learn}
+                 "time/step": t4 - t0, **result.metrics, **learn}
             if probe_gap is not None:
                 m.update(run.probe)  # push/probe_gap, push/probe_gap_prev
             if len(specs) > 1:
