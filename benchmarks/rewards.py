@@ -13,7 +13,8 @@ loading are not counted):
 - async: an `async def` that awaits 50 ms (a stand-in for an I/O-bound API), max_concurrency 32;
 - llm_judge: the built-in judge against vLLM's OpenAI server on the tiny random Llama (CPU, float32), one
   request of max_tokens 1 per completion, max_concurrency 16.
-Completions/s is the batch size over the wall time of `runner.score`; latency is per call.
+Completions/s is the batch size over the wall time of `runner.score`; latency is per call; "workers MiB" is the
+resident memory of the runner's worker processes after the batch (all of them together).
 """
 
 from __future__ import annotations
@@ -91,17 +92,21 @@ def _serve(model: str, log_path: Path):
 def measure(label: str, spec: dict, n: int, workers: int, group: int = 8) -> None:
     from reward import RewardRunner
 
+    import psutil
+
     prompts, comps, answers = _completions(n)
     ids = [i // group for i in range(n)]
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the judge's server
     with RewardRunner([spec], timeout_s=60, num_workers=workers) as runner:
         runner.score(prompts[:group * 2], comps[:group * 2], answers[:group * 2], group_ids=ids[:group * 2])
         t0 = time.perf_counter()
         res = runner.score(prompts, comps, answers, group_ids=ids)
         wall = time.perf_counter() - t0
+        rss = sum(p.memory_info().rss for p in psutil.Process().children(recursive=True) if p.pid not in before)
     key = runner.keys[0]
     m = res.metrics
     print(f"{label:<12} {runner.kinds()[key]:<11} {n:>6} {n / wall:>12.1f} {m[f'reward/{key}/latency_p50_ms']:>9.2f} "
-          f"{m[f'reward/{key}/latency_p99_ms']:>9.2f} {int(m[f'reward/{key}/failures']):>8}")
+          f"{m[f'reward/{key}/latency_p99_ms']:>9.2f} {int(m[f'reward/{key}/failures']):>8} {rss / 2**20:>10.0f}")
 
 
 def main() -> None:
@@ -113,7 +118,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="reward-bench-"))
     rm, lm = _tiny_rm(tmp)
     print(f"{args.n} completions per batch, {args.workers} worker processes, {os.cpu_count()} CPUs\n")
-    print(f"{'reward':<12} {'kind':<11} {'n':>6} {'compl./s':>12} {'p50 ms':>9} {'p99 ms':>9} {'failures':>8}")
+    print(f"{'reward':<12} {'kind':<11} {'n':>6} {'compl./s':>12} {'p50 ms':>9} {'p99 ms':>9} {'failures':>8} {'workers MiB':>11}")
     measure("math_answer", {"name": "math_answer"}, args.n, args.workers)
     measure("group_len", {"name": "group_length_correctness"}, args.n, args.workers)
     measure("reward_model", {"name": "reward_model", "batch_size": 64,
