@@ -19,7 +19,10 @@ For rank 1 the shrink is a dot product per row and the expand a scaled add of on
   number of slices or adapters; with one adapter on every row the mask is skipped; a batch with no adapter
   row returns at once. Base rows get an exact zero update (their mask row is 0).
 
-Everything else (embedding and lm_head LoRA, sharded layers, ranks > 1) falls through to vLLM's code unchanged.
+It also overrides `add_lora_logits`: vLLM wraps the lm_head for LoRA whether or not an adapter targets it and,
+every step, gathers and contracts a vocabulary-sized slot per row; here rows without an adapter, and adapters
+whose lm_head slot is all zeros (rl-lora's), cost nothing, and base rows no longer get the last slot's.
+Everything else (embedding LoRA, sharded layers, ranks > 1) falls through to vLLM's code unchanged.
 Applied only where the platform is CPU and `max_lora_rank == 1` (rl_lora.sampler.Sampler); the GPU path is
 never touched. The patch swaps the wrapper class name that vLLM resolves in the process that builds the model,
 so it covers the in-process engine core (rl-lora's CPU default, VLLM_ENABLE_V1_MULTIPROCESSING=0); an engine core
@@ -55,6 +58,9 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         self._r1_slots = tuple(sorted(slot_of[i] for i in ids if i > 0))
         self._r1_mask = {}
+        prompt_ids = set(mapping.prompt_mapping)
+        self._r1_logit_slots = tuple(sorted(slot_of[i] for i in prompt_ids if i > 0))
+        self._r1_logit_base_rows = 0 in prompt_ids or -1 in prompt_ids
         if self._r1_slots and (len(self._r1_slots) > 1 or 0 in ids or -1 in ids):
             tok = self.token_lora_indices
             act = torch.tensor(self._r1_slots, dtype=tok.dtype, device=tok.device)
@@ -109,6 +115,37 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             y.addmm_(s, b)
         else:
             y.addmm_(s.to(y.dtype), b.to(y.dtype))
+        return None
+
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+        """lm_head LoRA (vLLM wraps the lm_head whether or not an adapter targets it): nothing to do for rows
+        without an adapter or for adapters without lm_head weights (all-zero slots, e.g. rl-lora's adapters);
+        otherwise vLLM's ops on the adapter rows only (its own path would give base rows the last slot's)."""
+        if not (ENABLED and self._r1_ready):
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
+        slots = list(self._r1_logit_slots)
+        if not slots:
+            return None
+        key = (self._r1_logit_slots, lora_a_stacked._version, lora_b_stacked._version)
+        hit = self._r1_cache.get(id(lora_b_stacked))
+        if hit is None or hit[0] != key:
+            hit = (key, bool(lora_b_stacked[slots].any() and lora_a_stacked[slots].any()))
+            self._r1_cache[id(lora_b_stacked)] = hit
+        if not hit[1]:
+            return None  # the active adapters have no lm_head weights: adding zeros
+        if not self._r1_logit_base_rows:
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
+        from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
+
+        idx = self.sampler_indices
+        rows = (idx >= 0).nonzero().squeeze(1)
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        sub = y2[rows]
+        buf = torch.zeros((rows.numel(), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+        bgmv_shrink(x2[rows], lora_a_stacked, buf, idx[rows], scale)
+        bgmv_expand(buf, lora_b_stacked, sub, idx[rows], add_inputs=True)
+        y2[rows] = sub
         return None
 
 

@@ -130,6 +130,29 @@ def test_higher_rank_falls_through_to_vllm():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+def test_lm_head_lora_only_on_adapter_rows():
+    """The lm_head wrapper: adapter rows get vLLM's own result, base rows nothing (vLLM's path would give them
+    the last slot's lm_head adapter), and all-zero lm_head slots are skipped."""
+    from vllm.lora.ops.torch_ops import bgmv_expand, bgmv_shrink
+
+    gen = torch.Generator().manual_seed(4)
+    token_ids, ids = [12, 0, 11, 0], [11, 12]
+    a, b = torch.randn(2, 1, 1, 16, generator=gen), torch.randn(2, 1, 40, 1, generator=gen)
+    x, y = torch.randn(4, 16, generator=gen), torch.randn(4, 40, generator=gen)
+    w = _wrapper(token_ids, ids)
+    got = y.clone()
+    w.add_lora_logits(got, x, a, b, 1.0)
+    rows, idx = [0, 2], torch.tensor([1, 0])
+    want, buf = y[rows].clone(), torch.zeros(2, 1)
+    bgmv_shrink(x[rows], a, buf, idx, 1.0)
+    bgmv_expand(buf, b, want, idx, add_inputs=True)
+    torch.testing.assert_close(got[rows], want, atol=ATOL, rtol=RTOL)
+    assert torch.equal(got[[1, 3]], y[[1, 3]]) and (got[rows] - y[rows]).abs().max() > 0.1
+    zero = y.clone()
+    w.add_lora_logits(zero, x, torch.zeros_like(a), torch.zeros_like(b), 1.0)
+    assert torch.equal(zero, y)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # In the engine (the session's tiny-model Sampler: CPU, rank 1, in-process engine core)
 
