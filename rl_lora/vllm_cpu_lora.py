@@ -47,7 +47,9 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         self._r1_ready = False  # metadata of the current forward computed
         self._r1_slots: tuple[int, ...] = ()  # distinct adapter slots used by this forward's rows
         self._r1_mask: dict[int, torch.Tensor | None] = {}  # n_slices -> rows x (n_slices*K) mask, None: all ones
-        self._r1_cache: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (key, A, B)
+        self._r1_cache: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (key, A, B); lm_head: (key, nonzero)
+        self._r1_logit_slots: tuple[int, ...] = ()  # the same for the sampled rows (lm_head)
+        self._r1_logit_base_rows = False
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -116,7 +118,6 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         else:
             y.addmm_(s.to(y.dtype), b.to(y.dtype))
         return None
-
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         """lm_head LoRA (vLLM wraps the lm_head whether or not an adapter targets it): nothing to do for rows
