@@ -76,6 +76,8 @@ class AdapterRef:
 
 
 class Sampler:
+    rank1_path = False  # rl_lora.vllm_cpu_lora serves this engine's LoRA layers (CPU, rank 1, in-process core)
+
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 0, max_lora_rank: int = 1,
                  max_loras: int = 2, kvcache_gib: int = 1, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, seed: int = 0):
@@ -88,6 +90,10 @@ class Sampler:
 
         # The workarounds below are for vLLM-CPU's bugs; a GPU engine gets vLLM's own defaults.
         self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu and _vllm_rank(max_lora_rank) == 1 and not _engine_core_in_subprocess():
+            from rl_lora import vllm_cpu_lora
+
+            self.rank1_path = vllm_cpu_lora.apply()  # before the engine builds its LoRA layers
         self.llm = LLM(**engine_kwargs(model_path, on_cpu=self.on_cpu, dtype=dtype, max_model_len=max_model_len,
                                        max_lora_rank=max_lora_rank, max_loras=max_loras,
                                        gpu_memory_utilization=gpu_memory_utilization,
@@ -182,10 +188,11 @@ class Sampler:
                 raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
                                  f"context of {self.max_model_len} tokens (model.max_model_len)")
         base_idx = [i for i, a in enumerate(adapters) if a is None]
-        if self.on_cpu and base_idx and len(base_idx) < len(adapters):
+        if self.on_cpu and not self.rank1_path and base_idx and len(base_idx) < len(adapters):
             # vLLM-CPU 0.32 applies a LoRA to no-adapter rows that share a batch with LoRA rows (measured:
             # logprobs off by ~0.8 nats; its CPU LoRA ops have no "no adapter" row), so on CPU base requests run
-            # in a call of their own. vLLM's GPU (punica) kernels skip such rows. Seeds stay per prompt.
+            # in a call of their own. vLLM's GPU (punica) kernels skip such rows, and so does the rank-1 path
+            # (rl_lora/vllm_cpu_lora.py). Seeds stay per prompt.
             lora_idx = [i for i, a in enumerate(adapters) if a is not None]
             out: list = [None] * len(prompt_ids_P)
             for idx in (base_idx, lora_idx):
@@ -224,6 +231,12 @@ class Sampler:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort: the process is ending anyway
             pass
+
+
+def _engine_core_in_subprocess() -> bool:
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING)
 
 
 def _vllm_rank(rank: int) -> int:
