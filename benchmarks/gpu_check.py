@@ -115,17 +115,18 @@ def worker(args) -> dict:
         from rl_lora.learner import Learner
 
         # random weights from the config in code, on the device: nothing is read or downloaded
-        auto = transformers.AutoModelForCausalLM
-        original = auto.__dict__["from_pretrained"]
+        auto, auto_config = transformers.AutoModelForCausalLM, transformers.AutoConfig
+        originals = auto.__dict__["from_pretrained"], auto_config.__dict__["from_pretrained"]
         auto.from_pretrained = lambda path, dtype=None, **_: _build(args, device, dtype)
+        auto_config.from_pretrained = lambda path, **_: _config(args)
         try:
             learner = Learner("llama-3.1-8b-shape", rank=1, target_modules=TARGETS, lr=1e-4, dtype="bfloat16",
                               full_finetune=args.mode == "full", activation_checkpointing=ckpt, device=device,
-                              tokens_per_microbatch=args.prompt + args.group * args.completion)
+                              tokens_per_microbatch=args.prompt + args.group * (args.prompt + args.completion))
         finally:
-            auto.from_pretrained = original
+            auto.from_pretrained, auto_config.from_pretrained = originals
         batch = _batch(args, learner.model.config.vocab_size)
-        assert len(learner._microbatches(batch)) == 1
+        assert len(learner._microbatches(batch)) == 1  # the budget covers the prompt's K/V copies too
 
         def step():
             learner.train_step(batch)
