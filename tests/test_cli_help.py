@@ -19,3 +19,15 @@ def test_help_exits_zero_without_importing_vllm(argv):
     assert out.returncode == 0, out.stderr
     assert "usage: rl-lora" in out.stdout
     assert out.stdout.strip().endswith("no vllm")
+
+
+def test_overrides_after_flags_are_applied(capsys, tmp_path):
+    """`rl-lora train CFG --resume train.steps=8` is how users raise the step count of a run they resume: an override
+    after a flag must count, not end in argparse's "unrecognized arguments"."""
+    from rl_lora.cli import main
+
+    assert main(["train", "configs/demo_cpu.yaml", "--print-config", "train.steps=7", "sampler.max_tokens=9"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "max_tokens: 9" in out
+    with pytest.raises(SystemExit):  # a real stray flag is still refused
+        main(["train", "configs/demo_cpu.yaml", "--print-config", "--no-such-flag"])
