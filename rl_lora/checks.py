@@ -65,8 +65,42 @@ def check_model(cfg: Config, model_path: str) -> None:
     if heads and heads % tp:
         raise ConfigError(f"sampler.tensor_parallel_size: {tp} does not divide the model's {heads} attention heads "
                           "(vLLM shards heads evenly)")
+    _check_transformers_backend(config)
     if not is_full_finetune(cfg):
         _check_targets(cfg, config)
+
+
+def _transformers_backend_archs() -> set[str]:
+    """Architectures vLLM 0.32 serves through its Transformers backend ("transformers" in its model registry), read
+    from the registry's source: importing vLLM here would precede the CPU settings rl_lora.sampler makes first."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    registry = Path(list(spec.submodule_search_locations)[0]) / "model_executor" / "models" / "registry.py"
+    try:
+        return set(re.findall(r'"(\w+)": \("transformers",', registry.read_text()))
+    except OSError:
+        return set()
+
+
+def _check_transformers_backend(config) -> None:
+    """vLLM's Transformers backend (Phi-1/2, OLMo, SmolLM3, GPT-NeoX, Starcoder2, ...) patches transformers' own
+    model classes in the process that loads it; with the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0,
+    the CPU default here) the learner's copy of the model then fails to build with an AssertionError."""
+    import os
+
+    import torch
+
+    mp = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if torch.cuda.is_available() else "0")
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if mp == "0" and arch in _transformers_backend_archs():
+        raise ConfigError(f"model.path: vLLM serves {arch} through its Transformers backend, which cannot share a "
+                          "process with the learner; run with VLLM_ENABLE_V1_MULTIPROCESSING=1 (the engine in its "
+                          "own process)")
 
 
 def _check_targets(cfg: Config, config) -> None:

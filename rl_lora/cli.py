@@ -24,13 +24,20 @@ def _train(args) -> int:
     if summary.get("eval_table"):
         k = cfg.train.eval_samples
         how = f"avg@{k} at temperature {cfg.sampler.temperature}" if k else "greedy"
-        print(f"\nheld-out accuracy, base model vs trained adapter ({cfg.data.eval_size} problems, {how}, "
+        what = ("fine-tuned model" if cfg.lora.rank == "full" else "trained adapters" if cfg.adapters
+                else "trained adapter")
+        print(f"\nheld-out accuracy, base model vs {what} ({cfg.data.eval_size} problems, {how}, "
               "same engine, paired seeds):")
         print(summary["eval_table"])
         print(f"eval results: {summary['eval_dir']}/ (eval_results.json/.md, pass_at_k.png, eval_samples.jsonl)")
-    weights = "model/" if cfg.lora.rank == "full" else "adapter/"
-    print(f"run dir: {summary['run_dir']}  ({weights}, metrics.jsonl, reward_curve.png, checkpoints/)")
+    print(run_dir_line(cfg, summary["run_dir"]))
     return 0
+
+
+def run_dir_line(cfg, run_dir) -> str:
+    """Where the trained weights are: model/ (full fine-tuning), adapters/<name>/ (several adapters) or adapter/."""
+    weights = "model/" if cfg.lora.rank == "full" else "adapters/<name>/" if cfg.adapters else "adapter/"
+    return f"run dir: {run_dir}  ({weights}, metrics.jsonl, reward_curve.png, checkpoints/)"
 
 
 def _sweep(args) -> int:
@@ -202,7 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a `nargs="*"` positional at the first flag, so `train CFG --resume train.steps=8` would leave
+    # the override unrecognised: overrides may come after the flags too
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from rl_lora.config import ConfigError
 
     try:

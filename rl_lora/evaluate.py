@@ -272,7 +272,8 @@ class EvalConfig:
     max_tokens: int = 8192
     # Seed of the per-request sampling seeds and of the bootstrap.
     seed: int = 0
-    # Output directory. "" = <first adapter's parent>/eval, or runs/eval for the base model alone.
+    # Output directory. "" = <first adapter's parent>/eval, or runs/eval for the base model alone (eval-2, eval-3, ...
+    # when that one already holds results).
     out_dir: str = ""
     # Engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.
     dtype: str = "auto"
@@ -357,7 +358,14 @@ def eval_data_config(config_path: str | None, overrides: list[str], adapter_spec
 
 
 def default_out_dir(adapters: list[tuple[str, Path, int]]) -> Path:
-    return adapters[0][1].resolve().parent / "eval" if adapters else Path("runs/eval")
+    """<first adapter's parent>/eval, or eval-2, eval-3, ... when that already holds results: for a training run's
+    adapter, eval/ is the run's own end-of-training table, which a later `rl-lora eval` must not overwrite."""
+    base = adapters[0][1].resolve().parent / "eval" if adapters else Path("runs/eval")
+    out, n = base, 1
+    while (out / "eval_results.json").exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def run_eval(cfg: EvalConfig, data_cfg: DataConfig | None = None, *, sampler=None, progress: bool = True,

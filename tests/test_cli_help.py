@@ -19,3 +19,29 @@ def test_help_exits_zero_without_importing_vllm(argv):
     assert out.returncode == 0, out.stderr
     assert "usage: rl-lora" in out.stdout
     assert out.stdout.strip().endswith("no vllm")
+
+
+def test_overrides_after_flags_are_applied(capsys, tmp_path):
+    """`rl-lora train CFG --resume train.steps=8` is how users raise the step count of a run they resume: an override
+    after a flag must count, not end in argparse's "unrecognized arguments"."""
+    from rl_lora.cli import main
+
+    assert main(["train", "configs/demo_cpu.yaml", "--print-config", "train.steps=7", "sampler.max_tokens=9"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "max_tokens: 9" in out
+    with pytest.raises(SystemExit):  # a real stray flag is still refused
+        main(["train", "configs/demo_cpu.yaml", "--print-config", "--no-such-flag"])
+
+
+def test_run_dir_line_names_the_folder_the_weights_are_in(tmp_path):
+    """The last line of `rl-lora train` tells the user where the trained weights are: a run with several adapters
+    writes adapters/<name>/, not adapter/."""
+    from rl_lora.cli import run_dir_line
+    from rl_lora.config import load_config
+
+    one = load_config("configs/demo_cpu.yaml", [])
+    two = load_config("configs/demo_cpu.yaml", ["adapters=[{name: a}, {name: b}]", "sampler.max_loras=3"])
+    full = load_config("configs/demo_cpu.yaml", ["lora.rank=full"])
+    assert "(adapter/," in run_dir_line(one, tmp_path)
+    assert "(adapters/<name>/," in run_dir_line(two, tmp_path)
+    assert "(model/," in run_dir_line(full, tmp_path)

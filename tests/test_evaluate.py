@@ -327,3 +327,19 @@ def test_eval_live_on_the_running_sampler(sampler, two_adapters):
     finally:
         scorer.close()
         sampler.evict(version)
+
+
+def test_default_out_dir_never_overwrites_earlier_results(tmp_path):
+    """`rl-lora eval --adapter RUN/adapter` without --out writes beside the adapter; RUN/eval/ already holds the
+    training run's own base-vs-adapter table, which must survive a later eval."""
+    from rl_lora.evaluate import default_out_dir
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    adapters = [("run", tmp_path / "run" / "adapter", 1)]
+    assert default_out_dir(adapters) == (tmp_path / "run" / "eval").resolve()  # a fresh run dir: eval/
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "eval_results.json").write_text("{}")
+    assert default_out_dir(adapters) == (tmp_path / "run" / "eval-2").resolve()
+    (tmp_path / "run" / "eval-2").mkdir()
+    (tmp_path / "run" / "eval-2" / "eval_results.json").write_text("{}")
+    assert default_out_dir(adapters) == (tmp_path / "run" / "eval-3").resolve()

@@ -76,6 +76,24 @@ def test_max_model_len_above_the_models_context(make_config, no_model, capsys):
 # GPU memory plan
 
 
+def test_transformers_backend_model_with_an_in_process_engine(tmp_path, no_model, capsys, monkeypatch):
+    """Phi-1/2 is served by vLLM's Transformers backend, which patches transformers' PhiModel in its process: with the
+    engine in-process the learner's model build died with an AssertionError traceback after the engine started."""
+    import tiny_models
+    from runhelpers import write_config
+
+    model = tiny_models.phi(tmp_path / "phi")
+    capsys.readouterr()  # the model build's progress bar
+    targets = {"target_modules": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cfg = write_config(tmp_path, str(model), lora=targets)
+    _refused(capsys, ["train", str(cfg)], "PhiForCausalLM", "Transformers backend", "VLLM_ENABLE_V1_MULTIPROCESSING=1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the engine in its own process: no refusal
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main(["train", str(write_config(tmp_path, str(model), lora=targets,
+                                        train={"output_dir": str(tmp_path / "run-mp")}))])
+
+
 def test_plan_counts_the_models_own_parameters():
     """plan's parameter count equals the HF model's, built from the real 8B configs on the meta device."""
     import torch
