@@ -124,8 +124,9 @@ class SamplerConfig:
     cpu_kvcache_gib: int = 1
     # Fraction of GPU memory vLLM may use (GPU only).
     gpu_memory_utilization: float = 0.5
-    # Adapters resident in the engine at once (the live version plus the one being replaced, at least).
-    max_loras: int = 2
+    # Adapters resident in the engine at once: each live version plus the one being replaced. 0 = sized from the
+    # run (K adapters: K + 1); a number below K + 1 is refused.
+    max_loras: int = 0
     # Tensor-parallel size of the engine (GPU only).
     tensor_parallel_size: int = 1
     # vLLM engines sampling in parallel. 1 = one in-process engine (the default on one machine); > 1 = that many
@@ -242,6 +243,11 @@ def expand_targets(value, key: str) -> list:
     if not (isinstance(value, list) and value and all(isinstance(m, str) and m for m in value)):
         raise ConfigError(f"{key}: must be a non-empty list of module names or a preset, got {value!r}")
     return list(value)
+
+
+def resident_loras(cfg: "Config") -> int:
+    """Adapter slots the engine needs: `sampler.max_loras`, or K + 1 for K adapters when it is 0 (auto)."""
+    return cfg.sampler.max_loras or max(len(cfg.adapters), 1) + 1
 
 
 def is_full_finetune(cfg: "Config") -> bool:
@@ -437,7 +443,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.sampler.max_tokens >= 1, "sampler.max_tokens", "must be >= 1")
     _require(cfg.sampler.cpu_kvcache_gib >= 1, "sampler.cpu_kvcache_gib", "must be >= 1")
     _require(0 < cfg.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "must be in (0, 1]")
-    _require(cfg.sampler.max_loras >= 1, "sampler.max_loras", "must be >= 1")
+    _require(cfg.sampler.max_loras >= 0, "sampler.max_loras", "must be >= 0 (0 = K + 1 for K adapters)")
     _require(cfg.sampler.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", "must be >= 1")
     _require(cfg.sampler.num_engines >= 1, "sampler.num_engines", "must be >= 1")
     _require(cfg.train.max_staleness >= 0, "train.max_staleness", "must be >= 0 (0 = synchronous)")
@@ -528,7 +534,7 @@ def _validate_adapters(cfg: Config) -> None:
         _require(spec.name not in names, f"adapters[{i}].name", f"{spec.name!r} is used twice")
         names.add(spec.name)
     K = len(cfg.adapters)
-    _require(cfg.sampler.max_loras >= K + 1, "sampler.max_loras",
+    _require(cfg.sampler.max_loras == 0 or cfg.sampler.max_loras >= K + 1, "sampler.max_loras",
              f"{cfg.sampler.max_loras} is too small for {K} adapters: the engine holds every adapter plus the one "
              f"being replaced; set sampler.max_loras={K + 1}")
 

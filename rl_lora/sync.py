@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from rl_lora import faults
-from rl_lora.config import Config, adapter_specs
+from rl_lora.config import Config, adapter_specs, resident_loras
 from rl_lora.sampler import AdapterRef
 
 PROBE_SEED = 9_000_000  # request seed of the push-check probe
@@ -58,7 +58,7 @@ def build_fleet(cfg: Config, model_path: str, say=None):
     from rl_lora.fleet import LocalFleet, RayFleet
 
     kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                  max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=cfg.sampler.max_loras,
+                  max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=resident_loras(cfg),
                   kvcache_gib=cfg.sampler.cpu_kvcache_gib, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
                   tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
     if uses_ray(cfg):

@@ -88,8 +88,6 @@ def preflight(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"train.output_dir: {run_dir} is not writable ({exc.strerror})") from None
-    if cfg.sampler.max_loras < 1:
-        raise ConfigError("sampler.max_loras: must be >= 1")
     if uses_ray(cfg) and importlib.util.find_spec("ray") is None:
         raise ConfigError(f"sampler.num_engines: the engines run as Ray actors here ({cfg.sampler.num_engines} "
                           "engines, or under torchrun), and ray is not installed (pip install 'rl-lora[cluster]')")

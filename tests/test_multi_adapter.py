@@ -204,10 +204,18 @@ def test_adapter_rewards_and_data_are_checked_before_any_model_loads(tmp_path, m
 
 
 def test_too_many_adapters_for_the_engine_is_a_config_error(tmp_path, make_config):
-    cfg = make_config(adapters=[{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}])
+    cfg = make_config(adapters=[{"lr": 1e-4}, {"lr": 3e-4}, {"lr": 1e-3}], sampler={"max_loras": 2})
     res = run_cli(cfg)
     assert res.returncode == 2
     assert "sampler.max_loras" in res.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("adapters, expect", [([], 2), ([{"name": "a"}, {"name": "b"}, {"name": "c"}], 4)])
+def test_engine_adapter_slots_default_to_k_plus_one(adapters, expect):
+    from rl_lora.config import load_config, resident_loras
+
+    assert resident_loras(load_config(None, [f"adapters={adapters}"])) == expect
+    assert resident_loras(load_config(None, [f"adapters={adapters}", "sampler.max_loras=9"])) == 9
 
 
 def test_sweep_flags_are_checked_before_any_model_loads(tmp_path, make_config):
