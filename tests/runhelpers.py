@@ -47,3 +47,27 @@ def metrics(run: Path) -> list[dict]:
 
 def step_rows(run: Path) -> list[dict]:
     return [r for r in metrics(run) if "reward/mean" in r]
+
+
+def wait_for_server(proc, port: int, log, timeout_s: float = 600) -> None:
+    """Wait until a vLLM OpenAI server started as `proc` on 127.0.0.1:`port` answers /health; fail the test (with
+    the end of its `log`) if it exits first or is not ready within `timeout_s`."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"the server exited with {proc.returncode}: {log.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"the server was not ready within {timeout_s} s")

@@ -7,6 +7,7 @@ import torch
 
 from rl_lora import vllm_cpu_lora
 from rl_lora.vllm_cpu_lora import PunicaWrapperCPURank1
+from test_sampler import _prompt
 
 ATOL, RTOL = 1e-5, 1e-6  # fp32: the two paths sum the same products in a different order
 
@@ -175,9 +176,7 @@ def test_engine_mixed_batch_one_call_matches_learner_and_vllm_path(sampler, lear
     from rl_lora.learner import TrainSample
 
     assert sampler.rank1_path
-    prompt = sampler.tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
-                                                   add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    prompt = _prompt(sampler)
     weights = {}
     for version in (301, 302):
         with torch.no_grad():

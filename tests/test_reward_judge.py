@@ -7,14 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from reward import RewardRunner
 from reward.judge import JudgeError, parse_verdict, render
+from runhelpers import wait_for_server
 
 SERVER_START_TIMEOUT_S = 600
 
@@ -73,20 +71,7 @@ def judge_server(tiny_model, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("judge") / "server.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the judge server exited with {proc.returncode}: {log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the judge server was not ready within {SERVER_START_TIMEOUT_S} s")
-            time.sleep(1)
+        wait_for_server(proc, port, log, SERVER_START_TIMEOUT_S)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         os.killpg(proc.pid, 9)

@@ -9,14 +9,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 
 import pytest
 
 from rl_lora.config import ALL_LINEAR
 from rl_lora.learner import Learner, TrainSample
+from runhelpers import wait_for_server
 
 pytestmark = pytest.mark.slow
 
@@ -41,22 +40,6 @@ def _post(port: int, body: dict) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
-
-
-def _wait_ready(proc, port: int, log) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the server exited with {proc.returncode}: {log.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"the server was not ready within {SERVER_START_TIMEOUT_S} s")
 
 
 def _trained_adapter(tiny_model: str, prompt: list[int], target: list[int], path) -> None:
@@ -93,7 +76,7 @@ def test_openai_server_serves_the_trained_adapter_like_our_sampler(tiny_model, s
         proc = subprocess.Popen(server_command(tiny_model, str(adapter), port), stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         try:
-            _wait_ready(proc, port, log)
+            wait_for_server(proc, port, log, SERVER_START_TIMEOUT_S)
             body = dict(prompt=prompt, max_tokens=12, temperature=0.0, return_token_ids=True)
             served = _post(port, {**body, "model": "trained"})["choices"][0]
             served_base = _post(port, {**body, "model": tiny_model})["choices"][0]
