@@ -6,6 +6,7 @@ with base rows."""
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -119,59 +120,77 @@ def test_apply_patches_cpu_only_and_is_idempotent(monkeypatch):
 # In the engine: a tiny Qwen3-MoE served with expert (and attention) adapters vs HF on merged weights
 
 TEMPERATURE = 0.7
-TOL = 1e-4  # sampler vs HF fp32 logprobs (measured: see the commit); an adapter moves them by > 1e-2
+TOL = 1e-4  # sampler vs HF fp32 logprobs: measured <= 2e-5; each adapter here moves them by > 1
 LAYERS, EXPERTS, HIDDEN, INTER = 2, 4, 128, 128
 ATTENTION = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, 64), "v_proj": (HIDDEN, 64), "o_proj": (HIDDEN, HIDDEN)}
 EXPERT = {"gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}  # (in, out)
-RANK, ALPHA = 1, 3.0  # alpha / r != 1: the scale is applied
+EXPERT_KEYS = r"experts\.\d+\.(gate_proj|up_proj|down_proj)"  # rank/alpha pattern, as the learner's exporter writes
 
 
-def _adapter_tensors(seed: int, attention: bool) -> dict[str, torch.Tensor]:
-    """PEFT keys (module docstring of rl_lora/vllm_cpu_moe.py), random non-zero A and B."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in range(LAYERS):
-        modules = [(f"mlp.experts.{e}.{p}", io) for e in range(EXPERTS) for p, io in EXPERT.items()]
-        if attention:
-            modules += [(f"self_attn.{p}", io) for p, io in ATTENTION.items()]
-        for name, (d_in, d_out) in modules:
-            key = f"base_model.model.model.layers.{layer}.{name}"
-            out[f"{key}.lora_A.weight"] = torch.randn(RANK, d_in, generator=gen) * 0.3
-            out[f"{key}.lora_B.weight"] = torch.randn(d_out, RANK, generator=gen) * 0.3
-    return out
+@dataclass(frozen=True)
+class Adapter:
+    """A random PEFT adapter on every expert (and, with `attention`, the attention projections); experts at
+    their own rank and alpha (rank_pattern / alpha_pattern) where they differ. alpha / r != 1 throughout."""
+    seed: int
+    attention: bool
+    rank: int = 1
+    alpha: float = 3.0
+    expert_rank: int = 1
+    expert_alpha: float = 3.0
 
+    def scale(self, key: str) -> float:
+        return self.expert_alpha / self.expert_rank if ".experts." in key else self.alpha / self.rank
 
-def _write_adapter(tensors, base_path):
-    from safetensors.torch import save_file
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The keys of rl_lora/vllm_cpu_moe.py's docstring; random non-zero A and B."""
+        gen = torch.Generator().manual_seed(self.seed)
+        out = {}
+        for layer in range(LAYERS):
+            modules = [(f"mlp.experts.{e}.{p}", io, self.expert_rank) for e in range(EXPERTS)
+                       for p, io in EXPERT.items()]
+            if self.attention:
+                modules += [(f"self_attn.{p}", io, self.rank) for p, io in ATTENTION.items()]
+            for name, (d_in, d_out), r in modules:
+                key = f"base_model.model.model.layers.{layer}.{name}"
+                out[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) * 0.3 / r ** 0.5
+                out[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.3 / r ** 0.5
+        return out
 
-    targets = sorted({k.split(".")[-3] for k in tensors})
+    def writer(self, base_path):
+        from safetensors.torch import save_file
 
-    def write(path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / "adapter_model.safetensors"))
-        (path / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": targets, "bias": "none",
-            "base_model_name_or_path": str(base_path), "task_type": "CAUSAL_LM"}))
-    return write
+        tensors = self.tensors()
+        config = {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "bias": "none",
+                  "target_modules": sorted({k.split(".")[-3] for k in tensors}),
+                  "base_model_name_or_path": str(base_path), "task_type": "CAUSAL_LM"}
+        if (self.expert_rank, self.expert_alpha) != (self.rank, self.alpha):
+            config |= {"rank_pattern": {EXPERT_KEYS: self.expert_rank},
+                       "alpha_pattern": {EXPERT_KEYS: self.expert_alpha}}
 
+        def write(path):
+            path = Path(path)
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path / "adapter_model.safetensors"))
+            (path / "adapter_config.json").write_text(json.dumps(config))
+        return write
 
-def _merged_model(base_path, tensors, name: str, only: str | None = None):
-    """The HF model with W += alpha/r B A for each adapted module (`only`: modules whose name contains it)."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    def merged(self, base_path, name: str, only: str | None = None):
+        """The HF model with W += scale B A for each adapted module (`only`: those whose key contains it)."""
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
 
-    target = Path(f"{base_path}-merged-{name.replace(' ', '-')}")
-    shutil.copytree(base_path, target, dirs_exist_ok=True)
-    state = load_file(str(Path(base_path) / "model.safetensors"))
-    for key in tensors:
-        if not key.endswith("lora_A.weight") or (only and only not in key):
-            continue
-        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        delta = (ALPHA / RANK) * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
-        state[f"{module}.weight"] = state[f"{module}.weight"] + delta
-    save_file(state, str(target / "model.safetensors"))
-    return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
+        target = Path(f"{base_path}-merged-{name.replace(' ', '-')}")
+        shutil.copytree(base_path, target, dirs_exist_ok=True)
+        state = load_file(str(Path(base_path) / "model.safetensors"))
+        tensors = self.tensors()
+        for key, a in tensors.items():
+            if not key.endswith("lora_A.weight") or (only and only not in key):
+                continue
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            state[f"{module}.weight"] = state[f"{module}.weight"] + self.scale(key) * tensors[
+                key.replace("lora_A", "lora_B")] @ a
+        save_file(state, str(target / "model.safetensors"))
+        return AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
 
 
 def _hf_logprobs(model, prompt, token_ids):
@@ -186,6 +205,19 @@ def _gap(model, prompt, group):
                for c in group)
 
 
+def _check_rows(sampler, refs, references, rows, prompt, seed):
+    """Generate one call of `rows` (adapter names, None: base) and check each row against its merged HF model,
+    and against every other reference (the adapter really is served, and no other)."""
+    groups = sampler.generate([prompt] * len(rows), n=2, adapters=[refs.get(r) for r in rows], seed=seed,
+                              temperature=TEMPERATURE, max_tokens=10)
+    for row, group in zip(rows, groups):
+        own = row or "base"
+        assert all(c.adapter_version == (0 if row is None else refs[row].version) for c in group)
+        assert _gap(references[own], prompt, group) < TOL, own
+        for other in set(references) - {own}:
+            assert _gap(references[other], prompt, group) > 100 * TOL, (own, other)
+
+
 @pytest.fixture(scope="module")
 def moe_path(tmp_path_factory):
     return build_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
@@ -195,61 +227,66 @@ def moe_path(tmp_path_factory):
 def moe_sampler(moe_path):
     from rl_lora.sampler import Sampler
 
-    s = Sampler(str(moe_path), max_model_len=256, max_lora_rank=RANK, max_loras=3, kvcache_gib=1)
+    s = Sampler(str(moe_path), max_model_len=256, max_lora_rank=1, max_loras=3, kvcache_gib=1)
     yield s
     s.close()
 
 
-@pytest.fixture(scope="module")
-def adapters(moe_path):
-    """x: experts and attention; y: experts only (another seed)."""
-    return {"x": _adapter_tensors(1, attention=True), "y": _adapter_tensors(2, attention=False)}
+X, Y = Adapter(1, attention=True), Adapter(2, attention=False)  # rank 1: x on experts and attention, y on experts
 
 
 @pytest.fixture(scope="module")
-def references(moe_path, adapters):
+def references(moe_path):
     from transformers import AutoModelForCausalLM
 
-    merges = {"x": ("x", None), "y": ("y", None), "x experts only": ("x", ".mlp.experts."),
-              "x attention only": ("x", ".self_attn.")}
-    out = {name: _merged_model(moe_path, adapters[a], name, only) for name, (a, only) in merges.items()}
-    out["base"] = AutoModelForCausalLM.from_pretrained(str(moe_path), dtype=torch.float32).eval()
-    return out
+    return {"base": AutoModelForCausalLM.from_pretrained(str(moe_path), dtype=torch.float32).eval(),
+            "x": X.merged(moe_path, "x"), "y": Y.merged(moe_path, "y"),
+            "x experts only": X.merged(moe_path, "x experts only", only=".mlp.experts."),
+            "x attention only": X.merged(moe_path, "x attention only", only=".self_attn.")}
 
 
 @pytest.mark.slow
-def test_k2_adapters_and_base_rows_in_one_batch_match_merged_hf(moe_sampler, moe_path, adapters, references):
-    """Base rows, adapter x (experts + attention) and adapter y (experts) interleaved in one engine call: each
-    row's logprobs are HF's on the model with its own adapter merged; not the base's nor the other adapter's;
-    and for x neither the experts-only nor the attention-only merge (both parts of one adapter are served)."""
+def test_k2_adapters_and_base_rows_in_one_batch_match_merged_hf(moe_sampler, moe_path, references):
+    """Base rows, adapter x (experts + attention) and adapter y (experts) interleaved in one engine call (the rank-1
+    path batches base rows with adapter rows): each row's logprobs are HF's on the model with its own adapter
+    merged; not the base's nor the other adapter's; and for x neither the experts-only nor the attention-only
+    merge (both parts of one adapter are served)."""
     s = moe_sampler
-    assert s.rank1_path  # one engine call for the whole mixed batch (rl_lora.sampler)
-    refs = {name: s.push(v, _write_adapter(adapters[name], moe_path), evict_older=False)
-            for name, v in (("x", 11), ("y", 12))}
-    prompt = _prompt(s)
-    rows = [None, "x", "y", None, "y", "x"]
-    groups = s.generate([prompt] * len(rows), n=2, adapters=[refs.get(r) for r in rows], seed=7,
-                        temperature=TEMPERATURE, max_tokens=10)
-    for row, group in zip(rows, groups):
-        own = row or "base"
-        assert all(c.adapter_version == (0 if row is None else refs[row].version) for c in group)
-        assert _gap(references[own], prompt, group) < TOL, own
-        for other in {"base", "x", "y"} - {own}:
-            assert _gap(references[other], prompt, group) > 100 * TOL, (own, other)
-        if row == "x":
-            assert _gap(references["x experts only"], prompt, group) > 100 * TOL
-            assert _gap(references["x attention only"], prompt, group) > 100 * TOL
+    assert s.rank1_path
+    refs = {"x": s.push(11, X.writer(moe_path), evict_older=False),
+            "y": s.push(12, Y.writer(moe_path), evict_older=False)}
+    _check_rows(s, refs, references, [None, "x", "y", None, "y", "x"], _prompt(s), seed=7)
     s.evict(11)
     s.evict(12)
 
 
 @pytest.mark.slow
-def test_k1_adapter_on_every_row_matches_merged_hf(moe_sampler, moe_path, adapters, references):
+def test_k1_adapter_on_every_row_matches_merged_hf(moe_sampler, moe_path, references):
     s = moe_sampler
-    ref = s.push(21, _write_adapter(adapters["y"], moe_path))
-    prompts = [_prompt(s), _prompt(s, "What is 7 - 4?")]
-    groups = s.generate(prompts, n=3, adapters=ref, seed=3, temperature=TEMPERATURE, max_tokens=12)
-    for prompt, group in zip(prompts, groups):
-        assert _gap(references["y"], prompt, group) < TOL
-        assert _gap(references["base"], prompt, group) > 100 * TOL
+    refs = {"y": s.push(21, Y.writer(moe_path))}
+    for text, seed in (("What is 2 + 3?", 3), ("What is 7 - 4?", 4)):
+        _check_rows(s, refs, references, ["y", "y", "y"], _prompt(s, text), seed=seed)
     s.evict(21)
+
+
+@pytest.mark.slow
+def test_higher_ranks_with_expert_rank_pattern_match_merged_hf(moe_path):
+    """Rank 4 attention with rank 2 experts (rank_pattern / alpha_pattern, the learner's `expert_rank`): vLLM's own
+    CPU path serves the dense layers (not the rank-1 one), this module the experts; K = 2 and base rows."""
+    from transformers import AutoModelForCausalLM
+
+    from rl_lora.sampler import Sampler
+
+    x4 = Adapter(3, attention=True, rank=4, alpha=8.0, expert_rank=2, expert_alpha=6.0)
+    y4 = Adapter(4, attention=True, rank=4, alpha=4.0, expert_rank=2, expert_alpha=2.0)
+    references = {"base": AutoModelForCausalLM.from_pretrained(str(moe_path), dtype=torch.float32).eval(),
+                  "x4": x4.merged(moe_path, "x4"), "y4": y4.merged(moe_path, "y4"),
+                  "x4 experts only": x4.merged(moe_path, "x4 experts only", only=".mlp.experts.")}
+    s = Sampler(str(moe_path), max_model_len=256, max_lora_rank=4, max_loras=3, kvcache_gib=1)
+    try:
+        assert not s.rank1_path
+        refs = {"x4": s.push(31, x4.writer(moe_path), evict_older=False),
+                "y4": s.push(32, y4.writer(moe_path), evict_older=False)}
+        _check_rows(s, refs, references, [None, "x4", "y4", "x4"], _prompt(s), seed=9)
+    finally:
+        s.close()
