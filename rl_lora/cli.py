@@ -12,9 +12,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        from rl_lora.config import dump_yaml
+        from rl_lora.config import describe
 
-        print(dump_yaml(cfg))
+        print(describe(cfg))
         return 0
     from rl_lora.train import train
 
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a changed model or adapter shape is refused; changed optimizer settings apply from the next step)")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config, every key with its one-line doc, and exit (loads no model)")
     t.set_defaults(func=_train)
     w = sub.add_parser("sweep", help="train K learning rates at once: K adapters on one base, one run",
                        description="Learning-rate sweep as K adapters of one run (one sampler, one learner, shared "

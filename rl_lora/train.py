@@ -142,10 +142,10 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
 
     shape = read_shape(model_path)
     notes = []
-    auto = [i for i, a in enumerate(cfg.adapters) if a.get("lr") == "auto"]
+    auto = [i for i, a in enumerate(cfg.adapters) if a.lr == "auto"]
     if cfg.optim.lr == "auto" or auto:
         s = suggest_lr(shape, steps=cfg.train.steps)
-        adapters = [dict(a, lr=s.lora_lr) if i in auto else a for i, a in enumerate(cfg.adapters)]
+        adapters = [dataclasses.replace(a, lr=s.lora_lr) if i in auto else a for i, a in enumerate(cfg.adapters)]
         lr = s.lora_lr if cfg.optim.lr == "auto" else cfg.optim.lr
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
         notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
