@@ -102,8 +102,9 @@ def test_ppo_takes_is_cap_as_its_dual_clip_bound():
 
 def _sections():
     from rl_lora.config import AdapterEntry, Config
+    from rl_lora.eval.command import EvalConfig
 
-    out = [Config, AdapterEntry]
+    out = [Config, AdapterEntry, EvalConfig]
     out += [type(getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.name != "adapters"]
     return out
 
