@@ -421,7 +421,7 @@ def _check_type(value, tp, key: str):
                 return _check_type(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:  # list[Section]: each item built like a section, named key[i]
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -456,6 +456,16 @@ def _check_type(value, tp, key: str):
             raise ConfigError(f"{key}: expected a {'list' if tp is list else 'mapping'}, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+_TYPE_NAMES = {float: "a number", int: "an integer", bool: "true/false", str: "a string", list: "a list",
+               dict: "a mapping", type(None): "null"}
+
+
+def _type_name(tp) -> str:
+    """'a number, a string or null' for float | str | None."""
+    names = [_TYPE_NAMES.get(typing.get_origin(t) or t, str(t)) for t in typing.get_args(tp) or (tp,)]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _build(cls, data: dict, prefix: str):

@@ -158,6 +158,8 @@ def test_print_config_is_listed_in_train_help():
     ("adapters=[{lr: fast}]", "adapters[0].lr: must be a finite number >= 0 or 'auto', got 'fast'"),
     ("adapters=[3]", "adapters[0]: expected a mapping, got 3"),
     ("adapters={name: a}", "adapters: expected a list"),
+    ("adapters=[{lr: true}]", "adapters[0].lr: expected a number, a string or null, got True"),
+    ("lora.rank=1.5", "lora.rank: expected an integer or a string, got 1.5"),
 ])
 def test_field_checks_name_the_key_and_the_value(override, message):
     with pytest.raises(ConfigError) as err:
