@@ -121,13 +121,25 @@ def _plan(args) -> int:
     return 0
 
 
+def config_sections_help() -> str:
+    """The config's sections with their docs (read from the dataclasses), for `rl-lora train --help`."""
+    import dataclasses
+
+    from rl_lora.config import Config
+
+    rows = [f"  {f.name:<9} {f.metadata['doc']}" for f in dataclasses.fields(Config)]
+    return "config sections:\n" + "\n".join(rows) + ("\n\nevery key with its value and one-line doc: "
+                                                    "rl-lora train CONFIG --print-config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rl_lora.eval.command import add_arguments as add_eval_arguments
 
     parser = argparse.ArgumentParser(prog="rl-lora", description="GRPO-style RL for rank-1 LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run the sample -> score -> learn -> push loop",
-                       description="Train a LoRA adapter with RL. Overrides: section.key=value, e.g. optim.lr=3e-4.")
+                       description="Train a LoRA adapter with RL. Overrides: section.key=value, e.g. optim.lr=3e-4.",
+                       epilog=config_sections_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="YAML run config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=1 train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint "

@@ -143,9 +143,13 @@ def test_print_config_shows_every_key_with_its_doc_loads_back_and_loads_no_model
         "train.steps=7", "adapters=[{name: a, lr: 1e-3}, {name: b, rank: 2}]", "sampler.max_loras=3"])
 
 
-def test_print_config_is_listed_in_train_help():
+def test_train_help_lists_the_sections_with_their_docs_and_print_config():
+    from rl_lora.config import Config
+
     res = _cli("train", "--help")
     assert res.returncode == 0 and "--print-config" in res.stdout and "one-line doc" in res.stdout
+    for f in dataclasses.fields(Config):
+        assert f"  {f.name:<9} {f.metadata['doc']}" in res.stdout
 
 
 @pytest.mark.parametrize("override, message", [
