@@ -383,8 +383,8 @@ def _own(value, fallback):
 def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
     if is_full_finetune(cfg):
-        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0, cfg.train.seed,
-                            list(cfg.reward.rewards), cfg.data)]
+        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0,
+                            cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
                             cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
