@@ -22,7 +22,7 @@ def check_rewards(cfg: Config) -> None:
     from reward.registry import check_spec
 
     lists = [("reward.rewards", cfg.reward.rewards)]
-    lists += [(f"adapters[{i}].rewards", a["rewards"]) for i, a in enumerate(cfg.adapters) if "rewards" in a]
+    lists += [(f"adapters[{i}].rewards", a.rewards) for i, a in enumerate(cfg.adapters) if a.rewards is not None]
     for key, rewards in lists:
         for j, raw in enumerate(rewards):
             try:

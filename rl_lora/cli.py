@@ -12,9 +12,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        from rl_lora.config import dump_yaml
+        from rl_lora.config import describe
 
-        print(dump_yaml(cfg))
+        print(describe(cfg))
         return 0
     from rl_lora.train import train
 
@@ -58,21 +58,9 @@ def _sweep(args) -> int:
 
 
 def _eval(args) -> int:
-    from rl_lora.evaldata import parse_data_arg
-    from rl_lora.evaluate import EvalConfig, eval_data_config, format_table, run_eval
+    from rl_lora.eval.command import main
 
-    cfg = EvalConfig(model=args.model, adapters=args.adapter, data=parse_data_arg(args.data), k=args.k,
-                     temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                     out_dir=args.out or "", dtype=args.dtype, max_model_len=args.max_model_len,
-                     gpu_memory_utilization=args.gpu_memory_utilization,
-                     tensor_parallel_size=args.tensor_parallel_size, reward_workers=args.reward_workers,
-                     reward_timeout_s=args.reward_timeout_s,
-                     train_data=args.train_data or "")
-    cfg.validate()  # before the data config, which may read a run's config.yaml
-    payload = run_eval(cfg, eval_data_config(args.config, args.overrides, cfg.adapters), progress=not args.quiet)
-    print(format_table(payload["results"]))
-    print(f"results: {payload['out_dir']}/ (eval_results.json, eval_results.md, pass_at_k.png, eval_samples.jsonl)")
-    return 0
+    return main(args)
 
 
 def _lr_suggest(args) -> int:
@@ -133,18 +121,33 @@ def _plan(args) -> int:
     return 0
 
 
+def config_sections_help() -> str:
+    """The config's sections with their docs (read from the dataclasses), for `rl-lora train --help`."""
+    import dataclasses
+
+    from rl_lora.config import Config
+
+    rows = [f"  {f.name:<9} {f.metadata['doc']}" for f in dataclasses.fields(Config)]
+    return "config sections:\n" + "\n".join(rows) + ("\n\nevery key with its value and one-line doc: "
+                                                    "rl-lora train CONFIG --print-config")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from rl_lora.eval.command import add_arguments as add_eval_arguments
+
     parser = argparse.ArgumentParser(prog="rl-lora", description="GRPO-style RL for rank-1 LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run the sample -> score -> learn -> push loop",
-                       description="Train a LoRA adapter with RL. Overrides: section.key=value, e.g. optim.lr=3e-4.")
+                       description="Train a LoRA adapter with RL. Overrides: section.key=value, e.g. optim.lr=3e-4.",
+                       epilog=config_sections_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="YAML run config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=1 train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint "
                    "(a changed model or adapter shape is refused; changed optimizer settings apply from the next step)")
     t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config, every key with its one-line doc, and exit (loads no model)")
     t.set_defaults(func=_train)
     w = sub.add_parser("sweep", help="train K learning rates at once: K adapters on one base, one run",
                        description="Learning-rate sweep as K adapters of one run (one sampler, one learner, shared "
@@ -161,29 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate the base model and every --adapter in one vLLM engine (multi-LoRA), "
                                    "k samples per problem. Writes eval_results.json/.md, pass_at_k.png and "
                                    "eval_samples.jsonl to --out (default: <first adapter's parent>/eval).")
-    e.add_argument("--model", required=True, help="base model: HF name, local HF dir, or smollm2-135m-gguf")
-    e.add_argument("--adapter", action="append", default=[], metavar="[LABEL=]PATH",
-                   help="PEFT adapter directory (repeatable); the base model is always evaluated too")
-    e.add_argument("--data", default="aime2024,aime2025",
-                   help="comma-separated: aime2024, aime2025, math500, gsm8k, arithmetic, or .jsonl/.parquet files")
-    e.add_argument("--k", type=int, default=16, help="samples per problem (default 16)")
-    e.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
-    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
-    e.add_argument("--max-tokens", type=int, default=8192, help="completion cap in tokens (default 8192; CPU: ~32-256)")
-    e.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    e.add_argument("--out", help="output directory")
-    e.add_argument("--config", help="run config whose data section (prompt format, arithmetic split) to use; "
-                                    "default: the first adapter's run config.yaml, if any")
-    e.add_argument("overrides", nargs="*", help="dotted data overrides, e.g. data.max_operand=20")
-    e.add_argument("--train-data", help="data.source of the training set to check the eval sets against "
-                                        "(decontamination), e.g. hf:zwhe99/DeepMath-103K")
-    e.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
-    e.add_argument("--max-model-len", type=int, default=0, help="engine context in tokens (0 = the model's)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU only (default 0.9)")
-    e.add_argument("--tensor-parallel-size", type=int, default=1, help="GPU only")
-    e.add_argument("--reward-workers", type=int, default=2, help="verifier worker processes (default 2)")
-    e.add_argument("--reward-timeout-s", type=float, default=5.0, help="verifier time limit per completion")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_eval_arguments(e)
     e.set_defaults(func=_eval)
     s = sub.add_parser("lr-suggest", help="the paper's LoRA learning rate for a model, and a capacity check",
                        description="LoRA LR from LoRA Without Regret: 10x a known full-FT LR (15x under 100 steps), "

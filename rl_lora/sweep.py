@@ -63,7 +63,8 @@ def summarise(cfg: Config, summary: dict) -> dict:
         r["best"] = r["adapter"] == best
     margin = None
     if len(scored) >= 2:  # is the best really better? paired bootstrap on the same problems and seeds
-        from rl_lora.evaluate import LIVE_EVAL_SEED, paired_delta
+        from rl_lora.eval.metrics import paired_delta
+        from rl_lora.eval.runner import LIVE_EVAL_SEED
 
         a, b = evals[scored[0]["adapter"]], evals[scored[1]["adapter"]]
         k = cfg.train.eval_samples or 1

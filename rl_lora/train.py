@@ -142,10 +142,10 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
 
     shape = read_shape(model_path)
     notes = []
-    auto = [i for i, a in enumerate(cfg.adapters) if a.get("lr") == "auto"]
+    auto = [i for i, a in enumerate(cfg.adapters) if a.lr == "auto"]
     if cfg.optim.lr == "auto" or auto:
         s = suggest_lr(shape, steps=cfg.train.steps)
-        adapters = [dict(a, lr=s.lora_lr) if i in auto else a for i, a in enumerate(cfg.adapters)]
+        adapters = [dataclasses.replace(a, lr=s.lora_lr) if i in auto else a for i, a in enumerate(cfg.adapters)]
         lr = s.lora_lr if cfg.optim.lr == "auto" else cfg.optim.lr
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
         notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
@@ -173,7 +173,9 @@ def final_table(run, names: list[str], dirs: list[Path], refs: list, problems, s
     then the original weights are loaded back for the base row (two calls, the same request seeds: still
     paired). `dirs` are the trained weights' directories, one per name; results go to `out_dir`."""
     from rl_lora.evaldata import EvalSet
-    from rl_lora.evaluate import LIVE_EVAL_SEED, evaluate_models, format_table, paired_delta, write_results
+    from rl_lora.eval.metrics import paired_delta
+    from rl_lora.eval.reports import format_table, write_results
+    from rl_lora.eval.runner import LIVE_EVAL_SEED, evaluate_models
 
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
     evalset = EvalSet("held-out", problems, f"{data.source} (held-out, disjoint from training)")
@@ -210,7 +212,7 @@ def evaluate_all(run, specs: list[AdapterSpec], tasks: list, scorer, cfg: Config
     """Held-out metrics of every live adapter on its dataset's held-out set (avg@k with its 95% interval, pass@j,
     maj@k) through the running sampler, one generate call per dataset, with fixed request seeds so that
     evaluations along a run are paired. Keys `eval/...` (K = 1) or `<name>/eval/...`."""
-    from rl_lora.evaluate import eval_live
+    from rl_lora.eval.runner import eval_live
 
     out = {}
     for t in tasks:

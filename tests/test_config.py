@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,100 @@ def test_ppo_takes_is_cap_as_its_dual_clip_bound():
     assert load_config(None, ["loss.ppo_clip=0.2"]).loss.is_cap == 2.0  # the default applies as c = 2
     assert load_config(None, ["loss.ppo_clip=0.2", "loss.is_cap=inf"]).loss.is_cap == float("inf")
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field docs, --print-config, checks beside their section
+
+
+def _sections():
+    from rl_lora.config import AdapterEntry, Config
+    from rl_lora.eval.command import EvalConfig
+
+    out = [Config, AdapterEntry, EvalConfig]
+    out += [type(getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.name != "adapters"]
+    return out
+
+
+def test_every_field_of_every_section_has_a_one_line_doc():
+    for cls in _sections():
+        for f in dataclasses.fields(cls):
+            doc = f.metadata.get("doc", "")
+            assert doc and "\n" not in doc and len(doc) <= 200, f"{cls.__name__}.{f.name}: doc {doc!r}"
+
+
+def test_print_config_shows_every_key_with_its_doc_loads_back_and_loads_no_model(tmp_path):
+    from rl_lora.config import AdapterEntry, Config, field_doc
+
+    code = ("import sys\nfrom rl_lora.cli import main\n"
+            "rc = main(['train', 'configs/demo_cpu.yaml', '--print-config', 'train.steps=7', "
+            "'adapters=[{name: a, lr: 1e-3}, {name: b, rank: 2}]', 'sampler.max_loras=3'])\n"
+            "assert 'torch' not in sys.modules and 'vllm' not in sys.modules, 'heavy import on --print-config'\n"
+            "sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    cfg = Config()
+    for f in dataclasses.fields(Config):
+        if f.name == "adapters":
+            continue
+        assert f"{f.name}:  # {f.metadata['doc']}" in out
+        for g in dataclasses.fields(getattr(cfg, f.name)):
+            assert f"  {g.name}: " in out and f"  # {g.metadata['doc']}" in out, f"{f.name}.{g.name}"
+    assert "  steps: 7  # " in out
+    assert f"  - name: a  # {field_doc(AdapterEntry, 'name')}" in out
+    assert f"    rank: 2  # {field_doc(AdapterEntry, 'rank')}" in out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out)
+    assert load_config(printed) == load_config(ROOT / "configs/demo_cpu.yaml", [
+        "train.steps=7", "adapters=[{name: a, lr: 1e-3}, {name: b, rank: 2}]", "sampler.max_loras=3"])
+
+
+def test_train_help_lists_the_sections_with_their_docs_and_print_config():
+    from rl_lora.config import Config
+
+    res = _cli("train", "--help")
+    assert res.returncode == 0 and "--print-config" in res.stdout and "one-line doc" in res.stdout
+    for f in dataclasses.fields(Config):
+        assert f"  {f.name:<9} {f.metadata['doc']}" in res.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.top_p=1.5", "sampler.top_p: must be in (0, 1], got 1.5"),
+    ("optim.beta2=1", "optim.beta2: must be in [0, 1), got 1.0"),
+    ("lora.rnak=2", "unknown config key 'lora.rnak' (known: alpha, lora_plus_ratio, rank, target_modules); "
+                    "did you mean 'lora.rank'?"),
+    ("adapters=[{rank: 0}]", "adapters[0].rank: must be an integer >= 1, got 0"),
+    ("adapters=[{rnak: 2}]", "did you mean 'adapters[0].rank'?"),
+    ("adapters=[{lr: fast}]", "adapters[0].lr: must be a finite number >= 0 or 'auto', got 'fast'"),
+    ("adapters=[3]", "adapters[0]: expected a mapping, got 3"),
+    ("adapters={name: a}", "adapters: expected a list"),
+    ("adapters=[{lr: true}]", "adapters[0].lr: expected a number, a string or null, got True"),
+    ("lora.rank=1.5", "lora.rank: expected an integer or a string, got 1.5"),
+])
+def test_field_checks_name_the_key_and_the_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_each_section_checks_its_own_fields():
+    from rl_lora.config import LossConfig, SamplerConfig
+
+    with pytest.raises(ConfigError, match=r"^sampler\.top_k: must be -1 \(off\) or >= 1, got 0$"):
+        SamplerConfig(top_k=0).check()
+    with pytest.raises(ConfigError, match=r"^loss\.is_cap: 1\.1 with loss\.ppo_clip=0\.2"):
+        LossConfig(ppo_clip=0.2, is_cap=1.1).check()
+    SamplerConfig().check()
+    LossConfig(ppo_clip=0.2).check()
+
+
+def test_adapters_are_typed_entries_and_written_back_as_given():
+    from rl_lora.config import AdapterEntry, adapter_specs, to_dict
+
+    cfg = load_config(None, ["adapters=[{name: a, lr: 1e-3}, {rank: 2, data: {operations: '*'}}]", "lora.alpha=16"])
+    assert cfg.adapters == [AdapterEntry(name="a", lr=1e-3), AdapterEntry(rank=2, data={"operations": "*"})]
+    assert to_dict(cfg)["adapters"] == [{"name": "a", "lr": 1e-3}, {"rank": 2, "data": {"operations": "*"}}]
+    a, b = adapter_specs(cfg)
+    assert (a.name, a.lr, a.rank, a.alpha) == ("a", 1e-3, 1, 16.0)
+    assert (b.name, b.lr, b.rank, b.data.operations, b.data.max_operand) == ("adapter1", 2e-3, 2, "*", 99)

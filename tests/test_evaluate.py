@@ -17,11 +17,26 @@ from rl_lora.config import ConfigError, DataConfig
 from rl_lora.data import load_problems
 from rl_lora.evaldata import (HF_EVAL_SETS, decontamination_report, load_eval_set, normalise_question,
                               parse_data_arg)
-from rl_lora.evaluate import (EvalConfig, bootstrap_ci, format_table, live_ks, majority_vote, paired_delta,
-                              parse_adapters, pass_at_k, summarise, write_results)
+from rl_lora.eval.command import EvalConfig, parse_adapters
+from rl_lora.eval.metrics import bootstrap_ci, majority_vote, paired_delta, pass_at_k, summarise
+from rl_lora.eval.reports import format_table, write_results
+from rl_lora.eval.runner import live_ks
 
 FIXTURE = Path(__file__).parent / "data" / "eval_fixture.jsonl"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def eval_config(**keys) -> EvalConfig:
+    """EvalConfig with the given keys; a dict value sets keys of that section (model={"path": "m"})."""
+    cfg = EvalConfig()
+    cfg.model.path = "m"
+    for name, value in keys.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                setattr(getattr(cfg, name), k, v)
+        else:
+            setattr(cfg, name, value)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,10 +210,16 @@ def test_decontamination_normalised_match():
 
 
 def test_config_and_adapter_errors(tmp_path):
-    for kwargs, needle in [({"k": 0}, "--k"), ({"temperature": 0.0, "k": 4}, "greedy"), ({"top_p": 0.0}, "top-p"),
-                           ({"max_tokens": 0}, "max-tokens"), ({"dtype": "int8"}, "dtype")]:
+    for key, value, needle in [("sampler.samples_per_prompt", 0, "--k: must be >= 1"),
+                               ("sampler.temperature", 0.0, "greedy"), ("sampler.top_p", 0.0, r"--top-p: .*got 0\.0"),
+                               ("sampler.max_tokens", 0, "--max-tokens"), ("model.dtype", "int8", "--dtype"),
+                               ("model.path", "", "--model"), ("reward.timeout_s", 0.0, "--reward-timeout-s")]:
+        cfg = eval_config(sampler={"samples_per_prompt": 4})
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section), name, value)
         with pytest.raises(ConfigError, match=needle):
-            EvalConfig(model="m", **kwargs).validate()
+            cfg.check()
+    eval_config().check()
     with pytest.raises(ConfigError, match="adapter_config.json"):
         parse_adapters([str(tmp_path)])
     for name in ("run_a", "run_b"):
@@ -217,7 +238,7 @@ def test_reports_are_written(tmp_path):
         rows.append({"model": model, "dataset": "fixture", **s})
     rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = paired_delta(
         rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], 4, seed=0)
-    payload = {"config": {**vars(EvalConfig(model="m", k=4)), "adapters": {"run": "x"}},
+    payload = {"config": {**eval_config(sampler={"samples_per_prompt": 4}).summary(), "adapters": {"run": "x"}},
                "data": {"fixture": "fixture.jsonl"}, "results": rows, "decontamination": {}, "time_s": 0.0}
     write_results(tmp_path, payload, [{"model": "base", "completion": "x"}])
     assert json.loads((tmp_path / "eval_results.json").read_text())["results"][1]["model"] == "run"
@@ -225,6 +246,61 @@ def test_reports_are_written(tmp_path):
     assert "| fixture | run | 2 |" in md and "avg@4" in md and "+0.375" in md
     assert (tmp_path / "pass_at_k.png").stat().st_size > 1000
     assert format_table(rows).count("\n") == 3
+
+
+OLD_FLAGS = ["--model", "--adapter", "--data", "--k", "--temperature", "--top-p", "--max-tokens", "--seed", "--out",
+             "--config", "--train-data", "--dtype", "--max-model-len", "--gpu-memory-utilization",
+             "--tensor-parallel-size", "--reward-workers", "--reward-timeout-s", "--quiet"]
+
+
+def _eval_args(*argv):
+    from rl_lora.cli import build_parser
+
+    return build_parser().parse_args(["eval", "--model", "m", *argv])
+
+
+def test_eval_flag_defaults_are_the_config_dataclass_defaults():
+    from rl_lora.eval.command import FLAGS, config_from_args
+
+    cfg = config_from_args(_eval_args())
+    expected = EvalConfig()
+    expected.model.path = "m"
+    assert cfg == expected  # every default comes from EvalConfig, none from argparse
+    assert (cfg.k, cfg.sampler.temperature, cfg.sampler.max_tokens, cfg.model.dtype, cfg.sets) == (
+        16, 0.6, 8192, "auto", ["aime2024", "aime2025"])  # the eval's own defaults, written once in EvalConfig
+    assert EvalConfig().sampler.top_p == 1.0 and len(FLAGS) == len({key for _, key, _, _ in FLAGS})
+
+
+def test_eval_flags_set_their_config_keys_and_the_cli_surface_is_unchanged():
+    from rl_lora.cli import build_parser
+    from rl_lora.eval.command import config_from_args
+
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    flags = [a.option_strings[0] for a in eval_parser._actions if a.option_strings and a.dest != "help"]
+    assert sorted(flags) == sorted(OLD_FLAGS)
+    args = _eval_args("--adapter", "x=/a", "--data", "gsm8k", "--k", "3", "--temperature", "1", "--top-p", "0.9",
+                      "--max-tokens", "8", "--seed", "5", "--out", "o", "--train-data", "arithmetic", "--dtype",
+                      "float32", "--max-model-len", "64", "--gpu-memory-utilization", "0.7", "--tensor-parallel-size",
+                      "2", "--reward-workers", "0", "--reward-timeout-s", "2.5", "data.max_operand=20")
+    cfg = config_from_args(args)
+    assert (cfg.model.path, cfg.model.dtype, cfg.model.max_model_len) == ("m", "float32", 64)
+    s = cfg.sampler
+    assert (s.samples_per_prompt, s.temperature, s.top_p, s.max_tokens, s.gpu_memory_utilization,
+            s.tensor_parallel_size) == (3, 1.0, 0.9, 8, 0.7, 2)
+    assert (cfg.reward.num_workers, cfg.reward.timeout_s) == (0, 2.5)
+    assert (cfg.adapters, cfg.sets, cfg.seed, cfg.out_dir, cfg.train_data) == (["x=/a"], ["gsm8k"], 5, "o",
+                                                                                "arithmetic")
+    assert args.overrides == ["data.max_operand=20"]
+    with pytest.raises(ConfigError, match=r"^--top-p: must be in \(0, 1\], got 1\.5$"):
+        config_from_args(_eval_args("--top-p", "1.5"))
+
+
+def test_eval_results_config_keeps_its_flat_keys():
+    """eval_results.json's `config` is read by users' scripts: composing EvalConfig from sections keeps its keys."""
+    assert list(eval_config().summary()) == [
+        "model", "adapters", "data", "k", "temperature", "top_p", "max_tokens", "seed", "out_dir", "dtype",
+        "max_model_len", "cpu_kvcache_gib", "gpu_memory_utilization", "tensor_parallel_size", "reward_timeout_s",
+        "reward_workers", "train_data"]
 
 
 def test_eval_help_is_instant_and_loads_no_model():
@@ -263,7 +339,7 @@ def two_adapters(tiny_model, tmp_path_factory):
 @pytest.mark.slow
 def test_base_and_two_adapters_in_one_engine(sampler, two_adapters, tmp_path, monkeypatch):
     from rl_lora import sampler as sampler_mod
-    from rl_lora.evaluate import run_eval
+    from rl_lora.eval.command import run_eval
 
     def no_second_engine(*args, **kwargs):
         raise AssertionError("evaluation started a second vLLM engine")
@@ -278,10 +354,11 @@ def test_base_and_two_adapters_in_one_engine(sampler, two_adapters, tmp_path, mo
         return groups
 
     monkeypatch.setattr(sampler, "generate", spy)
-    cfg = EvalConfig(model="unused", adapters=[str(p) for p in two_adapters], data=[str(FIXTURE)], k=3,
-                     temperature=1.0, max_tokens=8, out_dir=str(tmp_path / "out"), reward_workers=0)
+    cfg = eval_config(model={"path": "unused"}, adapters=[str(p) for p in two_adapters], sets=[str(FIXTURE)],
+                      sampler={"samples_per_prompt": 3, "temperature": 1.0, "max_tokens": 8},
+                      out_dir=str(tmp_path / "out"), reward={"num_workers": 0})
     before = set(sampler.live)
-    payload = run_eval(cfg, DataConfig(), sampler=sampler, progress=False, log=lambda *_: None)
+    payload = run_eval(cfg, sampler=sampler, progress=False, log=lambda *_: None)
 
     assert len(calls) == 1, "all models must share one generate call (multi-LoRA batching)"
     adapters, groups = calls[0]
@@ -309,7 +386,7 @@ def test_eval_live_on_the_running_sampler(sampler, two_adapters):
 
     from reward import RewardRunner
     from rl_lora.data import prompt_token_ids
-    from rl_lora.evaluate import eval_live
+    from rl_lora.eval.runner import eval_live
 
     problems = load_eval_set(str(FIXTURE)).problems
     prompts = [prompt_token_ids(sampler.tokenizer, p, DataConfig()) for p in problems]
@@ -332,7 +409,7 @@ def test_eval_live_on_the_running_sampler(sampler, two_adapters):
 def test_default_out_dir_never_overwrites_earlier_results(tmp_path):
     """`rl-lora eval --adapter RUN/adapter` without --out writes beside the adapter; RUN/eval/ already holds the
     training run's own base-vs-adapter table, which must survive a later eval."""
-    from rl_lora.evaluate import default_out_dir
+    from rl_lora.eval.command import default_out_dir
 
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     adapters = [("run", tmp_path / "run" / "adapter", 1)]
