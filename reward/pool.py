@@ -35,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+from reward.registry import call_reward
+
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0
@@ -103,8 +105,6 @@ def execute(ref: str, args: tuple, kwargs: dict, opts: dict | None = None) -> Ca
     kwargs, expect), ...], "concurrency": c, "timeout": t}: async calls awaited concurrently (at most c at a time,
     each under t seconds); `value` is a list of (status, value, error, elapsed) per call and `args`, `kwargs`
     are unused."""
-    from reward.registry import call_reward
-
     if opts and "many" in opts:
         return _execute_many(ref, opts)
     expect = opts.get("expect") if opts else None
@@ -134,8 +134,6 @@ def _loop():
 
 
 def _execute_many(ref: str, opts: dict) -> CallResult:
-    from reward.registry import call_reward
-
     items, timeout = opts["many"], opts.get("timeout")
     sem_n = max(1, int(opts.get("concurrency") or len(items) or 1))
 
