@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rl_lora import atomic
 from rl_lora.config import AdapterSpec
 
 PEFT_PREFIX = "base_model.model."
@@ -297,28 +296,16 @@ def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: 
     }
 
 
-def write_dir_atomically(path: str | Path, fill) -> None:
-    """`fill(tmp_dir)` writes the directory's files into a hidden temp dir, which then replaces `path`."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    fill(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write both files into `path` atomically (a temp dir renamed into place)."""
+    """Write both files into `path` atomically (a temp dir renamed into place). Not fsynced: a push to the engine
+    needs none, and a checkpoint or the final export fsyncs the folder it is in."""
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
-    write_dir_atomically(path, fill)
+    atomic.write_dir(path, fill, durable=False)
 
 
 def load_peft_adapter(path: str | Path, adapters: dict[str, AdapterView]) -> dict:

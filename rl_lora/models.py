@@ -8,10 +8,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from rl_lora import atomic
 from rl_lora.config import ConfigError
 
 SMOLLM2_GGUF = "smollm2-135m-gguf"
@@ -65,17 +64,12 @@ def smollm2_from_gguf() -> Path:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a half-converted directory is never used
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return atomic.write_dir(target, fill, prefix=".convert-")  # a half-converted directory is never used
 
 
 def byte_tokenizer(target: str | Path):
