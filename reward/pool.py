@@ -147,7 +147,7 @@ def _execute_many(ref: str, opts: dict) -> CallResult:
                 out = await asyncio.wait_for(coro, timeout) if timeout else await coro
                 value, err = _convert(out, expect)
                 return ("ok", value, err, time.perf_counter() - t0)
-            except asyncio.TimeoutError:
+            except TimeoutError:  # asyncio.wait_for raises the builtin since Python 3.11
                 return ("timeout", None, f"over {timeout:g}s", time.perf_counter() - t0)
             except RewardValueError as exc:
                 return ("error", None, str(exc), time.perf_counter() - t0)
@@ -404,7 +404,7 @@ class WorkerPool:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
-                    self._on_death(w, results, queue)
+                    self._on_death(w, results)
                     continue
                 if msg[0] == "ready":
                     w.ready = True
@@ -426,7 +426,7 @@ class WorkerPool:
             elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:
                 self._startup_failure(w, "did not start in time")
 
-    def _on_death(self, w: _Worker, results, queue):
+    def _on_death(self, w: _Worker, results):
         if w.task is not None:
             tid = w.task[0]
             code = w.proc.exitcode

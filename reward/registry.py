@@ -91,7 +91,8 @@ def group(fn=None, **options):
 
 
 def _is_async(fn) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    # not a callable check: an instance whose __call__ is `async def` is an async reward
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
 def kind_of(fn, declared: str | None = None, name: str = "") -> tuple[str, bool]:

@@ -104,7 +104,6 @@ class RewardRunner:
         self.specs = [RewardSpec.coerce(s) for s in specs]
         self.timeout_s = float(timeout_s)
         self._rewards = [_Reward(s, self.timeout_s) for s in self.specs]
-        self._refs = [r.ref for r in self._rewards]
         self.keys = []
         for s in self.specs:  # unique per_reward keys: "math_answer", "math_answer#2", ...
             key, k = s.name, 2
@@ -112,8 +111,6 @@ class RewardRunner:
                 key, k = f"{s.name}#{k}", k + 1
             self.keys.append(key)
         self.num_workers = num_workers
-        self.total_timeouts = 0
-        self.total_errors = 0
         self._pool = None
         if num_workers > 0:
             preload = []
@@ -222,8 +219,6 @@ class RewardRunner:
                     failures.setdefault(key, []).append(out.error or "no result")
         for key, errs in failures.items():
             log.warning("reward '%s': %d of %d scores failed and count as 0 (first: %s)", key, len(errs), n, errs[0])
-        self.total_timeouts += timeouts
-        self.total_errors += errors
         return RewardResult(rewards, per, timeouts, errors, failed, self._metrics(per, lost, latency, groups),
                             lost)
 

@@ -256,23 +256,12 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
     return routing, sets
 
 
-def inject_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, seed: int) -> dict[str, AdapterView]:
-    """One adapter on every linear layer whose name ends with a target suffix (the K = 1 case)."""
-    _, (views,) = inject_adapters(model, [AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules),
-                                                      seed=seed)])
-    return views
-
-
 def adapter_parameters(adapters: dict[str, AdapterView], lora_plus_ratio: float, lr: float) -> list[dict]:
     """Optimizer parameter groups: A at lr, B at lr * lora_plus_ratio (LoRA+; 1.0 = same LR)."""
     a_params = [m.lora_A for m in adapters.values()]
     b_params = [m.lora_B for m in adapters.values()]
     return [{"params": a_params, "lr": lr, "name": "lora_A"},
             {"params": b_params, "lr": lr * lora_plus_ratio, "name": "lora_B"}]
-
-
-def num_adapter_parameters(adapters: dict[str, AdapterView]) -> int:
-    return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapters.values())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def preflight(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
 MIN_FREE_BYTES = 64 * 2**20  # before the model is known; checked again against the real checkpoint size
 
 
-def check_disk(run_dir: Path, learner, full_finetune: bool = False) -> None:
+def check_disk(run_dir: Path, learner) -> None:
     """Adapter + AdamW state (3 copies of the trainable parameters, fp32), kept KEEP+1 times during a save."""
     import shutil
 
