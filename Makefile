@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rl-lora-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo sweep test test-fast bench install clean
+.PHONY: demo sweep lint test test-fast bench install clean
 
 install: $(STAMP)
 
@@ -32,7 +32,11 @@ demo: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m rl_lora.cli sweep configs/sweep_cpu.yaml --lr 1e-4,3e-4,1e-3,3e-3 --overwrite
 
-test: $(STAMP)
+# The linter first (ruff's rules: pyproject.toml [tool.ruff]): seconds, and it names the line.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q -ra tests
 
 test-fast: $(STAMP)

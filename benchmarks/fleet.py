@@ -47,7 +47,7 @@ def worker(args) -> dict:
                      f"train.output_dir={tmp}/run", "train.wandb_project=", f"train.prompts_per_step={args.prompts}",
                      f"sampler.num_engines={args.engines}", f"train.max_staleness={args.staleness}"]
         if args.model == "tiny":
-            from rl_lora.models import build_tiny_llama
+            from tests.tiny_models import build_tiny_llama
 
             path = build_tiny_llama(Path(tmp) / "tiny")
             overrides += [f"model.path={path}", "model.max_model_len=256", "sampler.max_tokens=16",

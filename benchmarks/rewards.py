@@ -54,7 +54,7 @@ def _tiny_rm(tmp: Path) -> tuple[str, str]:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
 
-    from rl_lora.models import build_tiny_llama
+    from tests.tiny_models import build_tiny_llama
 
     lm = build_tiny_llama(tmp / "lm")
     config = AutoConfig.from_pretrained(lm)

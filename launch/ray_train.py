@@ -13,7 +13,7 @@ from pathlib import Path
 
 # `python launch/ray_train.py` puts launch/ on the path, not the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rl_lora.cli import main  # noqa: E402
+from rl_lora.cli import main
 
 
 def train_argv(args: list[str]) -> list[str]:

@@ -9,7 +9,8 @@ are loaded lazily), so `import reward` is fast in the trainer process.
 
 from __future__ import annotations
 
-from reward.registry import RewardResult, RewardRunner, RewardSpec, batched, group, register, resolve
+from reward.registry import RewardSpec, batched, group, register, resolve
+from reward.runner import RewardResult, RewardRunner
 
 __all__ = ["extract", "score", "RewardSpec", "RewardRunner", "RewardResult", "resolve", "register", "batched", "group"]
 

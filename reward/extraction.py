@@ -23,6 +23,8 @@ Pure string work: no sympy, no evaluation.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import NamedTuple
 
 MAX_RESPONSE_CHARS = 200_000  # responses longer than this are only searched in their last part
 _TAIL_CHARS = 20_000
@@ -49,21 +51,37 @@ def match_brace(s: str, open_idx: int) -> int:
     return -1
 
 
-def _box_at(s: str, m: re.Match) -> tuple[str | None, int, bool]:
-    """(content, end index, complete) of the box command matched by m."""
+class Box(NamedTuple):
+    """One box command in a text, as `boxes` finds it."""
+    command: str         # "boxed" or "fbox"
+    start: int           # index of its backslash
+    end: int             # index just past it (past the closing brace)
+    content: str | None  # None: never closed (a truncated completion), or nothing follows the command
+    braced: bool         # written with braces (``\\boxed{5}``), not ``\\boxed 5``
+
+
+def _box_at(s: str, m: re.Match) -> Box:
+    """The box command matched by m."""
+    command = m.group(0)[1:]
     j = m.end()
     while j < len(s) and s[j] in " \t":
         j += 1
     if j < len(s) and s[j] == "{":
         k = match_brace(s, j)
         if k < 0:
-            return None, len(s), False
-        return s[j + 1:k], k + 1, True
+            return Box(command, m.start(), len(s), None, True)
+        return Box(command, m.start(), k + 1, s[j + 1:k], True)
     # "\boxed 5": the next run of non-space characters, up to '$'
     mm = re.match(r"[^\s$]+", s[j:])
     if mm and m.end() < len(s) and s[m.end()] in " \t":
-        return mm.group(0), j + mm.end(), True
-    return None, j, False
+        return Box(command, m.start(), j + mm.end(), mm.group(0), False)
+    return Box(command, m.start(), j, None, False)
+
+
+def boxes(s: str) -> Iterator[Box]:
+    """Every ``\\boxed`` / ``\\fbox`` command in s, in order, with its content (nested braces matched)."""
+    for m in _BOX_RE.finditer(s):
+        yield _box_at(s, m)
 
 
 _BETWEEN_BOXES = re.compile(r"^(?:\s|\$|\\\(|\\\)|\\\[|\\\]|,|;|and|or|&|\\quad|\\qquad|\\text\{\s*(?:and|or|,)\s*\})*$",
@@ -75,9 +93,9 @@ def last_boxed(s: str) -> tuple[str | None, bool]:
     matches = list(_BOX_RE.finditer(s))
     if not matches:
         return None, False
-    content, end, complete = _box_at(s, matches[-1])
+    content = _box_at(s, matches[-1]).content
     start = matches[-1].start()
-    if not complete or content is None:
+    if content is None:
         return None, True
     parts = [content]
     # join boxes that sit side by side at the end: "\boxed{2} and \boxed{3}" (only boxes that close before
@@ -85,14 +103,13 @@ def last_boxed(s: str) -> tuple[str | None, bool]:
     for m in reversed(matches[:-1][-10:]):
         if start - m.end() > 2000:
             break
-        p_content, p_end, p_complete = _box_at(s[:start], m)
-        p_start = m.start()
-        if not p_complete or p_content is None or p_end > start:
+        prev = _box_at(s[:start], m)
+        if prev.content is None or prev.end > start:
             break
-        if not _BETWEEN_BOXES.match(s[p_end:start]):
+        if not _BETWEEN_BOXES.match(s[prev.end:start]):
             break
-        parts.insert(0, p_content)
-        start = p_start
+        parts.insert(0, prev.content)
+        start = prev.start
     if len(parts) > 1:
         return ", ".join(p.strip() for p in parts), True
     return content, True

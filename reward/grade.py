@@ -52,9 +52,6 @@ def _mc_letter_gold(cleaned: str) -> str | None:
     return m.group(1) if m else None
 
 
-_MC_ANY = re.compile(r"(?<![A-Za-z\\])\(?([A-J])\)?(?![A-Za-z])")
-
-
 _MC_NAMED = re.compile(r"\(([A-J])\)|(?:option|choice|answer)\s*:?\s*\(?([A-J])\b|(?<![A-Za-z\\'])([A-J])(?![A-Za-z'])"
                        r"(?!(?-i:\s+[a-z]))", re.I)
 

@@ -505,7 +505,6 @@ _RELOPS = {"=": "=", "<": "<", ">": ">", "\\le": "<=", "\\ge": ">=", "\\ne": "!=
 _MULOPS = {"*", "\\cdot", "\\times", "\\ast"}
 _DIVOPS = {"/", "\\div"}
 _MATRIX_ENVS = {"pmatrix", "bmatrix", "Bmatrix", "matrix", "smallmatrix", "array", "vmatrix", "Vmatrix"}
-_OPENERS = {"(": ")", "[": "]", "\\{": "\\}", "{": "}"}
 
 
 def _num_value(text: str) -> sympy.Rational:

@@ -35,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+from reward.registry import call_reward
+
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0
@@ -103,8 +105,6 @@ def execute(ref: str, args: tuple, kwargs: dict, opts: dict | None = None) -> Ca
     kwargs, expect), ...], "concurrency": c, "timeout": t}: async calls awaited concurrently (at most c at a time,
     each under t seconds); `value` is a list of (status, value, error, elapsed) per call and `args`, `kwargs`
     are unused."""
-    from reward.registry import call_reward
-
     if opts and "many" in opts:
         return _execute_many(ref, opts)
     expect = opts.get("expect") if opts else None
@@ -134,8 +134,6 @@ def _loop():
 
 
 def _execute_many(ref: str, opts: dict) -> CallResult:
-    from reward.registry import call_reward
-
     items, timeout = opts["many"], opts.get("timeout")
     sem_n = max(1, int(opts.get("concurrency") or len(items) or 1))
 
@@ -149,7 +147,7 @@ def _execute_many(ref: str, opts: dict) -> CallResult:
                 out = await asyncio.wait_for(coro, timeout) if timeout else await coro
                 value, err = _convert(out, expect)
                 return ("ok", value, err, time.perf_counter() - t0)
-            except asyncio.TimeoutError:
+            except TimeoutError:  # asyncio.wait_for raises the builtin since Python 3.11
                 return ("timeout", None, f"over {timeout:g}s", time.perf_counter() - t0)
             except RewardValueError as exc:
                 return ("error", None, str(exc), time.perf_counter() - t0)
@@ -406,7 +404,7 @@ class WorkerPool:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
-                    self._on_death(w, results, queue)
+                    self._on_death(w, results)
                     continue
                 if msg[0] == "ready":
                     w.ready = True
@@ -428,7 +426,7 @@ class WorkerPool:
             elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:
                 self._startup_failure(w, "did not start in time")
 
-    def _on_death(self, w: _Worker, results, queue):
+    def _on_death(self, w: _Worker, results):
         if w.task is not None:
             tid = w.task[0]
             code = w.proc.exitcode

@@ -20,13 +20,13 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import uuid
 from pathlib import Path
 
 import torch
 
-from rl_lora import faults
+from rl_lora import atomic, faults
+from rl_lora.errors import ConfigError
 
 KEEP = 2  # complete checkpoints kept on disk
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -36,23 +36,6 @@ OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
 
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file and directory under `path` (deepest first), then `path` itself: file contents and the
-    directory entries naming them are on disk before anything points at them."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            fsync_path(Path(root) / name)
-        fsync_path(Path(root))
 
 
 def step_of(path: Path) -> int | None:
@@ -76,31 +59,26 @@ def save(run_dir: Path, step: int, learner, state: dict) -> Path:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         root.mkdir(parents=True)
-        fsync_path(run_dir)
+        atomic.fsync_path(run_dir)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
-    for k in range(0 if learner.full_finetune else learner.num_adapters):
-        learner.write_adapter(tmp / learner.adapter_dirname(k), k)
-    if faults.fire("kill_in_checkpoint", step):  # tests/faults: die with the checkpoint half-written
-        os.kill(os.getpid(), signal.SIGKILL)
-    payload = {"optimizers": learner.optimizer_states(), "torch_rng": torch.get_rng_state(),
-               "python_rng": random.getstate()}
-    if learner.full_finetune:
-        payload["model"] = learner.model.state_dict()
-    torch.save(payload, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    fsync_tree(tmp)
-    final = root / f"step_{step:06d}"
-    if final.exists():  # a step redone after a kill between this rename and the pointer: `latest` names an older one
-        os.replace(final, root / f".tmp-replaced-{final.name}")
-    os.replace(tmp, final)
-    fsync_path(root)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(final.name)
-    fsync_path(pointer_tmp)
-    os.replace(pointer_tmp, root / "latest")
-    fsync_path(root)
+
+    def fill(tmp: Path) -> None:
+        for k in range(0 if learner.full_finetune else learner.num_adapters):
+            learner.write_adapter(tmp / learner.adapter_dirname(k), k)
+        if faults.fire("kill_in_checkpoint", step):  # tests/faults: die with the checkpoint half-written
+            os.kill(os.getpid(), signal.SIGKILL)
+        payload = {"optimizers": learner.optimizer_states(), "torch_rng": torch.get_rng_state(),
+                   "python_rng": random.getstate()}
+        if learner.full_finetune:
+            payload["model"] = learner.model.state_dict()
+        torch.save(payload, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+
+    # an existing step_N (a step redone after a kill between its rename and the pointer: `latest` names an older
+    # one) is replaced
+    final = atomic.write_dir(root / f"step_{step:06d}", fill, prefix=f".tmp-step_{step:06d}-")
+    atomic.write_text(root / "latest", final.name)
     prune(root, final, state.get("run_id", ""))
     return final
 
@@ -159,7 +137,7 @@ def load(path: Path, learner) -> dict:
     else:
         for k in range(learner.num_adapters):
             if not (path / learner.adapter_dirname(k)).is_dir():
-                raise ValueError(f"checkpoint {path} has no {learner.adapter_dirname(k)}/ (a different adapter list?)")
+                raise ConfigError(f"checkpoint {path} has no {learner.adapter_dirname(k)}/ (a different adapter list?)")
             learner.load_adapter(path / learner.adapter_dirname(k), k)
     configured = [[{key: g[key] for key in OPTIMIZER_KEYS if key in g} for g in opt.param_groups]
                   for opt in learner.optimizers]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -83,8 +82,8 @@ def _lr_suggest(args) -> int:
     print(f"model         {args.model} ({shape.model_type}, hidden {shape.hidden_size}, {shape.num_layers} layers)")
     print(f"full-FT LR    {s.fullft_lr:.3g}" + ("" if args.fullft_lr is not None else " (fitted rule)"))
     print(f"LoRA LR       {s.lora_lr:.3g}  = {s.multiplier:.3g} x full FT; {s.how}")
-    print(f"              (same for any rank: alpha/r makes the optimum rank-independent; LoRA+ would use "
-          f"lr_B = 16 x lr_A)")
+    print("              (same for any rank: alpha/r makes the optimum rank-independent; LoRA+ would use "
+          "lr_B = 16 x lr_A)")
     if args.steps is not None:
         cap = capacity_check(shape, args.rank, targets, args.steps * args.episodes_per_step)
         print(cap.message().replace("capacity: ", "capacity      "))
@@ -199,16 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from rl_lora.config import ConfigError
+    from rl_lora.errors import ConfigError, RunError
 
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"rl-lora: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        if type(exc).__name__ != "RunError":
-            raise
+    except RunError as exc:
         print(f"rl-lora: stopped: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

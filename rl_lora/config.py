@@ -21,9 +21,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A one-line, user-facing problem with the configuration (names the offending key)."""
+from rl_lora.errors import ConfigError
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -20,16 +20,14 @@ import concurrent.futures
 import os
 from dataclasses import dataclass
 
-from rl_lora.sampler import AdapterRef
+from rl_lora.errors import EngineError, FleetError, RunError
+from rl_lora.sampler import AdapterRef, engine_call
+from rl_lora.seeds import request_seeds
 
 MAX_RESTARTS = 2  # per request: a third death in a row is not a transient fault
 ENGINE_START_TIMEOUT_S = 900  # an 8B engine loads in minutes; longer means Ray has nowhere to put it
 START_ATTEMPTS = 3  # a replacement engine that dies while starting (e.g. its GPU not yet free) is tried again
 FREE_TIMEOUT_S = 120  # how long the processes of a dead engine may take to exit once killed
-
-
-class FleetError(RuntimeError):
-    """The fleet could not serve a request even after rebuilding engines; the message says why."""
 
 
 @dataclass
@@ -69,7 +67,7 @@ class _Fleet:
 
     def submit(self, prompt_ids_P, *, n, adapters, seed=0, seeds=None, **sampling) -> _Request:
         if seeds is None:
-            seeds = [seed + i * n for i in range(len(prompt_ids_P))]
+            seeds = request_seeds(seed, len(prompt_ids_P), n)
         if not isinstance(adapters, list):
             adapters = [adapters] * len(prompt_ids_P)
         versions = [None if a is None else (a.version if isinstance(a, AdapterRef) else int(a)) for a in adapters]
@@ -118,18 +116,17 @@ class LocalFleet(_Fleet):
 
     def _guarded(self, fn, *args):
         """Every engine call runs here, in order (async: on the worker thread, so a generation queued behind a
-        failed one already finds a rebuilt engine). A call that fails on the engine marks it dead, whatever the
-        call: a failed generation is raised to `result`, which submits it again; any other call (push, evict,
-        weights) is complete once the engine is rebuilt, since the rebuild loads the live state it recorded."""
+        failed one already finds a rebuilt engine). A call that fails on the engine (EngineError: the Sampler's
+        engine_call) marks it dead, whatever the call: a failed generation is raised to `result`, which submits it
+        again; any other call (push, evict, weights) is complete once the engine is rebuilt, since the rebuild
+        loads the live state it recorded. Any other error (bad input, a bug) is raised as it is."""
         if self._dead:
             self._rebuild()
         try:
             return fn(*args)
-        except ValueError:
-            raise  # bad input (prompt too long, ...), not a dead engine
-        except Exception as exc:  # noqa: BLE001 -- any engine failure: rebuild it
+        except EngineError as exc:
             self._dead = True
-            self.say(f"sampler failed ({type(exc).__name__}: {exc})")
+            self.say(f"sampler failed ({exc})")
             if fn == self._generate_now:
                 raise
             self._rebuild()
@@ -149,9 +146,7 @@ class LocalFleet(_Fleet):
         while True:
             try:
                 return self._call(self._generate_now, req) if req.pending is None else req.pending.result()
-            except ValueError:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- the engine died under it (and is marked dead): again
+            except EngineError as exc:  # the engine died under it (and is marked dead): again
                 self._failed(req, exc)
                 self._submit(req)
 
@@ -174,7 +169,7 @@ class LocalFleet(_Fleet):
         self.say(f"restarting the engine and reloading {len(self.adapters)} live adapter version(s)")
         try:
             self.sampler.close()
-        except Exception:  # noqa: BLE001 -- it is already broken
+        except Exception:  # it is already broken
             pass
         self.sampler = self._start()
         self._dead = False
@@ -288,6 +283,7 @@ class _Engine:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": me.pid, "pgid": os.getpgid(0),
                 "created": me.create_time()}
 
+    @engine_call  # a new engine that fails while starting is an engine failure: RayFleet frees it and tries again
     def start(self) -> dict:
         from rl_lora.sampler import Sampler
 
@@ -319,17 +315,20 @@ class _Engine:
 
 
 def _engine_failure(exc: Exception) -> None:
-    """Re-raise `exc` unless it says an engine died: its actor (RayActorError, ActorDiedError, ActorUnavailableError),
-    the objects it held, or the vLLM engine inside a live actor (any error but bad input)."""
+    """Return if `exc` says an engine died: its actor (RayActorError and its subclasses ActorDiedError,
+    ActorUnavailableError), the objects it held (ObjectLostError), or the vLLM engine inside a live actor (a
+    RayTaskError whose cause is the Sampler's EngineError). Raise anything else: a user error raised in the actor
+    (bad input, ConfigError: a ValueError; RunError) as itself, so the CLI prints its one line; any other error (a
+    bug) as it came, with the actor's traceback."""
     from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
-    if isinstance(exc, (RayActorError, ObjectLostError)):
+    if isinstance(exc, (RayActorError, ObjectLostError, EngineError)):
         return
-    if isinstance(exc, RayTaskError):
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, ValueError):
-            raise cause from None  # bad input (prompt too long, ...), not a dead engine
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    if isinstance(cause, EngineError):
         return
+    if isinstance(cause, (ValueError, RunError)):
+        raise cause from None
     raise exc
 
 
@@ -432,7 +431,7 @@ class RayFleet(_Fleet):
                 actor, idx, ref = req.pending[e]
                 try:
                     groups = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
+                except Exception as exc:  # _engine_failure re-raises what is not a dead engine
                     _engine_failure(exc)
                     self._failed(req, exc)
                     if self.actors[e] is actor:  # not yet replaced by another request that saw the death
@@ -490,7 +489,7 @@ class RayFleet(_Fleet):
             self._free(actor, where)
             raise FleetError(f"a new sampler engine did not start within {ENGINE_START_TIMEOUT_S} s (no free "
                              f"{'GPU' if self.on_gpu else 'CPU'} in the Ray cluster?)") from None
-        except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
+        except Exception as exc:  # _engine_failure re-raises what is not a dead engine
             _engine_failure(exc)
             self._free(actor, where)
             return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -505,7 +504,7 @@ class RayFleet(_Fleet):
 
         try:
             ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001 -- already gone
+        except Exception:  # already gone
             pass
         if not where:
             return  # it was never placed: no process of it exists
@@ -513,7 +512,7 @@ class RayFleet(_Fleet):
             scheduling_strategy=NodeAffinitySchedulingStrategy(where["node_id"], soft=False))
         try:
             left = ray.get(task.remote(where, FREE_TIMEOUT_S), timeout=FREE_TIMEOUT_S + 60)
-        except Exception as exc:  # noqa: BLE001 -- the node itself is gone: so are its processes
+        except Exception as exc:  # the node itself is gone: so are its processes
             self.say(f"could not check the dead engine's processes ({type(exc).__name__}); its node is gone?")
             return
         if left:
@@ -529,7 +528,7 @@ class RayFleet(_Fleet):
         for e, ref in enumerate(refs):
             try:
                 out.append(ray.get(ref))
-            except Exception as exc:  # noqa: BLE001 -- _engine_failure re-raises what is not a dead engine
+            except Exception as exc:  # _engine_failure re-raises what is not a dead engine
                 _engine_failure(exc)
                 self.say(f"sampler engine {e} died ({type(exc).__name__}); starting a new one with the live adapters")
                 self._replace(e)
@@ -560,6 +559,6 @@ class RayFleet(_Fleet):
         for actor, where in zip(self.actors, self.procs):
             try:  # killed with their engine-core processes, which would otherwise keep their GPU memory
                 self._free(actor, where)
-            except Exception:  # noqa: BLE001 -- best effort at the end of a run
+            except Exception:  # best effort at the end of a run
                 pass
         self.actors = []

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rl_lora import heads, prefix
+from rl_lora import atomic, heads, prefix
 from rl_lora import lora as lora_mod
 from rl_lora import truncation
+from rl_lora.errors import ConfigError
 from rl_lora.loss import LossInputs, ppo_clip_loss, truncated_is_loss
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -126,7 +127,7 @@ class Learner:
         adamw = dict(betas=tuple(betas), weight_decay=weight_decay, foreach=True)
         if full_finetune:
             if len(self.specs) > 1:
-                raise ValueError("full fine-tuning trains the base itself: it cannot share it with other adapters")
+                raise ConfigError("full fine-tuning trains the base itself: it cannot share it with other adapters")
             self.adapter_sets = [{}]
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -396,7 +397,7 @@ class Learner:
             self.model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
 
-        lora_mod.write_dir_atomically(path, fill)
+        atomic.write_dir(path, fill, durable=False)
 
     def write_adapter(self, path, k: int = 0) -> None:
         lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapter_sets[k]), self.peft_config(k))
@@ -419,7 +420,7 @@ class Learner:
         """After the model's own weights are loaded (full fine-tuning): the masters are the checkpoint's, or, from a
         checkpoint without them, the loaded weights."""
         if len(states) != len(self.optimizers):
-            raise ValueError(f"checkpoint has {len(states)} optimizer states, the run has {len(self.optimizers)} "
+            raise ConfigError(f"checkpoint has {len(states)} optimizer states, the run has {len(self.optimizers)} "
                              "adapters (a different adapter list?)")
         for k, (opt, st) in enumerate(zip(self.optimizers, states)):
             st = dict(st)
@@ -457,8 +458,6 @@ class Learner:
         `log_softmax(model(ids).logits / T)` on a short sequence. A family whose output layer does something the
         learner does not reproduce is refused here rather than trained wrong (heads.check_output_layer refuses the ones it
         can see before any engine starts)."""
-        from rl_lora.config import ConfigError
-
         vocab = self.model.get_output_embeddings().weight.shape[0]
         ids = (torch.arange(16) * 7919 + 11) % min(vocab, 4096)  # fixed, spread over the vocabulary
         sample = TrainSample(ids[:4].tolist(), ids[4:].tolist(), [0.0] * 12, 0.0)

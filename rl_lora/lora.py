@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rl_lora import atomic
 from rl_lora.config import AdapterSpec
 
 PEFT_PREFIX = "base_model.model."
@@ -257,23 +256,12 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
     return routing, sets
 
 
-def inject_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, seed: int) -> dict[str, AdapterView]:
-    """One adapter on every linear layer whose name ends with a target suffix (the K = 1 case)."""
-    _, (views,) = inject_adapters(model, [AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules),
-                                                      seed=seed)])
-    return views
-
-
 def adapter_parameters(adapters: dict[str, AdapterView], lora_plus_ratio: float, lr: float) -> list[dict]:
     """Optimizer parameter groups: A at lr, B at lr * lora_plus_ratio (LoRA+; 1.0 = same LR)."""
     a_params = [m.lora_A for m in adapters.values()]
     b_params = [m.lora_B for m in adapters.values()]
     return [{"params": a_params, "lr": lr, "name": "lora_A"},
             {"params": b_params, "lr": lr * lora_plus_ratio, "name": "lora_B"}]
-
-
-def num_adapter_parameters(adapters: dict[str, AdapterView]) -> int:
-    return sum(m.lora_A.numel() + m.lora_B.numel() for m in adapters.values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,28 +285,16 @@ def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: 
     }
 
 
-def write_dir_atomically(path: str | Path, fill) -> None:
-    """`fill(tmp_dir)` writes the directory's files into a hidden temp dir, which then replaces `path`."""
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    fill(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write both files into `path` atomically (a temp dir renamed into place)."""
+    """Write both files into `path` atomically (a temp dir renamed into place). Not fsynced: a push to the engine
+    needs none, and a checkpoint or the final export fsyncs the folder it is in."""
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
-    write_dir_atomically(path, fill)
+    atomic.write_dir(path, fill, durable=False)
 
 
 def load_peft_adapter(path: str | Path, adapters: dict[str, AdapterView]) -> dict:

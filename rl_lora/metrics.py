@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from rl_lora import atomic
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, wandb_project: str = "", config: dict | None = None,
@@ -60,9 +62,7 @@ def _truncate_after(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             continue  # a line cut by a kill
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(x + "\n" for x in keep))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

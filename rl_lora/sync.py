@@ -25,7 +25,9 @@ from tqdm import tqdm
 
 from rl_lora import faults
 from rl_lora.config import Config, adapter_specs, resident_loras
+from rl_lora.errors import RunError
 from rl_lora.sampler import AdapterRef
+from rl_lora.seeds import request_seeds, step_seed
 
 PROBE_SEED = 9_000_000  # request seed of the push-check probe
 PROBE_TOKENS = 8
@@ -39,10 +41,6 @@ PROBE_SAMPLES = 4  # completions per engine and adapter: up to 32 probe tokens, 
 # versions that close are the same policy.
 STALE_RATIO = 2.0
 STALE_FLOOR = 0.01
-
-
-class RunError(RuntimeError):
-    """The run stopped on purpose (a fault it must not train through); the message says why and what to do."""
 
 
 def uses_ray(cfg: Config) -> bool:
@@ -242,7 +240,7 @@ class Run:
         the version live now."""
         cfg, K = self.cfg, len(self.refs)
         P, n = len(prompts_KP[0]), cfg.sampler.samples_per_prompt
-        seed = (cfg.train.seed * 1_000_003 + step) * 10_000
+        seed = step_seed(cfg.train.seed, step)
         refs = self.refs
         if faults.fire("stale_request", step) and self.previous_K:  # a pipeline bug: the previous version, reloaded
             refs = [self.fleet.push_adapter(lora_id(self.version - 1, K, k), k, self.previous_K[k],
@@ -251,7 +249,7 @@ class Run:
             self.fleet.kill_one()  # for real; async: just before this request runs
         request = self.fleet.submit([p for prompts_P in prompts_KP for p in prompts_P], n=n,
                                     adapters=[r for r in refs for _ in range(P)],
-                                    seeds=[seed + i * n for i in range(P)] * K, temperature=cfg.sampler.temperature,
+                                    seeds=request_seeds(seed, P, n) * K, temperature=cfg.sampler.temperature,
                                     max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
         self.in_flight[step] = Submitted(step, idx_D, request, self.version, data_position)
 

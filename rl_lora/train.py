@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rl_lora import checkpoint, faults, rundir
+from rl_lora import atomic, checkpoint, faults, rundir
 from rl_lora.advantages import valid_group_advantages
 from rl_lora.checks import check_model, check_rewards
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
@@ -101,7 +101,7 @@ def preflight(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
 MIN_FREE_BYTES = 64 * 2**20  # before the model is known; checked again against the real checkpoint size
 
 
-def check_disk(run_dir: Path, learner, full_finetune: bool = False) -> None:
+def check_disk(run_dir: Path, learner) -> None:
     """Adapter + AdamW state (3 copies of the trainable parameters, fp32), kept KEEP+1 times during a save."""
     import shutil
 
@@ -499,8 +499,8 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
             for k in range(len(specs)):
                 learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
         weights = "model" if learner.full_finetune else learner.adapter_dirname(0).split("/")[0]
-        checkpoint.fsync_tree(run_dir / weights)  # adapter/, adapters/ or model/: on disk before "done"
-        checkpoint.fsync_path(run_dir)
+        atomic.fsync_tree(run_dir / weights)  # adapter/, adapters/ or model/: on disk before "done"
+        atomic.fsync_path(run_dir)
         final_m, tables, rows = {}, [], []
         for t in tasks:
             if not t.held_out:

@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from rl_lora.models import build_tiny_llama
+    from tiny_models import build_tiny_llama
 
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from rl_lora.cli import build_parser
+from rl_lora.errors import ConfigError, FleetError, RunError
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 PROBE = ("import sys\nfrom rl_lora.cli import main\n"
@@ -45,3 +46,33 @@ def test_run_dir_line_names_the_folder_the_weights_are_in(tmp_path):
     assert "(adapter/," in run_dir_line(one, tmp_path)
     assert "(adapters/<name>/," in run_dir_line(two, tmp_path)
     assert "(model/," in run_dir_line(full, tmp_path)
+
+
+@pytest.mark.parametrize("exc, code, line", [
+    (ConfigError("train.steps: must be >= 1"), 2, "rl-lora: error: train.steps: must be >= 1"),
+    (RunError("3 steps in a row had a non-finite loss"), 1, "rl-lora: stopped: 3 steps in a row had a non-finite loss"),
+    (FleetError("the sampler failed 3 times on one request"), 1,
+     "rl-lora: stopped: the sampler failed 3 times on one request"),
+])
+def test_project_errors_print_one_line_wherever_raised(monkeypatch, capsys, exc, code, line):
+    """The CLI catches the project's error types by class (rl_lora/errors.py), from any command, at any depth."""
+    import rl_lora.cli as cli
+
+    def command(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "_plan", command)
+    assert cli.main(["plan", "any.yaml"]) == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    """A bug is a traceback, not a one-line message that hides it."""
+    import rl_lora.cli as cli
+
+    def command(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_plan", command)
+    with pytest.raises(KeyError):
+        cli.main(["plan", "any.yaml"])

@@ -2,7 +2,6 @@
 own `log_softmax(model(ids).logits / T)` (soft-capping, logit scales and an lm_head bias applied), and an output
 layer it cannot reproduce is refused before any model loads. Tiny random models built on the fly (tiny_models.py)."""
 
-import random
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ import torch
 import tiny_models
 from rl_lora import heads
 from rl_lora.config import ALL_LINEAR, ConfigError
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.learner import Learner
+from sample_builders import random_samples
 
 TEMPERATURE = 0.7
 FAMILIES = list(tiny_models.BUILDERS)
@@ -35,14 +35,8 @@ def _targets(name):
 
 def _samples(seed=0):
     """Two groups sharing a prompt (the shared-prompt path where the family has it), uneven lengths."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(2):
-        prompt = [rng.randrange(3, 250) for _ in range(rng.randrange(4, 9))]
-        for _ in range(3):
-            completion = [rng.randrange(3, 250) for _ in range(rng.randrange(1, 7))]
-            out.append(TrainSample(prompt, completion, [-5.0] * len(completion), rng.uniform(-1, 1)))
-    return out
+    return random_samples(seed, groups=2, group_size=3, vocab=(3, 250), prompt_len=(4, 9), completion_len=(1, 7),
+                          logprob=-5.0)
 
 
 def _learner(path, name, full, **kw):

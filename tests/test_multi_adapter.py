@@ -11,19 +11,14 @@ from safetensors.torch import load_file
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
 from runhelpers import metrics, run_cli, step_rows
+from sample_builders import random_samples
 
 ATTENTION = ALL_LINEAR[:4]
 
 
 def _samples(adapter: int, seed: int, n: int = 6) -> list[TrainSample]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(4, 12))]
-        completion = [rng.randrange(3, 200) for _ in range(rng.randrange(2, 9))]
-        out.append(TrainSample(prompt, completion, [-5.0 + rng.random() for _ in completion],
-                               rng.choice([-1.0, -0.5, 0.5, 1.0]), adapter))
-    return out
+    return random_samples(seed, groups=n, adapter=adapter, prompt_len=(4, 12), completion_len=(2, 9),
+                          advantages=(-1.0, -0.5, 0.5, 1.0))
 
 
 def _perturb_B(learner: Learner, seed: int) -> None:

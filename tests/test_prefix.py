@@ -16,17 +16,9 @@ SPECS = [AdapterSpec(name=f"a{k}", rank=1, alpha=32, target_modules=list(ALL_LIN
 
 def grpo_samples(seed=0, adapters=2, groups=3, group_size=4) -> list[TrainSample]:
     """Groups of completions sharing a prompt, uneven lengths (completions of 1 token included), shuffled."""
-    rng = random.Random(seed)
-    out = []
-    for k in range(adapters):
-        for _ in range(groups):
-            prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(3, 12))]
-            for _ in range(group_size):
-                completion = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 9))]
-                out.append(TrainSample(prompt, completion, [-5.0 + rng.random() for _ in completion],
-                                       rng.uniform(-1, 1), adapter=k))
-    rng.shuffle(out)
-    return out
+    from sample_builders import random_samples
+
+    return random_samples(seed, adapters=adapters, groups=groups, group_size=group_size, shuffle=True)
 
 
 def _learner(tiny_model, **kw) -> Learner:

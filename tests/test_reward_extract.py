@@ -95,3 +95,22 @@ def test_multiple_choice():
     assert score("The answer is (B).", "B") == 1.0
     assert score("The answer is (B).", "C") == 0.0
     assert score(r"\boxed{\textbf{(A) }12}", "A") == 1.0
+
+
+def test_boxes_scans_every_box_with_nested_braces():
+    from reward.extraction import Box, boxes
+
+    text = r"first \boxed{\frac{1}{2}}, then \fbox 7 and \boxed{x} but \boxed{3"
+    assert list(boxes(text)) == [
+        Box("boxed", 6, 25, r"\frac{1}{2}", True), Box("fbox", 32, 39, "7", False),
+        Box("boxed", 44, 53, "x", True), Box("boxed", 58, len(text), None, True)]  # the last one never closes
+    assert list(boxes("no box here")) == []
+
+
+@pytest.mark.parametrize("completion, expected", [
+    (r"so \boxed{42}", 1.0), (r"\boxed{ }", 0.0), (r"\boxed{}", 0.0), (r"\fbox{42}", 0.0), (r"\boxed 42", 0.0),
+    (r"\boxed{4} then \boxed{5", 1.0), (r"\boxed{5", 0.0), (r"\boxed {\{\}}", 1.0), (None, 0.0)])
+def test_boxed_format_wants_a_complete_nonempty_braced_box(completion, expected):
+    from reward.registry import boxed_format
+
+    assert boxed_format("", completion) == expected

@@ -1,4 +1,4 @@
-"""reward.registry: resolving rewards, RewardRunner in-process and with worker processes, failure semantics.
+"""reward.registry / reward.runner: resolving rewards, RewardRunner in-process and in workers, failure semantics.
 
 The helper rewards below are referenced as "<this module>:<function>", so worker processes import them by
 name exactly as they would a user's "mypkg.rewards:fn".
@@ -158,7 +158,7 @@ def test_kwargs_filtered_for_functions_without_var_kwargs():
 @pytest.mark.parametrize("bad", [raises, returns_nan, returns_none, returns_str, returns_inf, exits])
 def test_failing_rewards_score_zero_and_are_counted(bad, caplog):
     specs = [{"name": "math_answer"}, {"name": ref(bad), "weight": 1.0}]
-    with caplog.at_level(logging.WARNING, logger="reward.registry"):
+    with caplog.at_level(logging.WARNING, logger="reward.runner"):
         with RewardRunner(specs, num_workers=0) as runner:
             res = runner.score(["q"] * 3, [r"\boxed{1}"] * 3, [{"answer": "1"}] * 3)
     assert res.errors == 3 and res.timeouts == 0

@@ -140,3 +140,34 @@ def test_import_is_light():
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_reward_modules_import_each_other_without_a_cycle():
+    """Every `from reward.X import` / `import reward.X` in reward/*.py, at module level or inside a function, as a
+    graph: it has no cycle (registry.py is imported by pool.py and runner.py, and imports neither)."""
+    src = Path(__file__).resolve().parent.parent / "reward"
+    graph = {}
+    for path in sorted(src.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] if node.module != "reward" else [f"reward.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n.split(".")[1] for n in names if n.startswith("reward.") and (src / f"{n.split('.')[1]}.py").exists()}
+        graph[path.stem] = deps - {path.stem}
+    assert graph["pool"] >= {"registry"} and "pool" not in graph["registry"]
+
+    def cycle_from(node, stack):
+        if node in stack:
+            return stack[stack.index(node):] + [node]
+        for dep in sorted(graph.get(node, ())):
+            found = cycle_from(dep, stack + [node])
+            if found:
+                return found
+        return None
+
+    cycles = [c for c in (cycle_from(m, []) for m in graph if m != "__init__") if c]
+    assert not cycles, " -> ".join(cycles[0])

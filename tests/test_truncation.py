@@ -2,23 +2,18 @@
 gradient equal a log-softmax over the set that vLLM 0.32's own masking function keeps (the sampled token always
 kept), on the tiny model. The end-to-end check (rho = 1 on-policy through the real sampler) is in test_train.py."""
 
-import random
 
 import pytest
 import torch
 
 from rl_lora.config import ALL_LINEAR
 from rl_lora.learner import Learner, TrainSample
+from sample_builders import random_samples
 
 
 def _samples(seed: int, n: int = 4) -> list[TrainSample]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt = [rng.randrange(3, 250) for _ in range(rng.randrange(4, 10))]
-        completion = [rng.randrange(3, 250) for _ in range(rng.randrange(3, 8))]
-        out.append(TrainSample(prompt, completion, [-5.0] * len(completion), rng.choice([-1.0, 1.0])))
-    return out
+    return random_samples(seed, groups=n, vocab=(3, 250), prompt_len=(4, 10), completion_len=(3, 8), logprob=-5.0,
+                          advantages=(-1.0, 1.0))
 
 
 def _reference_logprobs(learner: Learner, samples, temperature, top_k, top_p) -> torch.Tensor:

@@ -1,15 +1,78 @@
-"""Tiny random models of several families, built offline on the byte tokenizer (like rl_lora.models.build_tiny_llama),
+"""Tiny random models, built offline on a byte-level tokenizer, loadable by HF and vLLM: `build_tiny_llama` (the
+test suite's model, tests/conftest.py; benchmarks import it as tests.tiny_models) and several other families,
 each with the output-layer feature that sets its family apart switched on and large enough to matter:
 Gemma-2's final-logit soft-capping, Granite's logits_scaling (divides), Cohere's logit_scale (multiplies), Phi's
 lm_head bias. Head size 64 and one KV head, as vLLM's CPU attention needs."""
 
+import json
 from pathlib import Path
 
 import torch
 
-from rl_lora.models import TINY_VOCAB, build_tiny_llama, byte_tokenizer, save_tiny, special_ids
-
 HIDDEN = 128
+
+# A ChatML template like SmolLM2's, used by the tiny test model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(target: str | Path):
+    """A byte-level BPE tokenizer without merges (256 bytes + ChatML specials), saved into `target`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(target)
+    return fast
+
+
+TINY_VOCAB = 320  # the byte tokenizer's 259 tokens, padded
+
+
+def save_tiny(model, fast, target: Path) -> Path:
+    """Save a random model built on the byte tokenizer, with a generation config naming its special tokens."""
+    model.save_pretrained(target)
+    gen = {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id,
+           "pad_token_id": fast.pad_token_id}
+    (target / "generation_config.json").write_text(json.dumps(gen))
+    return target
+
+
+def special_ids(fast) -> dict:
+    return {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id, "pad_token_id": fast.pad_token_id}
+
+
+def build_tiny_llama(target: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 2,
+                     initializer_range: float = 0.1, tie_word_embeddings: bool = True) -> Path:
+    """A randomly initialised Llama with a byte-level tokenizer, loadable by HF and vLLM, made offline.
+
+    Head size 64 (vLLM's CPU attention supports it); vocabulary = 256 bytes + ChatML specials.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    fast = byte_tokenizer(target)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1,
+        head_dim=64, max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings,
+        torch_dtype="float32", initializer_range=initializer_range, **special_ids(fast),
+    )
+    return save_tiny(LlamaForCausalLM(config), fast, target)
 
 
 def _common(fast, **kw) -> dict:

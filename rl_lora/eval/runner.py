@@ -11,6 +11,7 @@ import time
 
 from rl_lora.config import ConfigError, DataConfig
 from rl_lora.eval.metrics import paired_delta, summarise
+from rl_lora.seeds import request_seeds
 
 LIVE_EVAL_SEED = 7_000_000  # fixed request seeds: every in-training eval sees the same random numbers (paired)
 
@@ -58,7 +59,7 @@ def eval_live(sampler, adapter_ref, prompts_P: list[list[int]], problems, scorer
     P = len(prompts_P)
     groups = sampler.generate(prompts_P * len(refs), n=n, adapters=[r for r in refs for _ in range(P)], seed=seed,
                               temperature=temperature if k else 0.0, max_tokens=max_tokens, top_p=top_p,
-                              seeds=[seed + i * n for i in range(P)] * len(refs))
+                              seeds=request_seeds(seed, P, n) * len(refs))
     outs = []
     for j in range(len(refs)):
         s, _, _ = score_groups(groups[j * P:(j + 1) * P], problems, scorer, seed=seed)

@@ -1,15 +1,20 @@
 """LocalFleet's engine rebuilds against a stand-in engine: fast, no vLLM (the real-engine versions are in
 test_faults.py). The stand-in reads back the PEFT files it is given, as vLLM does, and once closed every call on
-it fails inside it (as vLLM's do after its engine core is shut down): no flag tells the fleet it is dead."""
+it fails inside it (as vLLM's do after its engine core is shut down): no flag tells the fleet it is dead. Its
+engine calls are wrapped by the Sampler's own `engine_call`, so they fail the way the Sampler's do; errors that
+are not the engine failing (a user error, a bug in the fleet's bookkeeping) are raised, never retried."""
 
 import threading
 
+import pytest
 import torch
+from ray.exceptions import ActorDiedError, ObjectLostError, RayTaskError
 from safetensors.torch import load_file
 
-from rl_lora.fleet import LocalFleet
+from rl_lora.errors import ConfigError, EngineError, RunError
+from rl_lora.fleet import LocalFleet, _engine_failure
 from rl_lora.rollout import Completion
-from rl_lora.sampler import AdapterRef
+from rl_lora.sampler import AdapterRef, engine_call
 
 KEY = "base_model.model.layers.0.mlp.down_proj.lora_B.weight"
 CONFIG = {"peft_type": "LORA", "r": 1}
@@ -22,6 +27,7 @@ class StandInSampler:
         self.engine: dict | None = {}  # version -> tensors, as read back from the adapter files
         self.live: dict[int, AdapterRef] = {}
 
+    @engine_call
     def push(self, version, write_adapter, evict_older=True):
         path = self.root / f"{id(self)}-v{version}"
         write_adapter(path)
@@ -29,16 +35,21 @@ class StandInSampler:
         self.live[version] = AdapterRef(version, str(path))
         return self.live[version]
 
+    @engine_call
     def load_weights(self, hf_state):
         self.engine["weights"] = {name: t.clone() for name, t in hf_state.items()}
 
+    @engine_call
     def evict(self, version):
         self.engine.pop(version)
         self.live.pop(version)
 
+    @engine_call
     def generate(self, prompt_ids_P, *, n, adapters, seed, seeds, **sampling):
         if self.gate is not None:
             self.gate.wait()
+        if sampling.get("max_tokens", 0) > self.max_model_len:  # bad input: what the Sampler raises, one line
+            raise ConfigError(f"max_tokens {sampling['max_tokens']} exceeds the context (model.max_model_len)")
         # a "completion" says which seed and which adapter tensors produced it
         return [[Completion([s + i], [float(self.engine[a.version][KEY].sum())], "", "length", a.version)
                  for i in range(n)] for a, s in zip(adapters, seeds)]
@@ -110,3 +121,48 @@ def test_an_engine_found_dead_by_a_push_is_rebuilt_with_that_push(tmp_path):
     assert ref.version == 2 and fleet.restarts == 1 and sorted(made[1].engine) == [1, 2]
     fleet.evict(1)
     assert sorted(made[1].engine) == [2]
+
+
+def test_user_errors_and_bugs_are_raised_not_taken_for_a_dead_engine(tmp_path):
+    fleet, made = _fleet(tmp_path)
+    fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
+    with pytest.raises(ConfigError, match="exceeds the context"):  # raised inside the engine call: bad input
+        fleet.generate([[1, 2]], n=1, adapters=AdapterRef(1, ""), seeds=[7], max_tokens=100)
+    with pytest.raises(KeyError):  # the fleet's own code (a version never pushed): a bug, not the engine
+        fleet.generate([[1, 2]], n=1, adapters=AdapterRef(5, ""), seeds=[7])
+    assert fleet.restarts == 0 and len(made) == 1
+    (group,) = fleet.generate([[1, 2]], n=1, adapters=AdapterRef(1, ""), seeds=[7])  # the engine still serves
+    assert group[0].token_ids == [7]
+
+
+def test_engine_call_turns_failures_inside_the_engine_into_engine_error_and_lets_bad_input_through():
+    @engine_call
+    def dies():
+        raise AssertionError("pipeline model parallel group is not initialized")  # vLLM's, once shut down
+
+    @engine_call
+    def bad_input():
+        raise ValueError("prompt too long")
+
+    with pytest.raises(EngineError, match="^AssertionError: pipeline") as err:
+        dies()
+    assert isinstance(err.value.__cause__, AssertionError)
+    with pytest.raises(ValueError, match="prompt too long"):
+        bad_input()
+
+
+def _in_actor(cause):
+    return RayTaskError("generate", "Traceback (most recent call last): ...", cause)
+
+
+def test_ray_fleet_takes_only_engine_deaths_for_dead_engines():
+    for dead in (ActorDiedError(), ObjectLostError("00" * 28, "owner", "call site"), _in_actor(EngineError("x"))):
+        assert _engine_failure(dead) is None  # an engine died: replace it
+    for user_error in (ConfigError("model.max_model_len: too small"), RunError("stopped")):
+        with pytest.raises(type(user_error), match=str(user_error)) as err:
+            _engine_failure(_in_actor(user_error))
+        assert err.value is user_error  # as itself: the CLI prints its one line
+    bug = _in_actor(KeyError(5))
+    with pytest.raises(RayTaskError) as err:
+        _engine_failure(bug)
+    assert err.value is bug  # with the actor's traceback
