@@ -28,7 +28,8 @@ TARGET_PRESETS = {"all": ALL_LINEAR, "attention": ALL_LINEAR[:4], "mlp": ALL_LIN
 # vLLM 0.32 raises temperatures in (0, 0.01) to 0.01 (sampling_params.py _MAX_TEMP) and treats < 1e-5 as greedy
 # with untempered logprobs (_SAMPLING_EPS): below 0.01 its logprobs are not those of the configured temperature.
 MIN_TEMPERATURE = 0.01
-ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed", "rewards", "data")
+ADAPTER_KEYS = ("name", "lr", "rank", "alpha", "lora_plus_ratio", "target_modules", "seed", "rewards", "data",
+                "expert_rank")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class AdapterSpec:
     seed: int = 0  # init of A: same seed + same targets = same init, whatever the other adapters
     rewards: list = field(default_factory=list)  # this adapter's [{name, weight, kwargs}]; [] = reward.rewards
     data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
+    expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/moe.py); "auto" = rank / active experts
 
 
 @dataclass
@@ -74,6 +76,9 @@ class LoraConfig:
     target_modules: list | str = field(default_factory=lambda: list(ALL_LINEAR))
     # LoRA+ ratio lambda: lr_B = lambda * lr_A. 1.0 = same LR for A and B (the paper's default); ~16 for LoRA+.
     lora_plus_ratio: float = 1.0
+    # MoE models: rank of each routed expert's adapter, an integer >= 1 or "auto" = max(1, rank // experts active
+    # per token) (LoRA Without Regret: per-expert rank = total rank / active experts; rl_lora/moe.py).
+    expert_rank: int | str = "auto"
 
 
 @dataclass
@@ -261,7 +266,8 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
                             list(cfg.reward.rewards), cfg.data)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
-                            cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
+                            cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data,
+                            cfg.lora.expert_rank)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
         default_name = f"lr={entry['lr']:g}" if isinstance(entry.get("lr"), (int, float)) else f"adapter{i}"
@@ -272,7 +278,7 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
                                           f"adapters[{i}].target_modules"),
             lr=entry.get("lr", cfg.optim.lr), lora_plus_ratio=float(entry.get("lora_plus_ratio", cfg.lora.lora_plus_ratio)),
             seed=entry.get("seed", cfg.train.seed), rewards=list(entry.get("rewards", cfg.reward.rewards)),
-            data=_adapter_data(cfg, entry, i)))
+            data=_adapter_data(cfg, entry, i), expert_rank=entry.get("expert_rank", cfg.lora.expert_rank)))
     return specs
 
 
@@ -432,6 +438,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     expand_targets(cfg.lora.target_modules, "lora.target_modules")
     _require(cfg.lora.lora_plus_ratio > 0, "lora.lora_plus_ratio", "must be > 0")
+    _check_expert_rank(cfg.lora.expert_rank, "lora.expert_rank")
     _check_data(cfg.data, "data.")
     _require(cfg.sampler.samples_per_prompt >= 2, "sampler.samples_per_prompt",
              f"group size must be >= 2 (advantages are centred on the group mean), got {cfg.sampler.samples_per_prompt}")
@@ -498,6 +505,11 @@ def _check_rewards(rewards, key: str) -> None:
                               f"(options: {', '.join(known[3:])})")
 
 
+def _check_expert_rank(value, key: str) -> None:
+    ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    _require(ok, key, f"must be an integer >= 1 or 'auto', got {value!r}")
+
+
 def _validate_adapters(cfg: Config) -> None:
     _require(isinstance(cfg.adapters, list), "adapters", "must be a list of adapter specs")
     if not cfg.adapters:
@@ -519,6 +531,8 @@ def _validate_adapters(cfg: Config) -> None:
                 v = entry[field_name]
                 _require(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{key}.{field_name}",
                          f"must be an integer >= {lo}, got {v!r}")
+        if "expert_rank" in entry:
+            _check_expert_rank(entry["expert_rank"], f"{key}.expert_rank")
         if "rewards" in entry:
             _check_rewards(entry["rewards"], f"{key}.rewards")
         for field_name in ("alpha", "lora_plus_ratio"):

@@ -219,14 +219,11 @@ class Run:
     def _score_under(self, tensors_K: list[dict], samples: list) -> list[list[float]]:
         """The learner's logprobs of `samples` with its adapters set to `tensors_K` (PEFT names), then set back to
         the live version (bit-exact copies of what was pushed)."""
-        from rl_lora.lora import PEFT_PREFIX
+        from rl_lora.lora import copy_peft_tensors
 
         def load(tensors_by_adapter):
-            with torch.no_grad():
-                for views, tensors in zip(self.learner.adapter_sets, tensors_by_adapter):
-                    for name, view in views.items():
-                        view.lora_A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-                        view.lora_B.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            for views, tensors in zip(self.learner.adapter_sets, tensors_by_adapter):
+                copy_peft_tensors(views, tensors)
 
         load(tensors_K)
         try:

@@ -82,3 +82,13 @@ def phi(target) -> Path:
 
 BUILDERS = {"llama_tied": build_tiny_llama, "llama_untied": llama_untied, "qwen2": qwen2, "qwen3": qwen3,
             "gemma2": gemma2, "granite": granite, "cohere": cohere, "phi": phi}
+
+
+def qwen3_moe(target, num_experts: int = 4, experts_per_token: int = 2) -> Path:
+    """Qwen3-MoE: every layer's MLP is `num_experts` routed experts (fused 3-D parameters in transformers 5.x),
+    `experts_per_token` active per token, router weights normalised over the top-k (as Qwen3-30B-A3B)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return _build(target, Qwen3MoeConfig, Qwen3MoeForCausalLM, tie_word_embeddings=False, num_experts=num_experts,
+                  num_experts_per_tok=experts_per_token, moe_intermediate_size=HIDDEN // 2, decoder_sparse_step=1,
+                  norm_topk_prob=True)
