@@ -279,3 +279,49 @@ def test_learner_trains_expert_adapters(tiny_moe):
         assert (moved > 0).sum() >= 3, name  # 4 experts, top-2 of 60 tokens: nearly all get tokens
     assert torch.equal(learner.model.model.layers[0].mlp.gate.weight, router)
     assert torch.equal(learner.model.model.layers[0].mlp.experts.base.gate_up_proj, fused)
+
+
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                     num_kv_heads=4, head_dim=128, num_experts=128, experts_per_token=8, moe_intermediate_size=768)
+
+
+def test_capacity_counts_experts_at_rank_over_active_experts():
+    """The paper's rule: each expert's rank = rank / active experts (the inverse of what science.py had)."""
+    from rl_lora.science import ModelShape, adapter_parameters, capacity_check
+
+    shape = ModelShape(**QWEN3_30B_A3B)
+    attention = 2048 + 4096 + 2 * (2048 + 512) + 4096 + 2048
+    experts = 128 * 3 * (2048 + 768)  # per rank-1 expert adapter, per layer
+    assert adapter_parameters(shape, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]) == 8 * attention * 48
+    assert adapter_parameters(shape, 8, list(AdapterSpec().target_modules)) == (8 * attention + experts) * 48
+    assert adapter_parameters(shape, 16, ["down_proj"]) == 2 * 128 * (768 + 2048) * 48  # rank 16 -> 2 per expert
+    assert adapter_parameters(shape, 1, ["gate_proj"], expert_rank=3) == 3 * 128 * (2048 + 768) * 48
+    line = capacity_check(shape, 1, list(AdapterSpec().target_modules), 1000).message()
+    assert "8x the paper's ratio" in line and "\n" not in line
+    assert "the paper's ratio)" in capacity_check(shape, 8, ["up_proj"], 1000).message()
+    assert "expert" not in capacity_check(shape, 8, ["q_proj"], 1000).message()
+
+
+def test_capacity_count_matches_the_learner_on_the_moe(tiny_moe):
+    from rl_lora.learner import Learner
+    from rl_lora.science import adapter_parameters, read_shape
+
+    shape = read_shape(tiny_moe)
+    assert (shape.num_experts, shape.experts_per_token, shape.moe_layers) == (4, 2, 2)
+    for rank in (1, 4):
+        learner = Learner(tiny_moe, rank=rank, target_modules=list(AdapterSpec().target_modules))
+        assert adapter_parameters(shape, rank, list(AdapterSpec().target_modules)) == learner.num_trainable()
+
+
+def test_lr_suggest_counts_moe_adapters(tmp_path, capsys):
+    from rl_lora import cli
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+         "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+         "num_experts_per_tok": 8, "moe_intermediate_size": 768}))
+    assert cli.main(["lr-suggest", "--model", str(tmp_path), "--steps", "100"]) == 0
+    out = capsys.readouterr().out
+    attention = 2048 + 4096 + 2 * (2048 + 512) + 4096 + 2048
+    assert f"{(attention + 128 * 3 * (2048 + 768)) * 48:,} adapter parameters" in out
+    assert "8x the paper's ratio" in out
