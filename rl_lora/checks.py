@@ -54,6 +54,11 @@ def check_model(cfg: Config, model_path: str) -> None:
         if rank > VLLM_MAX_LORA_RANK:
             key = "lora.rank" if not cfg.adapters else f"adapters[{i}].rank"
             raise ConfigError(f"{key}: {rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANK})")
+    for i, spec in enumerate(adapter_specs(cfg) if not is_full_finetune(cfg) else []):
+        if isinstance(spec.expert_rank, int) and spec.expert_rank > VLLM_MAX_LORA_RANK:
+            key = "lora.expert_rank" if not cfg.adapters else f"adapters[{i}].expert_rank"
+            raise ConfigError(f"{key}: {spec.expert_rank} is above the largest LoRA rank vLLM serves "
+                              f"({VLLM_MAX_LORA_RANK})")
     config = _model_config(model_path)
     if config is None:
         return  # no local config.json: the learner checks target_modules when it builds the model

@@ -13,11 +13,12 @@ A [E, e, d_in] and B [E, d_out, e]. Older layouts, with every expert an MLP of n
 (`mlp.experts.3.gate_proj`), go through rl_lora.lora.LoRALinear like any linear layer, at the expert rank.
 
 The computation. Tokens are routed by the model's own router (frozen: rl_lora.lora freezes every base parameter)
-and its top-k weights; the (token, expert) assignments are sorted by expert once, then one loop over the experts
-that got tokens -- as the model's own eager forward does -- computes each expert's base projections on its tokens
-and adds its adapters' low-rank updates (x A_e^T) B_e^T as two skinny matmuls; one index_add scatters the
-weighted outputs back. Never a loop over tokens. With K adapters (rl_lora.lora.Routing: contiguous batch rows per
-adapter), an expert's tokens, sorted by token, split into one contiguous piece per adapter (views, no copies).
+and its top-k weights; the (token, expert) assignments are sorted by expert once, as transformers' grouped_mm
+experts path does, and every projection is one grouped matmul over all experts: the base weights, then each
+adapter's update as two skinny grouped matmuls, (x A_e^T) then (.) B_e^T for each row's expert e. No loop over
+tokens or experts. With K adapters (rl_lora.lora.Routing: contiguous batch rows per adapter) each adapter's
+[rows, e] intermediate is masked to its own rows (others get an exact zero), so a gradient of one adapter never
+touches another.
 
 Files. Each expert's adapter is written under per-expert keys, `...mlp.experts.<i>.gate_proj.lora_A.weight`
 [e, H] etc.: the layout vLLM 0.32 loads for Qwen3-MoE (its packed "experts" module lists experts.<i>.gate_proj /
@@ -33,7 +34,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -119,80 +119,76 @@ class ExpertLoRA(nn.Module):
         self.projections.append(tuple(p for p in EXPERT_PROJECTIONS if p in projections))
         self.scales.append(alpha / rank)
 
-    def _segments(self, n_tokens: int) -> list[tuple[int, int, int]]:
-        """[(slot or -1, first token, end token)] of the flattened batch."""
+    def _slot_of_assignments(self, n_tokens: int, k: int, perm: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """The adapter slots present in the batch, and each sorted assignment's slot (None: one slot, every row)."""
         segments = self.routing.segments
-        if segments is None:
-            return [(self.slots.get(0, -1), 0, n_tokens)]
-        rows = segments[-1][2]
-        per_row = n_tokens // rows
-        return [(self.slots.get(k, -1), s * per_row, e * per_row) for k, s, e in segments]
+        if segments is None or len(segments) == 1:
+            return [self.slots.get(0 if segments is None else segments[0][0], -1)], None
+        per_row = n_tokens // segments[-1][2]
+        slot_T = torch.empty(n_tokens, dtype=torch.long, device=perm.device)
+        for index, first, end in segments:
+            slot_T[first * per_row:end * per_row] = self.slots.get(index, -1)
+        return sorted({self.slots.get(index, -1) for index, _, _ in segments}), slot_T[perm // k]
 
-    def _update(self, x: torch.Tensor, expert: int, projection: str, pieces: list[tuple[int, int]]):
-        """The adapters' low-rank update of one expert's projection on its tokens x, or None if no piece's
-        adapter targets it. `pieces`: [(slot, rows)] covering x in order."""
-        lows, any_ = [], False
-        for slot, n in pieces:
+    def _update(self, x: torch.Tensor, projection: str, offsets: torch.Tensor, slots: list[int],
+                slot_S: torch.Tensor | None):
+        """The adapters' low-rank update s (x A_e^T) B_e^T of every sorted assignment's expert e, as two grouped
+        matmuls per adapter; with several adapters each one's rows are kept by a 0/1 mask (rows of other adapters
+        get an exact zero). None if no adapter in the batch targets `projection`."""
+        out = None
+        for slot in slots:
             key = f"{slot}_{projection}_A"
-            if slot >= 0 and key in self.lora:
-                any_ = True
-                A = self.lora[key][expert].to(x.dtype)
-                B = self.lora[f"{slot}_{projection}_B"][expert].to(x.dtype)
-                lows.append((slot, n, A, B))
-            else:
-                lows.append((slot, n, None, None))
-        if not any_:
-            return None
-        if len(lows) == 1:
-            slot, _, A, B = lows[0]
-            return F.linear(self.scales[slot] * F.linear(x, A), B)
-        d_out = self.dims(projection)[1]
-        out = []
-        for (slot, _, A, B), xs in zip(lows, x.split([n for _, n in pieces])):
-            out.append(xs.new_zeros(xs.shape[0], d_out) if A is None
-                       else F.linear(self.scales[slot] * F.linear(xs, A), B))
-        return torch.cat(out)
+            if slot < 0 or key not in self.lora:
+                continue
+            A, B = _pad_rank(self.lora[key].to(x.dtype), self.lora[f"{slot}_{projection}_B"].to(x.dtype))
+            xa = _grouped_mm(x, A.transpose(1, 2), offsets) * self.scales[slot]  # [S, e]
+            if slot_S is not None:
+                xa = xa * (slot_S == slot).to(xa.dtype)[:, None]
+            low = _grouped_mm(xa, B.transpose(1, 2), offsets)  # [S, d_out]
+            out = low if out is None else out + low
+        return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         base = self.base
         n_tokens, k = top_k_index.shape
-        segments = self._segments(n_tokens)
-        with torch.no_grad():
-            # (token, expert) assignments sorted by expert, then token: each expert's tokens are contiguous and
-            # in batch order, so each adapter's tokens are one contiguous piece of them.
-            expert_flat = top_k_index.reshape(-1)
-            order = torch.argsort(expert_flat * n_tokens + torch.arange(n_tokens, device=expert_flat.device)
-                                  .repeat_interleave(k), stable=True)
-            token_sorted = order // k
-            expert_sorted = expert_flat[order]
-            bounds = torch.tensor([s for _, s, _ in segments[1:]], device=token_sorted.device, dtype=token_sorted.dtype)
-            seg_sorted = torch.bucketize(token_sorted, bounds, right=True)
-            counts = torch.bincount(expert_sorted * len(segments) + seg_sorted,
-                                    minlength=self.num_experts * len(segments)).view(self.num_experts, -1).tolist()
-        x_sorted = hidden_states[token_sorted]
-        w_sorted = top_k_weights.reshape(-1)[order]
-        outs, start = [], 0
-        for expert in range(self.num_experts):
-            n = sum(counts[expert])
-            if n == 0:
-                continue
-            x = x_sorted[start:start + n]
-            pieces = [(segments[j][0], c) for j, c in enumerate(counts[expert]) if c]
-            gate, up = F.linear(x, base.gate_up_proj[expert]).chunk(2, dim=-1)
-            dg = self._update(x, expert, "gate_proj", pieces)
-            du = self._update(x, expert, "up_proj", pieces)
-            gate = gate if dg is None else gate + dg
-            up = up if du is None else up + du
-            act = base.act_fn(gate) * up
-            y = F.linear(act, base.down_proj[expert])
-            dd = self._update(act, expert, "down_proj", pieces)
-            y = y if dd is None else y + dd
-            outs.append(y * w_sorted[start:start + n, None])
-            start += n
-        out = torch.zeros_like(hidden_states)
-        if outs:
-            out.index_add_(0, token_sorted, torch.cat(outs).to(out.dtype))
-        return out
+        # (token, expert) assignments sorted by expert: every expert's rows are contiguous (the offsets), and each
+        # projection is one grouped matmul over all experts (transformers' own grouped_mm path does the same)
+        expert_S, perm = torch.sort(top_k_index.reshape(-1))
+        x = hidden_states[perm // k]
+        offsets = torch.cumsum(torch.bincount(expert_S, minlength=self.num_experts), 0).to(torch.int32)
+        slots, slot_S = self._slot_of_assignments(n_tokens, k, perm)
+        gate, up = _grouped_mm(x, base.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
+        dg = self._update(x, "gate_proj", offsets, slots, slot_S)
+        du = self._update(x, "up_proj", offsets, slots, slot_S)
+        gate = gate if dg is None else gate + dg
+        up = up if du is None else up + du
+        act = base.act_fn(gate) * up
+        y = _grouped_mm(act, base.down_proj.transpose(1, 2), offsets)
+        dd = self._update(act, "down_proj", offsets, slots, slot_S)
+        y = y if dd is None else y + dd
+        y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y[inverse].view(n_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def _pad_rank(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [E, e, d_in] and B [E, d_out, e] with zero rank rows / columns up to 16 bytes: torch's grouped_mm kernel
+    needs every stride a multiple of 16 bytes ("strides should be multiple of 16 bytes" at rank 1 in fp32). The
+    padded product B A is the same; the padding costs a [E, 4, d_in] copy and a few zero FLOPs per row."""
+    pad = -A.shape[1] % max(1, 16 // A.element_size())
+    if not pad:
+        return A, B
+    return (torch.cat([A, A.new_zeros(A.shape[0], pad, A.shape[2])], 1),
+            torch.cat([B, B.new_zeros(B.shape[0], B.shape[1], pad)], 2))
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, d_in] (rows sorted by group, group g ending at offsets[g]) @ weight[g] [d_in, d_out] per group:
+    transformers' dispatcher (torch's grouped_mm kernel where it runs, CPU included; else a per-group loop)."""
+    from transformers.integrations.moe import _grouped_mm as grouped
+
+    return grouped(x, weight, offs=offsets)
 
 
 class ExpertView:

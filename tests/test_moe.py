@@ -16,7 +16,7 @@ from rl_lora.config import AdapterSpec, ConfigError, load_config
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
-    return str(tiny_models.qwen3_moe(tmp_path_factory.mktemp("tiny_moe")))
+    return str(tiny_models.build_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny_moe")))
 
 
 def _base(path):
@@ -69,7 +69,7 @@ def test_tiny_moe_has_fused_experts(tiny_moe):
     model = _base(tiny_moe)
     names = moe.fused_expert_modules(model)
     assert names == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
-    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 128, 128)  # [E, 2F, H]
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 256, 128)  # [E, 2F, H]
     assert moe.active_experts(model) == 2
 
 
@@ -160,7 +160,7 @@ def test_peft_loads_exported_adapter_with_equal_logits(tiny_moe, tmp_path, rank)
     with torch.no_grad():
         theirs = peft_model(ids).logits
     assert (ours - _base(tiny_moe)(ids).logits).abs().max() > 1e-2
-    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
 def test_export_keys_are_per_expert_and_load_back_bit_exact(tiny_moe, tmp_path):
@@ -325,3 +325,23 @@ def test_lr_suggest_counts_moe_adapters(tmp_path, capsys):
     attention = 2048 + 4096 + 2 * (2048 + 512) + 4096 + 2048
     assert f"{(attention + 128 * 3 * (2048 + 768)) * 48:,} adapter parameters" in out
     assert "8x the paper's ratio" in out
+
+
+def test_qwen3_30b_a3b_recipe_loads_and_its_plan_fits(tmp_path, capsys):
+    """configs/qwen3_30b_a3b_deepmath.yaml against a local copy of Qwen3-30B-A3B's config.json (no hub here)."""
+    from pathlib import Path
+
+    from rl_lora import cli
+
+    recipe = Path(__file__).resolve().parents[1] / "configs/qwen3_30b_a3b_deepmath.yaml"
+    cfg = load_config(recipe)
+    assert (cfg.model.dtype, cfg.sampler.max_tokens, cfg.lora.rank) == ("bfloat16", 8192, 1)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+         "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+         "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+         "vocab_size": 151936, "max_position_embeddings": 40960, "tie_word_embeddings": False}))
+    assert cli.main(["plan", str(recipe), f"model.path={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    attention = 2048 + 4096 + 2 * (2048 + 512) + 4096 + 2048
+    assert f"{(attention + 128 * 3 * (2048 + 768)) * 48:,} fp32 parameters" in out and "fits" in out

@@ -84,11 +84,11 @@ BUILDERS = {"llama_tied": build_tiny_llama, "llama_untied": llama_untied, "qwen2
             "gemma2": gemma2, "granite": granite, "cohere": cohere, "phi": phi}
 
 
-def qwen3_moe(target, num_experts: int = 4, experts_per_token: int = 2) -> Path:
-    """Qwen3-MoE: every layer's MLP is `num_experts` routed experts (fused 3-D parameters in transformers 5.x),
-    `experts_per_token` active per token, router weights normalised over the top-k (as Qwen3-30B-A3B)."""
+def build_tiny_qwen3_moe(target, seed: int = 0) -> Path:
+    """Qwen3-MoE with 4 experts, top-2 routing, every layer sparse (transformers 5 stores the experts as fused
+    3-D parameters `mlp.experts.gate_up_proj` [E, 2F, H] and `mlp.experts.down_proj` [E, H, F])."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    return _build(target, Qwen3MoeConfig, Qwen3MoeForCausalLM, tie_word_embeddings=False, num_experts=num_experts,
-                  num_experts_per_tok=experts_per_token, moe_intermediate_size=HIDDEN // 2, decoder_sparse_step=1,
-                  norm_topk_prob=True)
+    return _build(target, Qwen3MoeConfig, Qwen3MoeForCausalLM, seed=seed, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=HIDDEN, decoder_sparse_step=1, norm_topk_prob=True,
+                  tie_word_embeddings=False)
