@@ -94,6 +94,10 @@ class Sampler:
             from rl_lora import vllm_cpu_lora
 
             self.rank1_path = vllm_cpu_lora.apply()  # before the engine builds its LoRA layers
+        if self.on_cpu:
+            from rl_lora import vllm_cpu_moe
+
+            vllm_cpu_moe.apply()  # MoE LoRA in torch ops (vLLM-CPU has none); in-process engine core
         self.llm = LLM(**engine_kwargs(model_path, on_cpu=self.on_cpu, dtype=dtype, max_model_len=max_model_len,
                                        max_lora_rank=max_lora_rank, max_loras=max_loras,
                                        gpu_memory_utilization=gpu_memory_utilization,
