@@ -1,7 +1,8 @@
 """Learner step time and peak memory on a random MoE at realistic widths, with vs without rank-1 expert adapters.
 
 The model: Qwen3-MoE with Qwen3-30B-A3B's widths (hidden 2048, 32 query / 4 KV heads of 128, 128 experts of
-ffn 768, top-8 routing) and `--layers` decoder layers (1 by default: one layer's experts are 2.4 GB in fp32), the
+ffn 768, top-8 routing; `--experts` fewer where memory is short) and `--layers` decoder layers (1 by default: one
+layer's 128 experts are 2.4 GB in fp32), the
 byte tokenizer's small vocabulary (so the MoE layers, not the head, dominate), random weights, written once to a
 temp directory. Modes, each in its own process (peak RSS is per process), one after the other in one invocation:
 
@@ -30,7 +31,7 @@ WIDTHS = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=32, 
               decoder_sparse_step=1)  # Qwen3-30B-A3B's config.json
 
 
-def build(target: Path, layers: int) -> Path:
+def build(target: Path, layers: int, experts: int) -> Path:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -39,7 +40,7 @@ def build(target: Path, layers: int) -> Path:
     fast = byte_tokenizer(target)
     torch.manual_seed(0)
     config = Qwen3MoeConfig(vocab_size=TINY_VOCAB, num_hidden_layers=layers, max_position_embeddings=4096,
-                            tie_word_embeddings=False, **special_ids(fast), **WIDTHS)
+                            tie_word_embeddings=False, **special_ids(fast), **{**WIDTHS, "num_experts": experts})
     return save_tiny(Qwen3MoeForCausalLM(config), fast, target)
 
 
@@ -75,6 +76,7 @@ def worker(args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--experts", type=int, default=128, help="routed experts per layer (Qwen3-30B-A3B: 128)")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=192)
@@ -82,13 +84,19 @@ def main():
     ap.add_argument("--modes", default="attention,all,all-ckpt")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--build", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build:
+        build(Path(args.build), args.layers, args.experts)
+        return
     if args.mode:
         print(json.dumps(worker(args)))
         return
     tmp = Path(tempfile.mkdtemp(prefix="rl-lora-moe-bench-"))
     try:
-        path = build(tmp / "model", args.layers)
+        path = tmp / "model"  # built in its own process, so this one holds no weights while the modes run
+        subprocess.run([sys.executable, __file__, "--build", str(path), "--layers", str(args.layers), "--experts",
+                        str(args.experts)], check=True, capture_output=True)
         results = {}
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--mode", mode, "--path", str(path), "--seqs", str(args.seqs),
@@ -101,8 +109,9 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokens = args.seqs * (args.prompt + args.completion)
-    print(f"\nlearner step on a random Qwen3-MoE, {args.layers} layer(s) of Qwen3-30B-A3B widths (hidden 2048, 128 "
-          f"experts x ffn 768, top-8), {args.seqs} x {args.prompt + args.completion} = {tokens} tokens, fp32")
+    print(f"\nlearner step on a random Qwen3-MoE, {args.layers} layer(s) of Qwen3-30B-A3B widths (hidden 2048, "
+          f"{args.experts} experts x ffn 768, top-8), {args.seqs} x {args.prompt + args.completion} = {tokens} tokens, "
+          "fp32")
     base = results.get("attention")
     print(f"{'mode':<11}{'trainable':>12}{'step s':>8}{'peak GiB':>10}{'loaded':>8}{'time/attn':>11}{'mem/attn':>10}")
     for mode, r in results.items():

@@ -64,6 +64,9 @@ def is_fused_experts(module: nn.Module) -> bool:
     if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False) \
             or not getattr(module, "is_concatenated", True) or not getattr(module, "has_gate", True):
         return False
+    apply_gate = getattr(type(module), "_apply_gate", None)  # a model's own gating (gpt-oss clamps): not ours
+    if apply_gate is not None and apply_gate.__name__ != "_default_apply_gate":
+        return False
     e, two_f, h = gate_up.shape
     return down.shape == (e, h, two_f // 2) and two_f % 2 == 0
 
