@@ -30,6 +30,8 @@ def _expert_b(tensors: dict) -> dict:
 
 
 def test_moe_trains_through_the_sampler_and_resumes_bit_exact(tmp_path, tiny_moe):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     straight = write_config(tmp_path / "a", tiny_moe, train={"steps": 3, "save_every": 1, "eval_samples": 1,
                                                               "output_dir": str(tmp_path / "a" / "run")})
     res = run_cli(straight, "--quiet", timeout=1800)
