@@ -45,7 +45,6 @@ def test_moe_trains_through_the_sampler_and_resumes_bit_exact(tmp_path, tiny_moe
     expert_b = _expert_b(tensors)
     assert len(expert_b) == 2 * 4 * 3  # layers x experts x (gate, up, down)
     assert sum(bool(t.any()) for t in expert_b.values()) >= len(expert_b) - 3  # (nearly) every expert moved
-    assert "capacity:" in res.stdout + res.stderr and "expert" in res.stdout + res.stderr
 
     # the same run, killed after step 2 and resumed: the final adapter is bit-identical
     resumed = write_config(tmp_path / "b", tiny_moe, train={"steps": 2, "save_every": 1, "eval_samples": 1,
