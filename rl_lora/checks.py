@@ -3,8 +3,9 @@ before any model loads or any engine starts.
 
 - rewards: every named reward resolves to a callable (a registry name, or an importable `package.module:function`)
   that takes (prompt, completion) positionally;
-- lora.target_modules: matched against the linear layers of the model's own architecture, built from its
-  config.json on the meta device (no weights, no memory), with the learner's own matching rule (lora._targets);
+- lora.target_modules: matched against the linear layers (and fused MoE expert projections) of the model's own
+  architecture, built from its config.json on the meta device (no weights, no memory), with the learner's own
+  matching rule (lora._targets);
 - sampler settings against the model: LoRA ranks vLLM can serve, tensor parallelism that divides the attention
   heads, model.max_model_len within the model's context.
 """
@@ -53,6 +54,11 @@ def check_model(cfg: Config, model_path: str) -> None:
         if rank > VLLM_MAX_LORA_RANK:
             key = "lora.rank" if not cfg.adapters else f"adapters[{i}].rank"
             raise ConfigError(f"{key}: {rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANK})")
+    for i, spec in enumerate(adapter_specs(cfg) if not is_full_finetune(cfg) else []):
+        if isinstance(spec.expert_rank, int) and spec.expert_rank > VLLM_MAX_LORA_RANK:
+            key = "lora.expert_rank" if not cfg.adapters else f"adapters[{i}].expert_rank"
+            raise ConfigError(f"{key}: {spec.expert_rank} is above the largest LoRA rank vLLM serves "
+                              f"({VLLM_MAX_LORA_RANK})")
     config = _model_config(model_path)
     if config is None:
         return  # no local config.json: the learner checks target_modules when it builds the model
@@ -108,6 +114,7 @@ def _check_targets(cfg: Config, config) -> None:
     from transformers import AutoModelForCausalLM
 
     from rl_lora.lora import _targets
+    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
 
     try:
         with torch.device("meta"):
@@ -122,4 +129,5 @@ def _check_targets(cfg: Config, config) -> None:
         except ValueError as exc:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                              if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
-            raise ConfigError(f"{exc} (model_type {config.model_type!r} has: {', '.join(linear)})") from None
+            experts = f"; fused MoE experts: {', '.join(EXPERT_PROJECTIONS)}" if fused_expert_modules(model) else ""
+            raise ConfigError(f"{exc} (model_type {config.model_type!r} has: {', '.join(linear)}{experts})") from None

@@ -89,6 +89,7 @@ _GE1 = (lambda v: v >= 1, "must be >= 1")
 _GT0 = (lambda v: v > 0, "must be > 0")
 _UNIT = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 _NONEMPTY = (bool, "must not be empty")
+_EXPERT_RANK = (lambda v: v == "auto" if isinstance(v, str) else v >= 1, "must be an integer >= 1 or 'auto'")
 _LR = (lambda v: v == "auto" if isinstance(v, str) else _finite_ge0(v), "must be a finite number >= 0 or 'auto'")
 
 
@@ -110,6 +111,7 @@ class AdapterSpec:
     seed: int = 0  # init of A: same seed + same targets = same init, whatever the other adapters
     rewards: list = field(default_factory=list)  # this adapter's [{name, weight, kwargs}]; [] = reward.rewards
     data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
+    expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/moe.py); "auto" = rank / active experts
 
 
 @dataclass
@@ -145,6 +147,9 @@ class LoraConfig:
                                          "attention | mlp")
     lora_plus_ratio: float = setting(1.0, "LoRA+ ratio: lr_B = ratio * lr_A; 1.0 = same LR (the paper's), ~16 "
                                      "for LoRA+", check=_GT0)
+    # LoRA Without Regret: per-expert rank = total rank / active experts (rl_lora/moe.py).
+    expert_rank: int | str = setting("auto", "MoE models: rank of each routed expert's adapter, an integer >= 1 "
+                                     "or 'auto' = max(1, rank // experts active per token)", check=_EXPERT_RANK)
 
     def check(self, prefix: str = "lora.") -> None:
         check_fields(self, prefix)
@@ -319,6 +324,8 @@ class AdapterEntry:
                                    "completions); default reward.rewards")
     data: dict | None = setting(None, "data.* keys put on top of the run's data for this adapter (tenants on "
                                 "different tasks); default the run's data")
+    expert_rank: int | str | None = setting(None, "MoE expert rank (>= 1 or 'auto'); default lora.expert_rank",
+                                            check=_EXPERT_RANK)
 
     def check(self, prefix: str) -> None:
         check_fields(self, prefix)
@@ -385,7 +392,8 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
                             cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
-                            cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
+                            cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data,
+                            cfg.lora.expert_rank)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
         default_name = f"lr={entry.lr:g}" if isinstance(entry.lr, float) else f"adapter{i}"
@@ -396,7 +404,7 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
                                           f"adapters[{i}].target_modules"),
             lr=_own(entry.lr, cfg.optim.lr), lora_plus_ratio=_own(entry.lora_plus_ratio, cfg.lora.lora_plus_ratio),
             seed=_own(entry.seed, cfg.train.seed), rewards=list(_own(entry.rewards, cfg.reward.rewards)),
-            data=_adapter_data(cfg, entry, i)))
+            data=_adapter_data(cfg, entry, i), expert_rank=_own(entry.expert_rank, cfg.lora.expert_rank)))
     return specs
 
 

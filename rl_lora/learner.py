@@ -387,7 +387,7 @@ class Learner:
 
     def peft_config(self, k: int = 0) -> dict:
         spec = self.specs[k]
-        return lora_mod.peft_config(spec.rank, spec.alpha, spec.target_modules, self.model_path)
+        return lora_mod.peft_config(spec.rank, spec.alpha, spec.target_modules, self.model_path, self.adapter_sets[k])
 
     def save_model(self, path) -> None:
         """Full fine-tuning: the whole model (HF format, with its tokenizer), written atomically."""

@@ -208,6 +208,13 @@ class AdapterView:
 
 
 def _targets(model: nn.Module, target_modules: list[str], key: str) -> list[str]:
+    """Linear layers whose name ends with a target suffix; a target may instead name a projection of fused MoE
+    experts (rl_lora/moe.py), which are not linear layers."""
+    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
+
+    fused = bool(fused_expert_modules(model))
+    experts = [p for p in EXPERT_PROJECTIONS if p in target_modules] if fused else []
+    what = "linear layer or MoE expert projection" if fused else "linear layer"
     names = []
     for name, module in model.named_modules():
         leaf = name.split(".")[-1]
@@ -220,12 +227,12 @@ def _targets(model: nn.Module, target_modules: list[str], key: str) -> list[str]
             continue
         if leaf in target_modules and "lm_head" not in name:
             names.append(name)
-    if not names:
-        raise ValueError(f"{key} {target_modules} match no linear layer of the model")
-    found = {n.split(".")[-1] for n in names}
+    if not names and not experts:
+        raise ValueError(f"{key} {target_modules} match no {what} of the model")
+    found = {n.split(".")[-1] for n in names} | set(experts)
     missing = [m for m in target_modules if m not in found]
     if missing:
-        raise ValueError(f"{key}: {missing} match no linear layer of the model")
+        raise ValueError(f"{key}: {missing} match no {what} of the model")
     return sorted(names)  # sorted: the init does not depend on module registration order
 
 
@@ -233,8 +240,10 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
     """Wrap every linear layer that some adapter targets; add each adapter where it is targeted; freeze the rest.
 
     Returns the shared routing and, per adapter, {module path: AdapterView}. Raises ValueError if a spec's
-    target_modules match no module (a typo).
+    target_modules match no module (a typo). MoE experts get the spec's expert rank (rl_lora/moe.py).
     """
+    from rl_lora import moe
+
     for p in model.parameters():
         p.requires_grad_(False)
     routing = Routing()
@@ -243,6 +252,7 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
         key = "lora.target_modules" if len(specs) == 1 else f"adapters[{index}].target_modules"
         gen = torch.Generator().manual_seed(spec.seed)
         views = {}
+        expert_rank = moe.resolve_expert_rank(spec.expert_rank, spec.rank, moe.active_experts(model))
         for name in _targets(model, spec.target_modules, key):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -250,8 +260,9 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
             if not isinstance(layer, LoRALinear):
                 layer = LoRALinear(layer, routing)
                 setattr(parent, child, layer)
-            layer.add_adapter(index, spec.rank, spec.alpha, gen)
+            layer.add_adapter(index, expert_rank if moe.is_linear_expert(name) else spec.rank, spec.alpha, gen)
             views[name] = AdapterView(layer, index)
+        views.update(moe.inject_experts(model, index, spec.target_modules, expert_rank, spec.alpha, gen, routing))
         sets.append(views)
     return routing, sets
 
@@ -268,20 +279,50 @@ def adapter_parameters(adapters: dict[str, AdapterView], lora_plus_ratio: float,
 # PEFT-format files (adapter_config.json + adapter_model.safetensors), loadable by PEFT and `vllm serve`.
 
 
+def _peft_pairs(adapters: dict[str, AdapterView]):
+    """(A key, B key, A tensor, B tensor) per PEFT module: one per linear layer, one per expert of fused MoE experts
+    (their [E, ...] parameters indexed by expert: views)."""
+    for name, m in adapters.items():
+        if hasattr(m, "peft_keys"):
+            for i, key_a, key_b in m.peft_keys(name, PEFT_PREFIX):
+                yield key_a, key_b, m.lora_A[i], m.lora_B[i]
+        else:
+            yield f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight", m.lora_A, m.lora_B
+
+
 def peft_state_dict(adapters: dict[str, AdapterView]) -> dict[str, torch.Tensor]:
     out = {}
-    for name, m in adapters.items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu", torch.float32).contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu", torch.float32).contiguous()
+    for key_a, key_b, a, b in _peft_pairs(adapters):
+        out[key_a] = a.detach().to("cpu", torch.float32).contiguous()
+        out[key_b] = b.detach().to("cpu", torch.float32).contiguous()
     return out
 
 
-def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: str) -> dict:
+def copy_peft_tensors(adapters: dict[str, AdapterView], tensors: dict[str, torch.Tensor], where: str = "") -> None:
+    """Copy PEFT-named tensors (peft_state_dict's keys) into the adapters' parameters, in place."""
+    with torch.no_grad():
+        for key_a, key_b, a, b in _peft_pairs(adapters):
+            for key, param in ((key_a, a), (key_b, b)):
+                if key not in tensors:
+                    raise ValueError(f"adapter{where} lacks {key}")
+                if tensors[key].shape != param.shape:
+                    raise ValueError(f"adapter{where}: {key} has shape {tuple(tensors[key].shape)}, "
+                                     f"expected {tuple(param.shape)} (different rank or model?)")
+                param.copy_(tensors[key])
+
+
+def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: str,
+                adapters: dict[str, AdapterView] | None = None) -> dict:
+    """adapter_config.json; `adapters` adds the MoE experts' rank/alpha patterns where their rank is not `rank`."""
+    from rl_lora.moe import peft_patterns
+
+    rank_pattern, alpha_pattern = peft_patterns(adapters or {}, rank, alpha)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "target_modules": sorted(target_modules), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "init_lora_weights": True, "base_model_name_or_path": base_model, "inference_mode": True,
+        **({"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern} if rank_pattern else {}),
     }
 
 
@@ -304,14 +345,5 @@ def load_peft_adapter(path: str | Path, adapters: dict[str, AdapterView]) -> dic
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
     tensors = load_file(str(path / "adapter_model.safetensors"))
-    for name, m in adapters.items():
-        for part, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
-            key = f"{PEFT_PREFIX}{name}.{part}.weight"
-            if key not in tensors:
-                raise ValueError(f"adapter at {path} lacks {key}")
-            if tensors[key].shape != param.shape:
-                raise ValueError(f"adapter at {path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"expected {tuple(param.shape)} (different rank or model?)")
-            with torch.no_grad():
-                param.copy_(tensors[key])
+    copy_peft_tensors(adapters, tensors, f" at {path}")
     return config

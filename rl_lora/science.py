@@ -8,6 +8,10 @@
 - Capacity. Policy-gradient RL carries ~1 bit per episode (one scalar advantage per sequence) and a network
   stores up to ~2 bits per parameter, so an adapter with P parameters is large enough for ~2P episodes.
   Adapter parameters = sum over adapted matrices of r * (d_in + d_out).
+- MoE. A separate adapter on every routed expert, each of rank e = r / experts active per token (so the ratio of
+  LoRA to full-FT parameters in MoE layers equals the dense layers'); `lora.expert_rank: auto` is
+  max(1, r // active), so at r = 1 each expert still gets rank 1: N x the paper's ratio for N active experts (the
+  capacity line says so). Shared experts and attention take rank r, as dense layers.
 
 Nothing here loads weights: only config.json, so `rl-lora lr-suggest` answers in a second.
 """
@@ -38,6 +42,8 @@ class ModelShape:
     num_experts: int = 0  # routed experts per MoE layer (0 = dense)
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    moe_layers: int = 0  # layers whose MLP is routed experts (the others keep a dense MLP); 0 with num_experts = all
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on shared expert (0 = none)
 
     @property
     def family(self) -> str | None:
@@ -61,6 +67,10 @@ def read_shape(model_path: str | Path) -> ModelShape:
     cfg = {**cfg, **cfg.get("text_config", {})}
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
+    layers = int(cfg["num_hidden_layers"])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense_only = set(cfg.get("mlp_only_layers") or [])
+    moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
     return ModelShape(
         model_type=str(cfg.get("model_type", "")), hidden_size=hidden,
         intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
@@ -70,6 +80,7 @@ def read_shape(model_path: str | Path) -> ModelShape:
         num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+        moe_layers=moe_layers, shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
     )
 
 
@@ -81,21 +92,44 @@ def matrix_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
 
 
-def adapter_parameters(shape: ModelShape, rank: int, target_modules: list[str]) -> int:
-    """sum over adapted matrices of r * (d_in + d_out), over all layers. For MoE models the MLP modules count
-    once per expert, each with rank r * total/active experts (the paper's per-expert scaling)."""
-    per_layer = 0
+def expert_rank_of(shape: ModelShape, rank: int, expert_rank: int | str = "auto") -> int:
+    """Each routed expert's adapter rank: `expert_rank`, or "auto" = max(1, rank // active experts) (the paper's
+    rank / active experts; rl_lora.moe.resolve_expert_rank)."""
+    return max(1, rank // max(shape.experts_per_token, 1)) if expert_rank == "auto" else int(expert_rank)
+
+
+def adapter_parameters(shape: ModelShape, rank: int, target_modules: list[str], expert_rank: int | str = "auto") -> int:
+    """sum over adapted matrices of r * (d_in + d_out), over all layers. In MoE layers the MLP modules count once
+    per routed expert, each at the expert rank (rank / active experts, the paper's rule), plus a shared expert's at
+    rank r; layers with a dense MLP count as dense."""
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    attention = dense_mlp = moe_mlp = 0
     for name, (d_in, d_out) in matrix_shapes(shape).items():
         if name not in target_modules:
             continue
-        if shape.num_experts and name in ("gate_proj", "up_proj", "down_proj"):
+        if name not in mlp:
+            attention += rank * (d_in + d_out)
+            continue
+        dense_mlp += rank * (d_in + d_out)
+        if shape.num_experts:
             f = shape.moe_intermediate_size or shape.intermediate_size
-            d_in, d_out = (f, d_out) if name == "down_proj" else (d_in, f)
-            expert_rank = rank * max(shape.num_experts // max(shape.experts_per_token, 1), 1)
-            per_layer += shape.num_experts * expert_rank * (d_in + d_out)
-        else:
-            per_layer += rank * (d_in + d_out)
-    return per_layer * shape.num_layers
+            moe_mlp += shape.num_experts * expert_rank_of(shape, rank, expert_rank) * (f + shape.hidden_size)
+            if shape.shared_expert_intermediate_size:
+                moe_mlp += rank * (shape.shared_expert_intermediate_size + shape.hidden_size)
+    moe_layers = (shape.moe_layers or shape.num_layers) if shape.num_experts else 0
+    return attention * shape.num_layers + dense_mlp * (shape.num_layers - moe_layers) + moe_mlp * moe_layers
+
+
+def expert_ratio_note(shape: ModelShape, rank: int, target_modules: list[str], expert_rank: int | str = "auto") -> str:
+    """Where the experts' rank is not the paper's rank / active experts: how many times its ratio it is."""
+    if not (shape.num_experts and shape.experts_per_token and set(target_modules) & {"gate_proj", "up_proj",
+                                                                                      "down_proj"}):
+        return ""
+    e, k = expert_rank_of(shape, rank, expert_rank), shape.experts_per_token
+    if e * k == rank:
+        return f"experts at rank {e} each (rank {rank} / {k} active experts, the paper's ratio)"
+    return (f"experts at rank {e} each: {e * k / rank:g}x the paper's ratio (rank {rank} / {k} active experts "
+            f"= {rank / k:g} per expert)")
 
 
 @dataclass
@@ -136,6 +170,7 @@ class Capacity:
     episodes: int
     bits_needed: float  # episodes x ~1 bit
     bits_capacity: float  # parameters x ~2 bits
+    note: str = ""  # MoE: the experts' rank against the paper's rule
 
     @property
     def ok(self) -> bool:
@@ -145,11 +180,15 @@ class Capacity:
         ratio = self.bits_capacity / max(self.bits_needed, 1e-9)
         line = (f"capacity: {self.adapter_parameters:,} adapter parameters (~{self.bits_capacity:,.0f} bits) for "
                 f"{self.episodes:,} episodes (~{self.bits_needed:,.0f} bits at ~1 bit/episode): {ratio:,.1f}x headroom")
+        if self.note:
+            line += f"; {self.note}"
         if not self.ok:
             line += " -- WARNING: the adapter may be too small for this run; raise lora.rank"
         return line
 
 
-def capacity_check(shape: ModelShape, rank: int, target_modules: list[str], episodes: int) -> Capacity:
-    params = adapter_parameters(shape, rank, target_modules)
-    return Capacity(params, episodes, episodes * BITS_PER_EPISODE, params * BITS_PER_PARAMETER)
+def capacity_check(shape: ModelShape, rank: int, target_modules: list[str], episodes: int,
+                   expert_rank: int | str = "auto") -> Capacity:
+    params = adapter_parameters(shape, rank, target_modules, expert_rank)
+    return Capacity(params, episodes, episodes * BITS_PER_EPISODE, params * BITS_PER_PARAMETER,
+                    expert_ratio_note(shape, rank, target_modules, expert_rank))

@@ -56,7 +56,8 @@ def build_fleet(cfg: Config, model_path: str, say=None):
     from rl_lora.fleet import LocalFleet, RayFleet
 
     kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                  max_lora_rank=max(s.rank for s in adapter_specs(cfg)), max_loras=resident_loras(cfg),
+                  max_lora_rank=max(max(s.rank, s.expert_rank if isinstance(s.expert_rank, int) else 1)
+                                    for s in adapter_specs(cfg)), max_loras=resident_loras(cfg),
                   kvcache_gib=cfg.sampler.cpu_kvcache_gib, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
                   tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
     if uses_ray(cfg):
@@ -217,14 +218,11 @@ class Run:
     def _score_under(self, tensors_K: list[dict], samples: list) -> list[list[float]]:
         """The learner's logprobs of `samples` with its adapters set to `tensors_K` (PEFT names), then set back to
         the live version (bit-exact copies of what was pushed)."""
-        from rl_lora.lora import PEFT_PREFIX
+        from rl_lora.lora import copy_peft_tensors
 
         def load(tensors_by_adapter):
-            with torch.no_grad():
-                for views, tensors in zip(self.learner.adapter_sets, tensors_by_adapter):
-                    for name, view in views.items():
-                        view.lora_A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-                        view.lora_B.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            for views, tensors in zip(self.learner.adapter_sets, tensors_by_adapter):
+                copy_peft_tensors(views, tensors)
 
         load(tensors_K)
         try:

@@ -156,10 +156,10 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
         return cfg, notes
     seen = set()
     for spec in adapter_specs(cfg):
-        key = (spec.rank, tuple(spec.target_modules))
+        key = (spec.rank, tuple(spec.target_modules), spec.expert_rank)
         if key not in seen:
             seen.add(key)
-            line = capacity_check(shape, spec.rank, spec.target_modules, episodes).message()
+            line = capacity_check(shape, spec.rank, spec.target_modules, episodes, spec.expert_rank).message()
             notes.append(line if len(cfg.adapters) < 2 else f"{line} [{spec.name}]")
     return cfg, notes
 
