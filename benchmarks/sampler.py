@@ -167,6 +167,7 @@ def main():
     best: dict[str, tuple[float, float]] = {}
 
     def keep(name, result):
+        print(f"@ {name:40s} {result[0]:8.1f} tok/s", flush=True)  # as it goes: a partial run still says something
         if name not in best or result[0] > best[name][0]:
             best[name] = result
 

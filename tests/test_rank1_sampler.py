@@ -333,3 +333,51 @@ def test_multiprocess_engine_core_serves_rank1_path(tiny_model):
     assert name == vllm_cpu_lora.QUALNAME and calls > 0
     assert max(got["own"]) < TOL
     assert min(got["other"]) > 10 * TOL
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused rank-1 Triton kernel for GPUs (rl_lora/triton_rank1.py; not wired into vLLM), under Triton's interpreter
+
+
+def _triton_child() -> None:
+    """Runs with TRITON_INTERPRET=1: the kernel against vLLM's torch ops on a mixed batch, per slice layout."""
+    import json
+
+    from rl_lora.triton_rank1 import lora_rank1
+
+    gen = torch.Generator().manual_seed(5)
+    token_ids, ids = MAPPINGS["mixed adapters and base rows"], [11, 12, 13, 14, 15]
+    slot = torch.tensor([ids.index(t) if t else -1 for t in token_ids], dtype=torch.int32)
+    errors = {}
+    for out_sizes in [(48,), (40, 24), (64, 16, 16)]:
+        a, b = _layer(len(out_sizes), 5, 40, out_sizes, gen)
+        x = torch.randn(len(token_ids), 40, generator=gen)
+        y = torch.randn(len(token_ids), sum(out_sizes), generator=gen)
+        want = _expected(x, y, a, b, token_ids, ids, out_sizes)
+        got = y.clone()
+        ends = tuple(sum(out_sizes[:i + 1]) for i in range(len(out_sizes)))
+        lora_rank1(got, x, torch.stack([t[:, 0, 0, :] for t in a]), torch.cat([t[:, 0, :, 0] for t in b], 1),
+                   slot, 1.0, ends, block_n=32, block_h=16)
+        base = [i for i, t in enumerate(token_ids) if t == 0]
+        errors[str(out_sizes)] = [(got - want).abs().max().item(), torch.equal(got[base], y[base]),
+                                  (got - y).abs().max().item()]
+    print("@@ " + json.dumps(errors), flush=True)
+
+
+def test_triton_rank1_kernel_matches_vllm_ops_in_interpreter():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from runhelpers import ROOT, TESTS
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}:{ROOT}", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", "import test_rank1_sampler as t; t._triton_child()"], check=False,
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(next(line[3:] for line in res.stdout.splitlines() if line.startswith("@@ ")))
+    assert len(got) == 3
+    for err, base_untouched, changed in got.values():
+        assert err < 1e-4 and base_untouched and changed > 0.1
