@@ -28,7 +28,7 @@ def _shapes(hidden, inter, kv):
     return [("qkv", (hidden, kv, kv)), ("o", (hidden,)), ("gate_up", (inter, inter)), ("down", (hidden,))]
 
 
-def _inputs(name, outs, hidden, inter):
+def _inputs(name, hidden, inter):
     return inter if name == "down" else hidden
 
 
@@ -67,7 +67,7 @@ def main():
             slot = torch.tensor([i - 1 for i in ids], dtype=torch.int32, device=dev)
             layers = []
             for name, outs in _shapes(args.hidden, args.inter, args.kv):
-                h = _inputs(name, outs, args.hidden, args.inter)
+                h = _inputs(name, args.hidden, args.inter)
                 a = tuple(torch.randn(n_adapters, 1, 1, h, generator=gen, device=dev, dtype=dtype) * 0.05
                           for _ in outs)
                 b = tuple(torch.randn(n_adapters, 1, o, 1, generator=gen, device=dev, dtype=dtype) * 0.05
@@ -90,15 +90,15 @@ def main():
                 continue
             ys = [torch.zeros(tokens, sum(lay[6]), device=dev, dtype=dtype) for lay in layers]
 
-            def base():
+            def base(layers=layers, ys=ys):
                 for (x, w, *_), y in zip(layers, ys):
                     torch.mm(x, w.t(), out=y)
 
-            def vllm_lora():
+            def vllm_lora(layers=layers, ys=ys, punica=punica):
                 for (x, w, a, b, a_f, b_f, outs, ends), y in zip(layers, ys):
                     punica.add_lora_linear(y, x, a, b, 1.0, outs)
 
-            def fused():
+            def fused(layers=layers, ys=ys, slot=slot):
                 for (x, w, a, b, a_f, b_f, outs, ends), y in zip(layers, ys):
                     lora_rank1(y, x, a_f, b_f, slot, 1.0, ends)
 
