@@ -14,6 +14,7 @@ ignore_eos, so every run emits the same token count.
 
     python benchmarks/sampler.py [--model smollm2-135m-gguf] [--prompts 64] [--tokens 128] [--rounds 3]
     python benchmarks/sampler.py --profile DIR   # cProfile of the LoRA engine's decode, per configuration
+    python benchmarks/sampler.py --ops           # the LoRA ops alone, per decode step, vs the base GEMMs
 
 Where the time goes (cProfile of `generate`, SmolLM2-135M fp32, 64 rows x 32 decode steps, base rows in the
 LoRA-enabled engine, rl-lora's path before its lm_head change; 2026-12-01, 2 threads on the shared 2-core
@@ -111,10 +112,14 @@ def main():
     ap.add_argument("--pushes", type=int, default=10)
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled no-LoRA engine (slow to start)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the LoRA engine's decode instead (pstats into DIR)")
+    ap.add_argument("--ops", action="store_true", help="time the LoRA ops alone (no engine): one decode step's "
+                    "add_lora_linear calls, both paths, against the base GEMMs of the same layers")
     ap.add_argument("--plain-engine", choices=["eager", "compiled"], help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
     if args.plain_engine:
         return plain_engine(args)
+    if args.ops:
+        return ops(args.prompts)
 
     import torch
 
@@ -266,6 +271,51 @@ def profile(sampler, prompts, configs, out_dir):
     for label, _, _ in _PROFILED:
         print(f"{label:50s}" + "".join(f"{rows[n][2][label]:22.2f}" for n in names))
     sampler.close()
+
+
+def ops(rows, layers=30, max_loras=K_MIXED, reps=20, rounds=7):
+    """One decode step's LoRA work without an engine (SmolLM2-135M shapes: per layer qkv 576->576+192+192, o,
+    gate_up 576->2x1536, down 1536->576; `rows` tokens, fp32, 1 thread): each path's add_lora_linear for the four
+    LoRA layers x `layers`, next to plain torch.mm for the same layers' base GEMMs. Interleaved rounds, the
+    fastest of each kept. Microseconds per decode step."""
+    import torch
+    from vllm.lora.layers import LoRAMapping
+
+    from rl_lora import vllm_cpu_lora
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,))]
+    mats = []
+    for h, outs in shapes:
+        mats.append((torch.randn(rows, h, generator=gen), torch.zeros(rows, sum(outs)),
+                     tuple(torch.randn(max_loras, 1, 1, h, generator=gen) for _ in outs),
+                     tuple(torch.randn(max_loras, 1, o, 1, generator=gen) for o in outs), outs,
+                     torch.randn(sum(outs), h, generator=gen)))
+    slots = list(range(1, max_loras + 1))
+    cases = {"one adapter": [1] * rows, f"K={max_loras} mixed": [1 + i % max_loras for i in range(rows)],
+             "half base": [i % 2 for i in range(rows)], "base rows": [0] * rows}
+    runs = {"base GEMMs of the LoRA layers (torch.mm)": (None, None, lambda: [torch.mm(m[0], m[5].t()) for m in mats])}
+    for name, ids in cases.items():
+        for enabled, path_name in ((True, "rl-lora"), (False, "vLLM")):
+            wrapper = vllm_cpu_lora.PunicaWrapperCPURank1(max_num_batched_tokens=256, max_batches=64, device="cpu")
+            wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), slots, max_loras + 1, 49152)
+            runs[f"{name}, add_lora_linear [{path_name}]"] = (
+                enabled, wrapper, lambda w=wrapper: [w.add_lora_linear(y, x, a, b, 1.0, o) for x, y, a, b, o, _ in mats])
+    best = {}
+    for _ in range(rounds):
+        for label, (enabled, wrapper, fn) in runs.items():
+            vllm_cpu_lora.ENABLED = enabled is not False
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - t0) / reps * 1e6 * layers)
+    vllm_cpu_lora.ENABLED = True
+    base = best["base GEMMs of the LoRA layers (torch.mm)"]
+    print(f"one decode step, {rows} rows x {layers} layers, microseconds (1 thread, best of {rounds} rounds)")
+    for label, us in best.items():
+        print(f"{label:48s}{us:10.0f}{100 * us / base:9.1f}% of base")
 
 
 def plain_engine(args):
