@@ -118,10 +118,16 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             s.mul_(mask)
         if scale != 1.0:
             s.mul_(scale)
-        if y.dtype == torch.float32:
+        if y.dtype != torch.float32:
+            s, b = s.to(y.dtype), b.to(y.dtype)
+        k = len(self._r1_slots)
+        if k == 1 or len(output_slices) == 1:
             y.addmm_(s, b)
-        else:
-            y.addmm_(s.to(y.dtype), b.to(y.dtype))
+        else:  # several adapters: per slice, so the block B's zero blocks cost nothing (n_slices x less work)
+            off = 0
+            for i, size in enumerate(output_slices):
+                y[:, off:off + size].addmm_(s[:, i * k:(i + 1) * k], b[i * k:(i + 1) * k, off:off + size])
+                off += size
         return None
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
