@@ -31,6 +31,23 @@ machine at load ~10, so absolute seconds are inflated by contention -- the share
       add_lora_linear (rl-lora, base rows: returns)     0.2 s   0.2%
       per-step LoRA mapping (convert_mapping etc.)     0.01 s
 
+The LoRA ops alone (`--ops`: one decode step's add_lora_linear calls, SmolLM2 shapes, 64 rows, 30 layers x
+qkv/o/gate_up/down, 1 thread, best of 7 interleaved rounds; 2026-12-01 at load ~30, so +-30%; percentages of the
+same layers' base GEMMs, which are ~41% of a decode step, so a decode step's share is ~0.4x these):
+
+    rows                     rl-lora's path     vLLM's path
+    one adapter, every row        2.4-3.0%      37-84%   (per slice: repeat_interleave, gather copy, einsum)
+    K=16 adapters mixed           6.7%          37-42%   (rl-lora: GEMMs over 16 stacked slots, masked;
+                                                           8.6% before the per-slice expand)
+    half base, one adapter        2.6-3.2%      26-36%
+    base rows                     0.0%          0.7-1.2%
+
+So what is left of rank 1 on rl-lora's path is two small GEMMs per LoRA layer (x @ A^T into n*K columns and
+S @ B), ~1% of a decode step for one adapter and ~3% for 16 mixed (the stacked slots are dense work, K x a
+single adapter's), plus vLLM's per-step mapping (convert_mapping, ~1-7 ms per forward for 64 rows). Folding
+the shrink into the base GEMM (extra rows of the oneDNN-packed base weight) would remove one of the two; not
+done (it needs re-packing the base weights on every push).
+
 So with base rows the LoRA machinery is ~1.5% of a decode step; the rest of the gap to vLLM's default no-LoRA
 engine is compilation: vLLM-CPU turns torch.compile off whenever LoRA is enabled (CpuPlatform sets
 CompilationMode.NONE), and eager RMSNorm alone is 28% of the step. With a rank-1 adapter on vLLM's own path,
@@ -58,6 +75,13 @@ e.g. K=16 mixed came out above one adapter, which it cannot be):
 rl-lora's rank-1 path: 1.18x vLLM's for one adapter, 1.20x for 16 mixed. The goals (rank-1 >= 0.95x of base
 rows and >= 0.9x of a no-LoRA engine; base rows >= 0.97x) are not shown met by this noisy run; re-measure on
 an idle machine.
+
+Re-run later on 2026-12-01 (`--prompts 32 --tokens 32 --rounds 2 --no-compiled`, before the per-slice expand):
+the machine's load rose from ~28 to ~51 (other jobs) during the run and it was stopped after three timed runs of
+round 1 -- base rows 3.5 tok/s [rl-lora], 3.7 [vLLM], rank-1 1.1 [rl-lora] -- numbers that measure the load
+swing, not the path (the --ops figures above bound rank 1's own cost at ~1% of a decode step). An earlier
+attempt at 64 x 64 was stopped after 20 minutes without a result. So the engine-level goals remain unmeasured
+here; run this script on an idle machine.
 """
 
 import argparse
