@@ -14,6 +14,7 @@ ignore_eos, so every run emits the same token count.
 
     python benchmarks/sampler.py [--model smollm2-135m-gguf] [--prompts 64] [--tokens 128] [--rounds 3]
     python benchmarks/sampler.py --profile DIR   # cProfile of the LoRA engine's decode, per configuration
+    python benchmarks/sampler.py --ops           # the LoRA ops alone, per decode step, vs the base GEMMs
 
 Where the time goes (cProfile of `generate`, SmolLM2-135M fp32, 64 rows x 32 decode steps, base rows in the
 LoRA-enabled engine, rl-lora's path before its lm_head change; 2026-12-01, 2 threads on the shared 2-core
@@ -29,6 +30,23 @@ machine at load ~10, so absolute seconds are inflated by contention -- the share
       LoRA layer wrappers' Python (4 per layer)         0.4 s   0.4%
       add_lora_linear (rl-lora, base rows: returns)     0.2 s   0.2%
       per-step LoRA mapping (convert_mapping etc.)     0.01 s
+
+The LoRA ops alone (`--ops`: one decode step's add_lora_linear calls, SmolLM2 shapes, 64 rows, 30 layers x
+qkv/o/gate_up/down, 1 thread, best of 7 interleaved rounds; 2026-12-01 at load ~30, so +-30%; percentages of the
+same layers' base GEMMs, which are ~41% of a decode step, so a decode step's share is ~0.4x these):
+
+    rows                     rl-lora's path     vLLM's path
+    one adapter, every row        2.4-3.0%      37-84%   (per slice: repeat_interleave, gather copy, einsum)
+    K=16 adapters mixed           6.7%          37-42%   (rl-lora: GEMMs over 16 stacked slots, masked;
+                                                           8.6% before the per-slice expand)
+    half base, one adapter        2.6-3.2%      26-36%
+    base rows                     0.0%          0.7-1.2%
+
+So what is left of rank 1 on rl-lora's path is two small GEMMs per LoRA layer (x @ A^T into n*K columns and
+S @ B), ~1% of a decode step for one adapter and ~3% for 16 mixed (the stacked slots are dense work, K x a
+single adapter's), plus vLLM's per-step mapping (convert_mapping, ~1-7 ms per forward for 64 rows). Folding
+the shrink into the base GEMM (extra rows of the oneDNN-packed base weight) would remove one of the two; not
+done (it needs re-packing the base weights on every push).
 
 So with base rows the LoRA machinery is ~1.5% of a decode step; the rest of the gap to vLLM's default no-LoRA
 engine is compilation: vLLM-CPU turns torch.compile off whenever LoRA is enabled (CpuPlatform sets
@@ -57,6 +75,13 @@ e.g. K=16 mixed came out above one adapter, which it cannot be):
 rl-lora's rank-1 path: 1.18x vLLM's for one adapter, 1.20x for 16 mixed. The goals (rank-1 >= 0.95x of base
 rows and >= 0.9x of a no-LoRA engine; base rows >= 0.97x) are not shown met by this noisy run; re-measure on
 an idle machine.
+
+Re-run later on 2026-12-01 (`--prompts 32 --tokens 32 --rounds 2 --no-compiled`, before the per-slice expand):
+the machine's load rose from ~28 to ~51 (other jobs) during the run and it was stopped after three timed runs of
+round 1 -- base rows 3.5 tok/s [rl-lora], 3.7 [vLLM], rank-1 1.1 [rl-lora] -- numbers that measure the load
+swing, not the path (the --ops figures above bound rank 1's own cost at ~1% of a decode step). An earlier
+attempt at 64 x 64 was stopped after 20 minutes without a result. So the engine-level goals remain unmeasured
+here; run this script on an idle machine.
 """
 
 import argparse
@@ -111,10 +136,14 @@ def main():
     ap.add_argument("--pushes", type=int, default=10)
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled no-LoRA engine (slow to start)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the LoRA engine's decode instead (pstats into DIR)")
+    ap.add_argument("--ops", action="store_true", help="time the LoRA ops alone (no engine): one decode step's "
+                    "add_lora_linear calls, both paths, against the base GEMMs of the same layers")
     ap.add_argument("--plain-engine", choices=["eager", "compiled"], help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
     if args.plain_engine:
         return plain_engine(args)
+    if args.ops:
+        return ops(args.prompts)
 
     import torch
 
@@ -167,6 +196,7 @@ def main():
     best: dict[str, tuple[float, float]] = {}
 
     def keep(name, result):
+        print(f"@ {name:40s} {result[0]:8.1f} tok/s", flush=True)  # as it goes: a partial run still says something
         if name not in best or result[0] > best[name][0]:
             best[name] = result
 
@@ -265,6 +295,51 @@ def profile(sampler, prompts, configs, out_dir):
     for label, _, _ in _PROFILED:
         print(f"{label:50s}" + "".join(f"{rows[n][2][label]:22.2f}" for n in names))
     sampler.close()
+
+
+def ops(rows, layers=30, max_loras=K_MIXED, reps=20, rounds=7):
+    """One decode step's LoRA work without an engine (SmolLM2-135M shapes: per layer qkv 576->576+192+192, o,
+    gate_up 576->2x1536, down 1536->576; `rows` tokens, fp32, 1 thread): each path's add_lora_linear for the four
+    LoRA layers x `layers`, next to plain torch.mm for the same layers' base GEMMs. Interleaved rounds, the
+    fastest of each kept. Microseconds per decode step."""
+    import torch
+    from vllm.lora.layers import LoRAMapping
+
+    from rl_lora import vllm_cpu_lora
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(576, (576, 192, 192)), (576, (576,)), (576, (1536, 1536)), (1536, (576,))]
+    mats = []
+    for h, outs in shapes:
+        mats.append((torch.randn(rows, h, generator=gen), torch.zeros(rows, sum(outs)),
+                     tuple(torch.randn(max_loras, 1, 1, h, generator=gen) for _ in outs),
+                     tuple(torch.randn(max_loras, 1, o, 1, generator=gen) for o in outs), outs,
+                     torch.randn(sum(outs), h, generator=gen)))
+    slots = list(range(1, max_loras + 1))
+    cases = {"one adapter": [1] * rows, f"K={max_loras} mixed": [1 + i % max_loras for i in range(rows)],
+             "half base": [i % 2 for i in range(rows)], "base rows": [0] * rows}
+    runs = {"base GEMMs of the LoRA layers (torch.mm)": (None, None, lambda: [torch.mm(m[0], m[5].t()) for m in mats])}
+    for name, ids in cases.items():
+        for enabled, path_name in ((True, "rl-lora"), (False, "vLLM")):
+            wrapper = vllm_cpu_lora.PunicaWrapperCPURank1(max_num_batched_tokens=256, max_batches=64, device="cpu")
+            wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), slots, max_loras + 1, 49152)
+            runs[f"{name}, add_lora_linear [{path_name}]"] = (
+                enabled, wrapper, lambda w=wrapper: [w.add_lora_linear(y, x, a, b, 1.0, o) for x, y, a, b, o, _ in mats])
+    best = {}
+    for _ in range(rounds):
+        for label, (enabled, wrapper, fn) in runs.items():
+            vllm_cpu_lora.ENABLED = enabled is not False
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - t0) / reps * 1e6 * layers)
+    vllm_cpu_lora.ENABLED = True
+    base = best["base GEMMs of the LoRA layers (torch.mm)"]
+    print(f"one decode step, {rows} rows x {layers} layers, microseconds (1 thread, best of {rounds} rounds)")
+    for label, us in best.items():
+        print(f"{label:48s}{us:10.0f}{100 * us / base:9.1f}% of base")
 
 
 def plain_engine(args):

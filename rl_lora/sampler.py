@@ -95,7 +95,7 @@ class AdapterRef:
 
 
 class Sampler:
-    rank1_path = False  # rl_lora.vllm_cpu_lora serves this engine's LoRA layers (CPU, rank 1, in-process core)
+    rank1_path = False  # rl_lora.vllm_cpu_lora serves this engine's LoRA layers (CPU, rank 1; read from the worker)
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 0, max_lora_rank: int = 1,
                  max_loras: int = 2, kvcache_gib: int = 1, gpu_memory_utilization: float = 0.5,
@@ -109,18 +109,20 @@ class Sampler:
 
         # The workarounds below are for vLLM-CPU's bugs; a GPU engine gets vLLM's own defaults.
         self.on_cpu = current_platform.is_cpu()
-        if self.on_cpu and _vllm_rank(max_lora_rank) == 1 and not _engine_core_in_subprocess():
-            from rl_lora import vllm_cpu_lora
-
-            self.rank1_path = vllm_cpu_lora.apply()  # before the engine builds its LoRA layers
         if self.on_cpu:
-            from rl_lora import vllm_cpu_moe
+            from rl_lora import vllm_plugin
 
-            vllm_cpu_moe.apply()  # MoE LoRA in torch ops (vLLM-CPU has none); in-process engine core
+            # before the engine builds its LoRA layers: here, and (entry point) in an engine-core process
+            vllm_plugin.request(_vllm_rank(max_lora_rank))
         self.llm = LLM(**engine_kwargs(model_path, on_cpu=self.on_cpu, dtype=dtype, max_model_len=max_model_len,
                                        max_lora_rank=max_lora_rank, max_loras=max_loras,
                                        gpu_memory_utilization=gpu_memory_utilization,
                                        tensor_parallel_size=tensor_parallel_size, seed=seed))
+        if self.on_cpu:  # where the engine core runs elsewhere, only its worker knows which wrapper it built
+            from rl_lora.vllm_cpu_lora import QUALNAME
+
+            wrappers = [name for worker in self.llm.collective_rpc("rl_lora_punica") for name, _ in worker]
+            self.rank1_path = bool(wrappers) and all(name == QUALNAME for name in wrappers)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._dir = _ram_dir()
@@ -260,12 +262,6 @@ class Sampler:
             pass
 
 
-def _engine_core_in_subprocess() -> bool:
-    import vllm.envs as envs
-
-    return bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING)
-
-
 def _vllm_rank(rank: int) -> int:
     for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
         if rank <= allowed:
@@ -281,6 +277,11 @@ class WeightLoader:
         from safetensors.torch import load_file
 
         return _copy_hf_weights(self.get_model(), load_file(path))
+
+    def rl_lora_punica(self) -> list[tuple[str, int]]:
+        from rl_lora.vllm_cpu_lora import report
+
+        return report(self)
 
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

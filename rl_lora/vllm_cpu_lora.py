@@ -23,10 +23,13 @@ It also overrides `add_lora_logits`: vLLM wraps the lm_head for LoRA whether or 
 every step, gathers and contracts a vocabulary-sized slot per row; here rows without an adapter, and adapters
 whose lm_head slot is all zeros (rl-lora's), cost nothing, and base rows no longer get the last slot's.
 Everything else (embedding LoRA, sharded layers, ranks > 1) falls through to vLLM's code unchanged.
-Applied only where the platform is CPU and `max_lora_rank == 1` (rl_lora.sampler.Sampler); the GPU path is
-never touched. The patch swaps the wrapper class name that vLLM resolves in the process that builds the model,
-so it covers the in-process engine core (rl-lora's CPU default, VLLM_ENABLE_V1_MULTIPROCESSING=0); an engine core
-in another process keeps vLLM's own (correct but slower) wrapper.
+Applied only where the platform is CPU and `max_lora_rank == 1`; the GPU path is never touched. `apply()` swaps
+the wrapper class name that vLLM resolves in the process that builds the model. rl-lora's Sampler asks for it
+through rl_lora/vllm_plugin.py: in its own process (the in-process engine core, rl-lora's CPU default) directly,
+and in an engine-core process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1) through the `vllm.general_plugins`
+entry point that vLLM runs there -- which needs rl-lora installed as a package (`pip install -e .`); without
+the entry point such an engine keeps vLLM's own (slower) wrapper, and the Sampler then knows it
+(`Sampler.rank1_path`, read from the worker by `report()`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         self._r1_cache: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (key, A, B); lm_head: (key, nonzero)
         self._r1_logit_slots: tuple[int, ...] = ()  # the same for the sampled rows (lm_head)
         self._r1_logit_base_rows = False
+        self.rank1_calls = 0  # add_lora_linear calls served by the rank-1 path with adapter rows (report())
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
@@ -105,6 +109,7 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
                                            buffer=buffer, **kwargs)
         if not self._r1_slots:
             return None  # no row has an adapter
+        self.rank1_calls += 1
         # vLLM's CPU ops shrink in fp32 and expand in the output's dtype; so do we
         a, b = self._stacked(lora_a_stacked, lora_b_stacked, output_slices, torch.float32)
         s = torch.mm(x if x.dtype == torch.float32 else x.float(), a.t())
@@ -113,10 +118,16 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             s.mul_(mask)
         if scale != 1.0:
             s.mul_(scale)
-        if y.dtype == torch.float32:
+        if y.dtype != torch.float32:
+            s, b = s.to(y.dtype), b.to(y.dtype)
+        k = len(self._r1_slots)
+        if k == 1 or len(output_slices) == 1:
             y.addmm_(s, b)
-        else:
-            y.addmm_(s.to(y.dtype), b.to(y.dtype))
+        else:  # several adapters: per slice, so the block B's zero blocks cost nothing (n_slices x less work)
+            off = 0
+            for i, size in enumerate(output_slices):
+                y[:, off:off + size].addmm_(s[:, i * k:(i + 1) * k], b[i * k:(i + 1) * k, off:off + size])
+                off += size
         return None
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
@@ -150,12 +161,26 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         return None
 
 
+def _rank1_wrapper_name(cls) -> str:
+    return QUALNAME
+
+
 def apply() -> bool:
-    """Make vLLM's CPU platform build `PunicaWrapperCPURank1`; before the engine starts. Returns True if applied."""
+    """Make vLLM's CPU platform build `PunicaWrapperCPURank1`; before the engine starts. Returns True if applied.
+    Idempotent."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return False
     cls = type(current_platform)
-    cls.get_punica_wrapper = classmethod(lambda _cls: QUALNAME)
+    if getattr(cls.get_punica_wrapper, "__func__", None) is not _rank1_wrapper_name:
+        cls.get_punica_wrapper = classmethod(_rank1_wrapper_name)
     return True
+
+
+def report(worker) -> list[tuple[str, int]]:
+    """Runs in a vLLM worker (rl_lora.sampler.WeightLoader.rl_lora_punica): for each LoRA wrapper of its model, the
+    class's qualified name and how many layer calls the rank-1 path served (-1: not the rank-1 wrapper)."""
+    manager = getattr(getattr(worker.model_runner, "lora_manager", None), "_adapter_manager", None)
+    wrappers = getattr(manager, "punica_wrapper_mapping", {}) if manager is not None else {}
+    return [(f"{type(w).__module__}.{type(w).__qualname__}", getattr(w, "rank1_calls", -1)) for w in wrappers.values()]

@@ -216,3 +216,168 @@ def test_engine_mixed_batch_one_call_matches_learner_and_vllm_path(sampler, lear
     assert compared >= 3
     sampler.evict(301)
     sampler.evict(302)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The vLLM plugin (rl_lora/vllm_plugin.py): how the path reaches an engine-core process of its own
+
+
+@pytest.fixture
+def fresh_plugin(monkeypatch):
+    """The plugin's state and vLLM's CPU platform restored after the test."""
+    from vllm.platforms import current_platform
+
+    from rl_lora import vllm_plugin
+
+    cls = type(current_platform)
+    monkeypatch.setattr(cls, "get_punica_wrapper", cls.__dict__["get_punica_wrapper"])
+    monkeypatch.setattr(vllm_plugin, "_installed", {})
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    monkeypatch.delenv(vllm_plugin.DISABLE_RANK1, raising=False)
+    monkeypatch.setattr(cls, "get_punica_wrapper", classmethod(lambda _cls: "vllm.stock.Wrapper"))
+    return vllm_plugin, current_platform
+
+
+def test_plugin_installs_only_what_rl_lora_asked_for(fresh_plugin, monkeypatch):
+    vllm_plugin, platform = fresh_plugin
+    vllm_plugin.register()  # a user's vLLM without rl-lora's request: untouched
+    assert platform.get_punica_wrapper() == "vllm.stock.Wrapper"
+    assert "lora_rank1" not in vllm_plugin.wanted(8)  # vLLM's own path at other ranks
+    monkeypatch.setenv(vllm_plugin.DISABLE_RANK1, "0")
+    assert "lora_rank1" not in vllm_plugin.wanted(1)
+    monkeypatch.delenv(vllm_plugin.DISABLE_RANK1)
+    assert "lora_rank1" in vllm_plugin.wanted(1)
+    monkeypatch.setenv(vllm_plugin.ENV, "lora_rank1")  # what Sampler sets for the engine's processes
+    vllm_plugin.register()
+    vllm_plugin.register()  # vLLM may load plugins more than once
+    assert platform.get_punica_wrapper() == vllm_cpu_lora.QUALNAME
+
+
+def test_plugin_declared_as_vllm_entry_point():
+    import tomllib
+    from pathlib import Path
+
+    from rl_lora import vllm_plugin
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, _, func = meta["project"]["entry-points"]["vllm.general_plugins"]["rl_lora"].partition(":")
+    assert module == vllm_plugin.__name__ and func == "register"
+
+
+def _entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(e.value == "rl_lora.vllm_plugin:register" for e in entry_points(group="vllm.general_plugins"))
+
+
+def _multiproc_child(model: str) -> None:
+    """Runs in a subprocess whose engine core is spawned (so nothing patched in this process can leak into it):
+    three adapters and base rows in one call; prints each row's gap to the learner and the workers' report."""
+    import json
+
+    from rl_lora.config import ALL_LINEAR
+    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.sampler import Sampler
+
+    sampler = Sampler(model, max_model_len=512, max_loras=4, kvcache_gib=1)
+    learner = Learner(model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, temperature=0.7, seed=0)
+    prompt = _prompt(sampler)
+    weights = {0: [torch.zeros_like(m.lora_B) for m in learner.adapters.values()]}
+    for version in (1, 2, 3):
+        with torch.no_grad():
+            for m in learner.adapters.values():
+                m.lora_B.normal_(0, 0.05)
+        weights[version] = [m.lora_B.detach().clone() for m in learner.adapters.values()]
+        sampler.push(version, learner.write_adapter, evict_older=False)
+    versions = [0, 1, 2, 0, 3, 1, 0, 2]
+    refs = [sampler.live.get(v) for v in versions]
+    groups = sampler.generate([prompt] * len(refs), n=1, adapters=refs, seed=0, temperature=0.7, max_tokens=6)
+
+    def gap(group, version):
+        with torch.no_grad():
+            for m, b in zip(learner.adapters.values(), weights[version]):
+                m.lora_B.copy_(b)
+        scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in group])
+        return max(abs(a - b) for c, lp in zip(group, scored) for a, b in zip(c.logprobs, lp))
+
+    print("@@ " + json.dumps({
+        "rank1_path": sampler.rank1_path, "report": sampler.llm.collective_rpc("rl_lora_punica"),
+        "own": [gap(g, v) for g, v in zip(groups, versions)],
+        "other": [gap(g, 3 if v != 3 else 1) for g, v in zip(groups, versions)]}), flush=True)
+    sampler.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _entry_point_installed(), reason="rl-lora's vllm.general_plugins entry point is not "
+                    "installed in this interpreter (pip install -e .): an engine-core process cannot get the path")
+def test_multiprocess_engine_core_serves_rank1_path(tiny_model):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 (the GPU default) with a spawned engine core: the path gets there only through
+    the entry point; the worker reports the rank-1 wrapper with calls served, one call mixing three adapters and
+    base rows matches the learner row by row, and not another adapter."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from runhelpers import ROOT, TESTS
+
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}:{ROOT}", VLLM_ENABLE_V1_MULTIPROCESSING="1",
+               VLLM_WORKER_MULTIPROC_METHOD="spawn", WANDB_MODE="disabled")
+    res = subprocess.run([sys.executable, "-c", f"import test_rank1_sampler as t; t._multiproc_child({tiny_model!r})"],
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "(EngineCore" in res.stdout + res.stderr  # vLLM's log prefix of an engine-core process
+    got = json.loads(next(line[3:] for line in res.stdout.splitlines() if line.startswith("@@ ")))
+    assert got["rank1_path"]
+    [[(name, calls)]] = got["report"]  # one worker, one wrapper
+    assert name == vllm_cpu_lora.QUALNAME and calls > 0
+    assert max(got["own"]) < TOL
+    assert min(got["other"]) > 10 * TOL
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused rank-1 Triton kernel for GPUs (rl_lora/triton_rank1.py; not wired into vLLM), under Triton's interpreter
+
+
+def _triton_child() -> None:
+    """Runs with TRITON_INTERPRET=1: the kernel against vLLM's torch ops on a mixed batch, per slice layout."""
+    import json
+
+    from rl_lora.triton_rank1 import lora_rank1
+
+    gen = torch.Generator().manual_seed(5)
+    token_ids, ids = MAPPINGS["mixed adapters and base rows"], [11, 12, 13, 14, 15]
+    slot = torch.tensor([ids.index(t) if t else -1 for t in token_ids], dtype=torch.int32)
+    errors = {}
+    for out_sizes in [(48,), (40, 24), (64, 16, 16)]:
+        a, b = _layer(len(out_sizes), 5, 40, out_sizes, gen)
+        x = torch.randn(len(token_ids), 40, generator=gen)
+        y = torch.randn(len(token_ids), sum(out_sizes), generator=gen)
+        want = _expected(x, y, a, b, token_ids, ids, out_sizes)
+        got = y.clone()
+        ends = tuple(sum(out_sizes[:i + 1]) for i in range(len(out_sizes)))
+        lora_rank1(got, x, torch.stack([t[:, 0, 0, :] for t in a]), torch.cat([t[:, 0, :, 0] for t in b], 1),
+                   slot, 1.0, ends, block_n=32, block_h=16)
+        base = [i for i, t in enumerate(token_ids) if t == 0]
+        errors[str(out_sizes)] = [(got - want).abs().max().item(), torch.equal(got[base], y[base]),
+                                  (got - y).abs().max().item()]
+    print("@@ " + json.dumps(errors), flush=True)
+
+
+def test_triton_rank1_kernel_matches_vllm_ops_in_interpreter():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from runhelpers import ROOT, TESTS
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}:{ROOT}", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", "import test_rank1_sampler as t; t._triton_child()"], check=False,
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(next(line[3:] for line in res.stdout.splitlines() if line.startswith("@@ ")))
+    assert len(got) == 3
+    for err, base_untouched, changed in got.values():
+        assert err < 1e-4 and base_untouched and changed > 0.1
