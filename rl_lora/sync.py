@@ -168,7 +168,7 @@ class Run:
         self.probe = {"push/probe_gap": 0.0}
         if tol == 0 or not self.probe_ids:
             return 0.0
-        from rl_lora.learner import TrainSample
+        from rl_lora.rollout import TrainSample
 
         K, N, cfg = len(self.refs), self.fleet.num_engines, self.cfg
         # adapter-major, engine-minor: prompt k*N + e is served by engine e

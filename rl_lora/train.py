@@ -64,11 +64,12 @@ from rl_lora.advantages import valid_group_advantages
 from rl_lora.checks import check_model, check_rewards
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.learner import Learner
+from rl_lora.loss import build_loss
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
 from rl_lora.plan import check_fits
-from rl_lora.rollout import Group
+from rl_lora.rollout import Group, TrainSample
 from rl_lora.sync import Run, RunError, build_fleet, uses_ray, version_of
 
 
@@ -283,7 +284,7 @@ def make_learner(cfg: Config, model_path: str) -> Learner:
                    tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
                    top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
                    activation_checkpointing=cfg.optim.activation_checkpointing,
-                   share_prompts=cfg.optim.share_prompts)
+                   share_prompts=cfg.optim.share_prompts, loss=build_loss(cfg.loss))
 
 
 def follow(cfg: Config, resume: bool) -> dict:
@@ -442,7 +443,7 @@ def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: boo
             samples = make_samples(kept)
             if samples and faults.fire("nan_logprobs", step_num):
                 samples[0].sampler_logprobs = [float("nan")] * len(samples[0].sampler_logprobs)
-            learn = (leader or learner).train_step(samples, cfg.loss.is_cap, cfg.loss.ppo_clip) if samples else {}
+            learn = (leader or learner).train_step(samples) if samples else {}
             t3 = time.perf_counter()
             # 5. push the new adapter version into the running fleet (new id, old one evicted), and check it
             skipped = bool(learn.get("loss/skipped"))
