@@ -70,8 +70,6 @@ class _Fleet:
     def submit(self, prompt_ids_P, *, n, adapters, seed=0, seeds=None, **sampling) -> _Request:
         if seeds is None:
             seeds = [seed + i * n for i in range(len(prompt_ids_P))]
-        if not isinstance(adapters, list):
-            adapters = [adapters] * len(prompt_ids_P)
         versions = [None if a is None else (a.version if isinstance(a, AdapterRef) else int(a)) for a in adapters]
         req = _Request(list(prompt_ids_P), versions, list(seeds), n, sampling)
         self._submit(req)

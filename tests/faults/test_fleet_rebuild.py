@@ -64,7 +64,7 @@ def test_a_rebuilt_engine_gets_the_pushed_tensors_not_the_learners_later_ones(tm
     fleet.push_adapter(1, 0, {KEY: live}, CONFIG)
     live.add_(1.0)  # the learner's next step, in place
     made[0].close()  # the engine dies
-    (group,) = fleet.generate([[1, 2]], n=2, adapters=AdapterRef(1, ""), seeds=[7])
+    (group,) = fleet.generate([[1, 2]], n=2, adapters=[AdapterRef(1, "")], seeds=[7])
     assert fleet.restarts == 1 and len(made) == 2
     assert torch.equal(made[1].engine[1][KEY], torch.zeros(4, 1))  # version 1 as pushed
     assert [c.token_ids for c in group] == [[7], [8]] and group[0].logprobs == [0.0]
@@ -89,7 +89,7 @@ def test_async_a_failed_queued_generation_rebuilds_the_engine_and_is_submitted_a
     gate = threading.Event()
     fleet, made = _fleet(tmp_path, asynchronous=True, gate=gate)
     fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
-    request = fleet.submit([[1, 2], [3, 4]], n=1, adapters=AdapterRef(1, ""), seeds=[10, 20])  # held at the gate
+    request = fleet.submit([[1, 2], [3, 4]], n=1, adapters=[AdapterRef(1, "")] * 2, seeds=[10, 20])  # held at the gate
     made[0].close()  # the engine dies while the generation runs
     gate.set()
     fleet.drain()
