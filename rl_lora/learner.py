@@ -224,13 +224,13 @@ class Learner:
             torch.distributed.all_reduce(ratio_max_K, op=torch.distributed.ReduceOp.MAX)
         return tokens_K, sums_K, ratio_max_K
 
-    def train_step(self, samples: list[TrainSample]) -> dict:
+    def train_step(self, samples: list[TrainSample]) -> tuple[dict, list[dict]]:
         """One AdamW step of every adapter on its own samples (one forward/backward per micro-batch for all).
 
         Each adapter's loss is normalised by its own completion tokens, clipped by its own gradient norm and
         skipped on its own if not finite: the result for adapter k is that of a single-adapter step on its
         samples. The loss sums and gradient norms stay on the device until one transfer at the end of the step.
-        With K > 1 the metrics carry `<name>/...` keys per adapter beside the totals."""
+        Returns the step's metrics over all adapters and each adapter's own (named at the logging boundary)."""
         K = self.num_adapters
         tokens_K, sums_K, ratio_max_K = self.backward(samples)
         clip = self.grad_clip if self.grad_clip > 0 else math.inf
@@ -256,21 +256,17 @@ class Learner:
                 "is/ratio_mean": ratio_sum / max(n, 1), "is/ratio_max": ratio_max,
                 "is/frac_limited": limited_sum / max(n, 1),
                 "is/kl_sampler_learner": kl_sum / max(n, 1), "learn/tokens": float(n)})
-        if K == 1:
-            return per_K[0]
-        total = max(sum(tokens_K), 1)
-        out = {"loss/pg": sum(m["loss/pg"] for m in per_K),
-               "loss/grad_norm": max(m["loss/grad_norm"] for m in per_K),
-               # the step counts as skipped only if every adapter that had samples was skipped
-               "loss/skipped": float(all(m["loss/skipped"] for m, n in zip(per_K, tokens_K) if n)),
-               "is/ratio_mean": sum(r[0] for r in raw_K) / total,
-               "is/ratio_max": max(m["is/ratio_max"] for m in per_K),
-               "is/frac_limited": sum(r[1] for r in raw_K) / total,
-               "is/kl_sampler_learner": sum(r[2] for r in raw_K) / total,
-               "learn/tokens": float(sum(tokens_K))}
-        for spec, m in zip(self.specs, per_K):
-            out.update({f"{spec.name}/{key}": v for key, v in m.items()})
-        return out
+        n_all = max(sum(tokens_K), 1)
+        total = {"loss/pg": sum(m["loss/pg"] for m in per_K),
+                 "loss/grad_norm": max(m["loss/grad_norm"] for m in per_K),
+                 # the step counts as skipped only if every adapter that had samples was skipped
+                 "loss/skipped": float(all(m["loss/skipped"] for m, n in zip(per_K, tokens_K) if n)),
+                 "is/ratio_mean": sum(r[0] for r in raw_K) / n_all,
+                 "is/ratio_max": max(m["is/ratio_max"] for m in per_K),
+                 "is/frac_limited": sum(r[1] for r in raw_K) / n_all,
+                 "is/kl_sampler_learner": sum(r[2] for r in raw_K) / n_all,
+                 "learn/tokens": float(sum(tokens_K))}
+        return total, per_K
 
     # ------------------------------------------------------------------------------------------------------
     # Adapter export / state

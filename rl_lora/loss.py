@@ -22,8 +22,9 @@ an extreme ratio gives a token weight of 0 (log rho < -104 underflows to rho = 0
 0/0 or inf*0 = NaN for the whole step. Only a non-finite input (a NaN logprob) makes the step non-finite (and
 skipped by the learner). With is_cap = inf (no cap) rho is held at e^88, the float32 limit.
 
-Logged (0-d tensors, reduced by the learner and synced to the host once per step): mean/max rho, fraction truncated or clipped, and KL(sampler || learner) by the k3 estimator
-E_sampler[rho - 1 - log rho] (non-negative, unbiased), in float64. At the first step of an on-policy run rho
+Logged: mean/max rho, fraction truncated or clipped, and KL(sampler || learner) by the k3 estimator
+E_sampler[rho - 1 - log rho] (non-negative, unbiased), in float64, as 0-d tensors (the learner sums them on the
+device and syncs to the host once per step). At the first step of an on-policy run rho
 must be ~1: a gap means a stale adapter or mismatched logprobs (e.g. raw vs temperature-scaled).
 """
 
@@ -108,7 +109,7 @@ def ppo_clip_loss(inp: LossInputs, eps: float, is_cap: float = math.inf) -> Loss
 
 
 # name -> (selected when, builder from the `loss:` config section). The first whose condition holds is chosen;
-# the last registered default (truncated IS) when none does.
+# truncated IS, registered last, always holds (the default).
 LOSSES: dict[str, tuple[Callable[[object], bool], Callable[[object], LossFn]]] = {}
 
 
@@ -116,7 +117,8 @@ def register(name: str, when: Callable[[object], bool], build: Callable[[object]
     LOSSES[name] = (when, build)
 
 
-register("ppo_clip", lambda c: c.ppo_clip > 0, lambda c: functools.partial(ppo_clip_loss, eps=c.ppo_clip, is_cap=c.is_cap))
+register("ppo_clip", lambda c: c.ppo_clip > 0,
+         lambda c: functools.partial(ppo_clip_loss, eps=c.ppo_clip, is_cap=c.is_cap))
 register("truncated_is", lambda c: True, lambda c: functools.partial(truncated_is_loss, is_cap=c.is_cap))
 
 
