@@ -40,7 +40,7 @@ def build(target: Path, layers: int, experts: int) -> Path:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from rl_lora.models import TINY_VOCAB, byte_tokenizer, save_tiny, special_ids
+    from tests.tiny_models import TINY_VOCAB, byte_tokenizer, save_tiny, special_ids
 
     fast = byte_tokenizer(target)
     torch.manual_seed(0)

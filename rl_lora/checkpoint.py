@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from rl_lora import atomic, faults
-from rl_lora.errors import ConfigError
 
 KEEP = 2  # complete checkpoints kept on disk
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -54,8 +53,9 @@ def _run_id(path: Path) -> str | None:
         return None  # unreadable: not provably ours, never pruned
 
 
-def save(run_dir: Path, step: int, learner, state: dict) -> Path:
-    """Write checkpoint `step`. `state` holds the run's `run_id` (see prune), data position, version, signature."""
+def save(run_dir: Path, step: int, policy, state: dict) -> Path:
+    """Write checkpoint `step` of `policy` (rl_lora/policy.py: its weights and its learner's optimizers). `state`
+    holds the run's `run_id` (see prune), data position, version, signature."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         root.mkdir(parents=True)
@@ -64,14 +64,11 @@ def save(run_dir: Path, step: int, learner, state: dict) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
 
     def fill(tmp: Path) -> None:
-        for k in range(0 if learner.full_finetune else learner.num_adapters):
-            learner.write_adapter(tmp / learner.adapter_dirname(k), k)
+        weights = policy.save_checkpoint(tmp)  # adapters' PEFT directories, or the model's state dict
         if faults.fire("kill_in_checkpoint", step):  # tests/faults: die with the checkpoint half-written
             os.kill(os.getpid(), signal.SIGKILL)
-        payload = {"optimizers": learner.optimizer_states(), "torch_rng": torch.get_rng_state(),
-                   "python_rng": random.getstate()}
-        if learner.full_finetune:
-            payload["model"] = learner.model.state_dict()
+        payload = {"optimizers": policy.learner.optimizer_states(), "torch_rng": torch.get_rng_state(),
+                   "python_rng": random.getstate(), **weights}
         torch.save(payload, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
 
@@ -124,21 +121,16 @@ def signature(path: Path) -> dict | None:
     return json.loads((path / "state.json").read_text()).get("signature")
 
 
-def load(path: Path, learner) -> dict:
-    """Restore adapter + optimizer (+ RNG) into `learner`; returns the saved state dict (step, positions).
+def load(path: Path, policy) -> dict:
+    """Restore `policy`'s weights and its learner's optimizers (+ RNG); returns the saved state dict (step, positions).
 
     The optimizer moments and step counts come from the checkpoint; its settings (OPTIMIZER_KEYS: lr, betas,
     weight decay, per parameter group, so LoRA+ ratios too) are those the learner was built with from the current
     config: torch's load_state_dict would otherwise silently bring back the checkpoint's."""
     state = json.loads((path / "state.json").read_text())
     payload = torch.load(path / "trainer_state.pt", weights_only=False)
-    if learner.full_finetune:
-        learner.model.load_state_dict(payload["model"])
-    else:
-        for k in range(learner.num_adapters):
-            if not (path / learner.adapter_dirname(k)).is_dir():
-                raise ConfigError(f"checkpoint {path} has no {learner.adapter_dirname(k)}/ (a different adapter list?)")
-            learner.load_adapter(path / learner.adapter_dirname(k), k)
+    policy.load_checkpoint(path, payload)
+    learner = policy.learner
     configured = [[{key: g[key] for key in OPTIMIZER_KEYS if key in g} for g in opt.param_groups]
                   for opt in learner.optimizers]
     learner.load_optimizer_states(payload["optimizers"])

@@ -16,6 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from rl_lora.batching import shard
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) when not launched by torchrun."""
@@ -40,29 +42,6 @@ def barrier() -> None:
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def shard(samples: list, rank: int, size: int) -> list:
-    """Rank's share of a step. Whole groups (one adapter and prompt: the learner runs their prompt once) go to the
-    least-loaded rank, largest first, so ranks get similar token counts; with fewer groups than ranks, samples are
-    dealt longest first, round-robin. Each rank keeps the step's order."""
-    def cost(i):
-        return len(samples[i].prompt_ids) + len(samples[i].completion_ids)
-
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault((s.adapter, tuple(s.prompt_ids)), []).append(i)
-    if len(groups) < size:
-        order = sorted(range(len(samples)), key=lambda i: -cost(i))
-        return [samples[i] for i in sorted(order[rank::size])]
-    loads, mine = [0] * size, []
-    costed = [(sum(cost(i) for i in members), members) for members in groups.values()]
-    for total, members in sorted(costed, key=lambda c: -c[0]):  # stable: ties keep step order
-        r = loads.index(min(loads))
-        loads[r] += total
-        if r == rank:
-            mine += members
-    return [samples[i] for i in sorted(mine)]
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -103,22 +82,23 @@ class Leader:
         self.learner = learner
         _, self.size = world()
 
-    def train_step(self, samples, is_cap: float, ppo_clip: float) -> dict:
-        send(("train", samples, is_cap, ppo_clip))
-        return self.learner.train_step(shard(samples, 0, self.size), is_cap, ppo_clip)
+    def train_step(self, samples) -> dict:
+        send(("train", samples))
+        return self.learner.train_step(shard(samples, 0, self.size))
 
     def stop(self) -> None:
         send(("stop",))
 
 
 def follow(learner) -> int:
-    """Ranks > 0: learn each shard rank 0 sends until told to stop. Returns the number of steps taken."""
+    """Ranks > 0: learn each shard rank 0 sends until told to stop, with the loss this rank's learner was built
+    with (the same config as rank 0's). Returns the number of steps taken."""
     rank, size = world()
     steps = 0
     while True:
         msg = send(None)
         if msg[0] == "stop":
             return steps
-        _, samples, is_cap, ppo_clip = msg
-        learner.train_step(shard(samples, rank, size), is_cap, ppo_clip)
+        _, samples = msg
+        learner.train_step(shard(samples, rank, size))
         steps += 1

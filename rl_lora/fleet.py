@@ -62,14 +62,12 @@ class _Fleet:
         return self.latest_in_slot[self.slot_of[version]]
 
     def generate(self, prompt_ids_P, *, n, adapters, seed=0, seeds=None, use_tqdm=False, **sampling):
-        """Sampler.generate's interface (evaluate.py uses it unchanged): submit and wait."""
+        """Sampler.generate's interface (rl_lora/eval/runner.py uses it unchanged): submit and wait."""
         return self.result(self.submit(prompt_ids_P, n=n, adapters=adapters, seed=seed, seeds=seeds, **sampling))
 
     def submit(self, prompt_ids_P, *, n, adapters, seed=0, seeds=None, **sampling) -> _Request:
         if seeds is None:
             seeds = request_seeds(seed, len(prompt_ids_P), n)
-        if not isinstance(adapters, list):
-            adapters = [adapters] * len(prompt_ids_P)
         versions = [None if a is None else (a.version if isinstance(a, AdapterRef) else int(a)) for a in adapters]
         req = _Request(list(prompt_ids_P), versions, list(seeds), n, sampling)
         self._submit(req)

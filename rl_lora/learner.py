@@ -22,76 +22,25 @@ Built for small adapters on small machines:
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from rl_lora import atomic, heads, prefix
 from rl_lora import lora as lora_mod
-from rl_lora import truncation
+from rl_lora.batching import adapter_runs, group_keys, pack_microbatches, route_segments, tokens_per_adapter
 from rl_lora.errors import ConfigError
-from rl_lora.loss import LossInputs, ppo_clip_loss, truncated_is_loss
+from rl_lora.logprobs import completion_logprobs
+from rl_lora.loss import LossFn, LossInputs, truncated_is_loss
+from rl_lora.rollout import TrainSample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LOGIT_CHUNK = 256  # completion tokens per logits chunk: 256 x 49k vocab x 4 B = 50 MB transient
+# Per adapter, the loss sums reduced over a step's micro-batches (and ranks), synced to the host once per step.
+_SUM_KEYS = ("is/ratio_sum", "is/limited_sum", "is/kl_sum")
 
 
-@dataclass
-class TrainSample:
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    sampler_logprobs: list[float]
-    advantage: float
-    adapter: int = 0  # which adapter of the run produced it (and is trained on it)
-
-
-def _chunk_token_logprobs(hidden_N: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          targets_N: torch.Tensor, head: heads.Head, inv_temperature: float, top_k: int = -1,
-                          top_p: float = 1.0) -> torch.Tensor:
-    logits_NV = heads.logits(hidden_N, weight, bias, head, inv_temperature)
-    if truncation.active(top_k, top_p):  # the sampler's top-k / top-p set (rl_lora/truncation.py)
-        logits_NV = logits_NV.masked_fill(truncation.dropped_mask(logits_NV, targets_N, top_k, top_p), float("-inf"))
-    return logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - logits_NV.logsumexp(-1)
-
-
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    """log softmax(l)[target] for a frozen output layer, l = softcap(s (h W^T + b)) / T, with d/dh computed in the
-    forward pass: d logp_t / d l = e_y - softmax(l) does not depend on the upstream gradient, so backward is one
-    multiply and the chunk's [tokens, vocab] logits die in forward (3 vocab-sized matmuls become 2). With
-    soft-capping c tanh(z / c), dl/dz = (1 - tanh^2(z / c)) / T, so the row is weighted by it before the product
-    with W: d logp / d h = s/T ((1 - tanh^2_y) W[y] - (softmax(l) (1 - tanh^2)) W)."""
-
-    @staticmethod
-    def forward(ctx, hidden_N, weight, bias, targets_N, head, inv_temperature, top_k=-1, top_p=1.0):
-        z_NV = torch.nn.functional.linear(hidden_N, weight, bias).float()
-        if head.scale != 1.0:
-            z_NV.mul_(head.scale)
-        slope_NV = None
-        if head.softcap:
-            z_NV = z_NV.div_(head.softcap).tanh_()
-            slope_NV = 1 - z_NV * z_NV  # d tanh(u)/du, u = z / c
-            z_NV.mul_(head.softcap)
-        logits_NV = z_NV.mul_(inv_temperature)
-        if truncation.active(top_k, top_p):  # dropped tokens get probability 0 in the softmax below
-            logits_NV.masked_fill_(truncation.dropped_mask(logits_NV, targets_N, top_k, top_p), float("-inf"))
-        lse_N = logits_NV.logsumexp(-1)
-        logp_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
-        probs_NV = logits_NV.sub_(lse_N[:, None]).exp_()  # in place: the logits are not needed any more
-        rows_Nd = weight[targets_N].float()
-        if slope_NV is not None:
-            rows_Nd = rows_Nd * slope_NV.gather(-1, targets_N[:, None])
-            probs_NV.mul_(slope_NV)
-        dlogp_dh = (rows_Nd - probs_NV.to(weight.dtype) @ weight) * (head.scale * inv_temperature)
-        ctx.save_for_backward(dlogp_dh.to(hidden_N.dtype))
-        return logp_N
-
-    @staticmethod
-    def backward(ctx, grad_N):
-        (dlogp_dh,) = ctx.saved_tensors
-        return grad_N[:, None].to(dlogp_dh.dtype) * dlogp_dh, None, None, None, None, None, None, None
+def _default_loss(inputs: LossInputs):
+    return truncated_is_loss(inputs, is_cap=2.0)
 
 
 class Learner:
@@ -101,11 +50,12 @@ class Learner:
                  temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int = 0,
                  full_finetune: bool = False, device: str | None = None,
                  activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None,
-                 share_prompts: bool = True, fuse_mlp: bool = True):
+                 share_prompts: bool = True, fuse_mlp: bool = True, loss: LossFn = _default_loss):
         """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`
         (each with its own AdamW and LR, all trained in one forward/backward per micro-batch). `share_prompts`:
         one prompt forward per group of completions of the same prompt; `fuse_mlp`: SwiGLU MLPs recompute their
-        [tokens, d_ff] intermediates in backward instead of storing them (both exact; off only to compare)."""
+        [tokens, d_ff] intermediates in backward instead of storing them (both exact; off only to compare). `loss`: the
+        step's loss function (loss.build_loss; truncated IS with cap 2 by default)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,6 +65,7 @@ class Learner:
         self.model.config.use_cache = False
         self.head = heads.head_of(self.model.config)
         self.model_path = model_path
+        self.loss = loss
         self.full_finetune = full_finetune
         self.grad_clip = grad_clip
         self.tokens_per_microbatch = tokens_per_microbatch
@@ -168,7 +119,6 @@ class Learner:
             if self.share_prompts:
                 prefix.allow_with_checkpointing(self.model)
             self.model.train()
-        self.skipped_steps = 0
 
     @property
     def num_adapters(self) -> int:
@@ -178,61 +128,14 @@ class Learner:
     # Per-token logprobs
 
     def _microbatches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
-        """Pack samples into micro-batches of at most `tokens_per_microbatch` padded tokens. With prompt sharing
-        the unit is a group (the samples of one adapter and prompt, split if it alone exceeds the budget), costed
-        as one padded prompt plus its padded completions plus each completion's gathered copy of the prompt's
-        keys/values (prefix.shared_cost); otherwise one sample, costed as padded prompt+completion."""
-        budget = self.tokens_per_microbatch
-        if self.share_prompts:
-            units, index = prefix.group_keys(samples)
-            members: list[list[TrainSample]] = [[] for _ in units]
-            for s, u in zip(samples, index):
-                members[u].append(s)
-            kv = self.kv_weight
-            pieces = []  # (prompt length, samples) costing <= budget as one micro-batch, or one sample
-            for group in members:
-                group.sort(key=lambda s: len(s.completion_ids), reverse=True)
-                p, piece = len(group[0].prompt_ids), []
-                for s in group:
-                    if piece and prefix.shared_cost(1, p, len(piece) + 1, len(piece[0].completion_ids), kv) > budget:
-                        pieces.append((p, piece))
-                        piece = []
-                    piece.append(s)
-                pieces.append((p, piece))
-            pieces.sort(key=lambda x: x[0] + len(x[1][0].completion_ids), reverse=True)
-            batches, current, n_prompts, n_samples, width_p, width_c = [], [], 0, 0, 0, 0
-            for p, piece in pieces:
-                wp, wc = max(width_p, p), max(width_c, len(piece[0].completion_ids))
-                if current and prefix.shared_cost(n_prompts + 1, wp, n_samples + len(piece), wc, kv) > budget:
-                    batches.append(current)
-                    current, n_prompts, n_samples, wp, wc = [], 0, 0, p, len(piece[0].completion_ids)
-                current += piece
-                n_prompts, n_samples, width_p, width_c = n_prompts + 1, n_samples + len(piece), wp, wc
-        else:
-            order = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.completion_ids), reverse=True)
-            batches, current, longest = [], [], 0
-            for s in order:
-                length = len(s.prompt_ids) + len(s.completion_ids)
-                if current and max(longest, length) * (len(current) + 1) > budget:
-                    batches.append(current)
-                    current, longest = [], 0
-                current.append(s)
-                longest = max(longest, length)
-        if current:
-            batches.append(current)
-        # Rows of one adapter contiguous (the LoRA layers apply each adapter to a slice of rows).
-        return [sorted(mb, key=lambda s: s.adapter) for mb in batches]
+        """Micro-batches of at most `tokens_per_microbatch` padded tokens (batching.pack_microbatches); with prompt
+        sharing, each completion's gathered copy of its prompt's keys/values is costed too."""
+        return pack_microbatches(samples, self.tokens_per_microbatch, self.kv_weight if self.share_prompts else None)
 
     def _route(self, adapters: list[int]) -> None:
         """Tell the LoRA layers which adapter each row of the next forward belongs to."""
-        if self.routing is None:
-            return
-        segments, start = [], 0
-        for k, rows in itertools.groupby(adapters):
-            n = len(list(rows))
-            segments.append((k, start, start + n))
-            start += n
-        self.routing.segments = segments
+        if self.routing is not None:
+            self.routing.segments = route_segments(adapters)
 
     def _hidden(self, samples: list[TrainSample]) -> torch.Tensor:
         """[N, d] final hidden states at the positions that predict each completion token, one forward per row."""
@@ -253,7 +156,7 @@ class Learner:
 
     def token_logprobs(self, samples: list[TrainSample]) -> torch.Tensor:
         """[N] log p_learner of every completion token of `samples`, concatenated in order."""
-        groups = prefix.group_keys(samples)
+        groups = group_keys(samples)
         try:
             if self.share_prompts and len(groups[0]) < len(samples):
                 hidden_N = prefix.shared_hidden(self.backbone, samples, groups, self.device, self._route)
@@ -263,19 +166,8 @@ class Learner:
             if self.routing is not None:
                 self.routing.segments = None
         targets_N = torch.tensor([t for s in samples for t in s.completion_ids], device=self.device)
-        output = self.model.get_output_embeddings()
-        weight, bias, head, inv_t = output.weight, output.bias, self.head, self.inv_temperature
-        out = []
-        for start in range(0, hidden_N.shape[0], _LOGIT_CHUNK):
-            h, t = hidden_N[start: start + _LOGIT_CHUNK], targets_N[start: start + _LOGIT_CHUNK]
-            if not torch.is_grad_enabled():
-                out.append(_chunk_token_logprobs(h, weight, bias, t, head, inv_t, *self.truncation))
-            elif not weight.requires_grad:
-                out.append(_FrozenHeadLogprobs.apply(h, weight, bias, t, head, inv_t, *self.truncation))
-            else:
-                out.append(checkpoint(_chunk_token_logprobs, h, weight, bias, t, head, inv_t, *self.truncation,
-                                      use_reentrant=False))
-        return torch.cat(out)
+        return completion_logprobs(hidden_N, targets_N, self.model.get_output_embeddings(), self.head,
+                                   self.inv_temperature, *self.truncation)
 
     @torch.no_grad()
     def score(self, samples: list[TrainSample]) -> list[list[float]]:
@@ -293,26 +185,25 @@ class Learner:
     # ------------------------------------------------------------------------------------------------------
     # One optimizer step
 
-    def backward(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0):
+    def backward(self, samples: list[TrainSample]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Forward/backward of the step's loss into every adapter's .grad (zeroed first), one pass per
-        micro-batch for all adapters. Returns (completion tokens per adapter, per-adapter loss/ratio sums)."""
+        micro-batch for all adapters. Returns (completion tokens per adapter, [K, 4] float64 sums of loss,
+        is/ratio_sum, is/limited_sum, is/kl_sum, [K] maximum ratio), the sums and maxima still on the device."""
         from rl_lora import distributed
 
         K = self.num_adapters
-        tokens_K = [0] * K
-        for s in samples:
-            tokens_K[s.adapter] += len(s.completion_ids)
+        tokens_K = tokens_per_adapter(samples, K)
         data_parallel = distributed.active()  # torchrun: `samples` is this rank's shard of the step
         if data_parallel:  # normalise by the whole step's tokens, so the summed gradients are the full-batch ones
             tokens_K = [int(t) for t in distributed.all_reduce_sum(tokens_K, self.device)]
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        sums_K = [{"is/ratio_sum": 0.0, "is/limited_sum": 0.0, "is/kl_sum": 0.0, "loss": 0.0, "ratio_max": 0.0}
-                  for _ in range(K)]
+        sums_K = torch.zeros(K, 1 + len(_SUM_KEYS), dtype=torch.float64, device=self.device)
+        ratio_max_K = torch.zeros(K, dtype=torch.float64, device=self.device)
         for mb in self._microbatches(samples):
             logp_T = self.token_logprobs(mb)
             loss, offset = 0.0, 0
-            for k, run in _runs(mb):
+            for k, run in adapter_runs(mb):
                 n = sum(len(s.completion_ids) for s in run)
                 inputs = LossInputs(
                     logp_learner_T=logp_T[offset: offset + n],
@@ -321,66 +212,62 @@ class Learner:
                     num_tokens=tokens_K[k],
                 )
                 offset += n
-                out = ppo_clip_loss(inputs, ppo_clip, is_cap) if ppo_clip > 0 else truncated_is_loss(inputs, is_cap)
+                out = self.loss(inputs)
                 loss = loss + out.loss
-                sums = sums_K[k]
-                sums["loss"] += out.loss.item()
-                for key in ("is/ratio_sum", "is/limited_sum", "is/kl_sum"):
-                    sums[key] += out.metrics[key]
-                sums["ratio_max"] = max(sums["ratio_max"], out.metrics["is/ratio_max"])
+                sums_K[k] += torch.stack([out.loss.detach().double(), *(out.metrics[key] for key in _SUM_KEYS)])
+                # fmax, like Python's max: a NaN ratio does not replace the running maximum
+                ratio_max_K[k] = torch.fmax(ratio_max_K[k], out.metrics["is/ratio_max"])
             loss.backward()
             self._grads_to_masters()  # per micro-batch: the step's gradient is summed in fp32
         if data_parallel:
             distributed.all_reduce_grads([p for ps in self.step_params for p in ps])
-            keys = ("is/ratio_sum", "is/limited_sum", "is/kl_sum", "loss")
-            flat = distributed.all_reduce_sum([sums[key] for sums in sums_K for key in keys], self.device)
-            maxima = torch.tensor([sums["ratio_max"] for sums in sums_K], device=self.device)
-            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
-            for k, sums in enumerate(sums_K):
-                sums.update(zip(keys, flat[k * len(keys):(k + 1) * len(keys)]), ratio_max=maxima[k].item())
-        return tokens_K, sums_K
+            torch.distributed.all_reduce(sums_K)
+            torch.distributed.all_reduce(ratio_max_K, op=torch.distributed.ReduceOp.MAX)
+        return tokens_K, sums_K, ratio_max_K
 
-    def train_step(self, samples: list[TrainSample], is_cap: float = 2.0, ppo_clip: float = 0.0) -> dict:
+    def train_step(self, samples: list[TrainSample]) -> tuple[dict, list[dict]]:
         """One AdamW step of every adapter on its own samples (one forward/backward per micro-batch for all).
 
         Each adapter's loss is normalised by its own completion tokens, clipped by its own gradient norm and
         skipped on its own if not finite: the result for adapter k is that of a single-adapter step on its
-        samples. With K > 1 the metrics carry `<name>/...` keys per adapter beside the totals."""
+        samples. The loss sums and gradient norms stay on the device until one transfer at the end of the step.
+        Returns the step's metrics over all adapters and each adapter's own (named at the logging boundary)."""
         K = self.num_adapters
-        tokens_K, sums_K = self.backward(samples, is_cap, ppo_clip)
-        per_K = []
+        tokens_K, sums_K, ratio_max_K = self.backward(samples)
+        clip = self.grad_clip if self.grad_clip > 0 else math.inf
+        zero = sums_K.new_zeros(())
+        norms_K = [torch.nn.utils.clip_grad_norm_(self.step_params[k], clip).double() if n else zero
+                   for k, n in enumerate(tokens_K)]
+        host = torch.cat([sums_K.flatten(), ratio_max_K, torch.stack(norms_K).to(sums_K.device)]).tolist()  # one sync
+        width = 1 + len(_SUM_KEYS)
+        per_K, raw_K = [], []
         for k in range(K):
-            sums, n = sums_K[k], tokens_K[k]
-            clip = self.grad_clip if self.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.step_params[k], clip).item() if n else 0.0
-            finite = math.isfinite(grad_norm) and math.isfinite(sums["loss"]) and math.isfinite(sums["is/ratio_sum"])
+            n = tokens_K[k]
+            loss, ratio_sum, limited_sum, kl_sum = host[k * width:(k + 1) * width]
+            ratio_max, grad_norm = host[K * width + k], host[K * width + K + k]
+            finite = math.isfinite(grad_norm) and math.isfinite(loss) and math.isfinite(ratio_sum)
             if n and finite:
                 self.optimizers[k].step()
                 self._masters_to_model()
             # else: this adapter and its optimizer state stay as they were
             self.optimizers[k].zero_grad(set_to_none=True)
+            raw_K.append((ratio_sum, limited_sum, kl_sum))
             per_K.append({
-                "loss/pg": sums["loss"], "loss/grad_norm": grad_norm, "loss/skipped": 0.0 if finite or not n else 1.0,
-                "is/ratio_mean": sums["is/ratio_sum"] / max(n, 1), "is/ratio_max": sums["ratio_max"],
-                "is/frac_limited": sums["is/limited_sum"] / max(n, 1),
-                "is/kl_sampler_learner": sums["is/kl_sum"] / max(n, 1), "learn/tokens": float(n)})
-        skipped = all(m["loss/skipped"] for m, n in zip(per_K, tokens_K) if n)
-        self.skipped_steps += skipped
-        if K == 1:
-            return per_K[0]
-        total = max(sum(tokens_K), 1)
-        out = {"loss/pg": sum(m["loss/pg"] for m in per_K),
-               "loss/grad_norm": max(m["loss/grad_norm"] for m in per_K),
-               # the step counts as skipped only if every adapter that had samples was skipped
-               "loss/skipped": float(skipped),
-               "is/ratio_mean": sum(s["is/ratio_sum"] for s in sums_K) / total,
-               "is/ratio_max": max(m["is/ratio_max"] for m in per_K),
-               "is/frac_limited": sum(s["is/limited_sum"] for s in sums_K) / total,
-               "is/kl_sampler_learner": sum(s["is/kl_sum"] for s in sums_K) / total,
-               "learn/tokens": float(sum(tokens_K))}
-        for spec, m in zip(self.specs, per_K):
-            out.update({f"{spec.name}/{key}": v for key, v in m.items()})
-        return out
+                "loss/pg": loss, "loss/grad_norm": grad_norm, "loss/skipped": 0.0 if finite or not n else 1.0,
+                "is/ratio_mean": ratio_sum / max(n, 1), "is/ratio_max": ratio_max,
+                "is/frac_limited": limited_sum / max(n, 1),
+                "is/kl_sampler_learner": kl_sum / max(n, 1), "learn/tokens": float(n)})
+        n_all = max(sum(tokens_K), 1)
+        total = {"loss/pg": sum(m["loss/pg"] for m in per_K),
+                 "loss/grad_norm": max(m["loss/grad_norm"] for m in per_K),
+                 # the step counts as skipped only if every adapter that had samples was skipped
+                 "loss/skipped": float(all(m["loss/skipped"] for m, n in zip(per_K, tokens_K) if n)),
+                 "is/ratio_mean": sum(r[0] for r in raw_K) / n_all,
+                 "is/ratio_max": max(m["is/ratio_max"] for m in per_K),
+                 "is/frac_limited": sum(r[1] for r in raw_K) / n_all,
+                 "is/kl_sampler_learner": sum(r[2] for r in raw_K) / n_all,
+                 "learn/tokens": float(sum(tokens_K))}
+        return total, per_K
 
     # ------------------------------------------------------------------------------------------------------
     # Adapter export / state
@@ -477,14 +364,3 @@ class Learner:
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.params)
-
-
-def _runs(mb: list[TrainSample]) -> list[tuple[int, list[TrainSample]]]:
-    """Consecutive samples of the same adapter: [(adapter, samples)] in order."""
-    out: list[tuple[int, list[TrainSample]]] = []
-    for s in mb:
-        if out and out[-1][0] == s.adapter:
-            out[-1][1].append(s)
-        else:
-            out.append((s.adapter, [s]))
-    return out

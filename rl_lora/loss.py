@@ -6,7 +6,10 @@ sequence's group-centred advantage. Token-level normalisation: the sum over ever
 step is divided by the step's total completion-token count (not per sequence), so long and short answers
 weigh each token equally (as in DAPO / Dr. GRPO).
 
-Two variants, each its own function:
+Each variant is its own pure function `LossInputs -> LossOutputs` (given its settings), registered in LOSSES with
+the condition under which the config selects it; `build_loss(cfg.loss)` picks one once, at setup, and the learner
+only ever calls the function it was given. A new loss is one function plus one `register` line.
+Two variants:
 - `truncated_is_loss` (default): value -sum min(rho, cap) * A; gradient min(rho, cap) * A * grad log p_learner
   (truncated importance sampling: bounded variance when the sampler and learner disagree).
 - `ppo_clip_loss`: -sum min(rho * A, clip(rho, 1-eps, 1+eps) * A) (PPO's pessimistic clipped surrogate), with
@@ -20,14 +23,17 @@ an extreme ratio gives a token weight of 0 (log rho < -104 underflows to rho = 0
 skipped by the learner). With is_cap = inf (no cap) rho is held at e^88, the float32 limit.
 
 Logged: mean/max rho, fraction truncated or clipped, and KL(sampler || learner) by the k3 estimator
-E_sampler[rho - 1 - log rho] (non-negative, unbiased), in float64. At the first step of an on-policy run rho
+E_sampler[rho - 1 - log rho] (non-negative, unbiased), in float64, as 0-d tensors (the learner sums them on the
+device and syncs to the host once per step). At the first step of an on-policy run rho
 must be ~1: a gap means a stale adapter or mismatched logprobs (e.g. raw vs temperature-scaled).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -47,17 +53,21 @@ class LossInputs:
 @dataclass
 class LossOutputs:
     loss: torch.Tensor  # scalar, this micro-batch's share of the step loss
-    metrics: dict  # sums over this micro-batch's tokens (divide by num_tokens for means), and maxima
+    # 0-d float64 tensors: sums over this micro-batch's tokens (divide by num_tokens for means), and the maximum
+    metrics: dict[str, torch.Tensor]
 
 
-def _ratio_stats(log_ratio_T: torch.Tensor, limited_T: torch.Tensor) -> dict:
+LossFn = Callable[[LossInputs], LossOutputs]
+
+
+def _ratio_stats(log_ratio_T: torch.Tensor, limited_T: torch.Tensor) -> dict[str, torch.Tensor]:
     lr = log_ratio_T.detach().double().clamp(-_LOG_STATS_MAX, _LOG_STATS_MAX)  # NaN stays NaN
     r = lr.exp()
     return {
-        "is/ratio_sum": r.sum().item(),
-        "is/ratio_max": r.max().item() if r.numel() else 0.0,
-        "is/limited_sum": limited_T.float().sum().item(),
-        "is/kl_sum": (r - 1 - lr).sum().item(),
+        "is/ratio_sum": r.sum(),
+        "is/ratio_max": r.max() if r.numel() else r.new_zeros(()),
+        "is/limited_sum": limited_T.double().sum(),
+        "is/kl_sum": (r - 1 - lr).sum(),
     }
 
 
@@ -96,3 +106,27 @@ def ppo_clip_loss(inp: LossInputs, eps: float, is_cap: float = math.inf) -> Loss
         clipped_T = clipped_T | dual_T
     loss = pg_loss_T.sum() / inp.num_tokens
     return LossOutputs(loss, _ratio_stats(log_ratio_T, clipped_T.detach()))
+
+
+# name -> (selected when, builder from the `loss:` config section). The first whose condition holds is chosen;
+# truncated IS, registered last, always holds (the default).
+LOSSES: dict[str, tuple[Callable[[object], bool], Callable[[object], LossFn]]] = {}
+
+
+def register(name: str, when: Callable[[object], bool], build: Callable[[object], LossFn]) -> None:
+    LOSSES[name] = (when, build)
+
+
+register("ppo_clip", lambda c: c.ppo_clip > 0,
+         lambda c: functools.partial(ppo_clip_loss, eps=c.ppo_clip, is_cap=c.is_cap))
+register("truncated_is", lambda c: True, lambda c: functools.partial(truncated_is_loss, is_cap=c.is_cap))
+
+
+def loss_name(loss_cfg) -> str:
+    """The registered loss the `loss:` section selects."""
+    return next(name for name, (when, _) in LOSSES.items() if when(loss_cfg))
+
+
+def build_loss(loss_cfg) -> LossFn:
+    """The step's loss function, chosen once from the `loss:` config section (a LossConfig)."""
+    return LOSSES[loss_name(loss_cfg)][1](loss_cfg)

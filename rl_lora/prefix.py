@@ -81,12 +81,6 @@ def kv_copy_weight(config) -> float:
     return 2 * max(kv_dim, heads * head_dim) / (7 * d + 2 * kv_dim + 2 * d_ff)
 
 
-def shared_cost(n_prompts: int, prompt_width: int, n_samples: int, completion_width: int, kv_weight: float) -> float:
-    """Budget cost of a shared-prompt micro-batch: its padded prompts and completions through the model, plus each
-    completion's gathered copy of its prompt's keys/values."""
-    return n_prompts * prompt_width + n_samples * (completion_width + kv_weight * prompt_width)
-
-
 def allow_with_checkpointing(model) -> None:
     """HF drops the cache under activation checkpointing (a recomputed layer would append twice to a normal cache);
     ours is recompute-safe (see the module doc), so let the decoder layers keep it."""
@@ -95,16 +89,9 @@ def allow_with_checkpointing(model) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def group_keys(samples) -> tuple[list, list[int]]:
-    """Distinct (adapter, prompt) pairs in order of first appearance, and each sample's position among them."""
-    units: dict[tuple, int] = {}
-    index = [units.setdefault((s.adapter, tuple(s.prompt_ids)), len(units)) for s in samples]
-    return list(units), index
-
-
 def shared_hidden(backbone, samples, groups, device, set_routing) -> torch.Tensor:
     """[N, d] last hidden states at the positions that predict each completion token of `samples` (in order):
-    the prompt's last position, then completion positions 0 .. len-2. `groups` is `group_keys(samples)`;
+    the prompt's last position, then completion positions 0 .. len-2. `groups` is `batching.group_keys(samples)`;
     `set_routing(adapters)` tells the LoRA layers which adapter each row of the next forward belongs to."""
     units, index = groups
     num_layers = backbone.config.num_hidden_layers

@@ -1,4 +1,4 @@
-"""Shared rollout types: what the sampler returns and the learner consumes."""
+"""Shared rollout types: what the sampler returns (Completion, Group) and the learner consumes (TrainSample)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,14 @@ class Group:
     failed_G: list[bool] = field(default_factory=list)  # its reward call failed or timed out: no real score
     advantages_G: list[float | None] = field(default_factory=list)  # None: left out of the loss (failed reward)
     adapter: int = 0  # index of the run's adapter that sampled it (K > 1: sweeps, tenants)
+
+
+@dataclass
+class TrainSample:
+    """One completion as the learner sees it: its prompt, its tokens with the sampler's logprobs, its advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampler_logprobs: list[float]
+    advantage: float
+    adapter: int = 0  # which adapter of the run produced it (and is trained on it)

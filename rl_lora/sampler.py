@@ -199,18 +199,18 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------------
     # Generation
 
-    def generate(self, prompt_ids_P: list[list[int]], *, n: int, adapters: list[AdapterRef | None] | AdapterRef | None,
+    def generate(self, prompt_ids_P: list[list[int]], *, n: int, adapters: list[AdapterRef | None],
                  seed: int, temperature: float, max_tokens: int, top_p: float = 1.0, top_k: int = -1,
                  use_tqdm: bool = False, seeds: list[int] | None = None) -> list[list[Completion]]:
-        """For each prompt, `n` completions with the sampled tokens' logprobs. `adapters` is one ref for all
-        prompts or one per prompt (multi-LoRA batching: prompts under different adapters share a call).
+        """For each prompt, `n` completions with the sampled tokens' logprobs. `adapters`: one ref (None = the
+        base) per prompt (multi-LoRA batching: prompts under different adapters share a call).
         Request seeds are seed + i*n for prompt i, or `seeds` (one per prompt, spaced >= n apart)."""
         if seeds is None:
             seeds = request_seeds(seed, len(prompt_ids_P), n)
         if len(seeds) != len(prompt_ids_P):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids_P)} prompts")
-        if not isinstance(adapters, list):
-            adapters = [adapters] * len(prompt_ids_P)
+        if len(adapters) != len(prompt_ids_P):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompt_ids_P)} prompts")
         for ids in prompt_ids_P:
             if len(ids) + max_tokens > self.max_model_len:
                 raise ConfigError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the engine's "

@@ -20,9 +20,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-from tqdm import tqdm
-
 from rl_lora import faults
 from rl_lora.config import Config, adapter_specs, resident_loras
 from rl_lora.errors import RunError
@@ -76,15 +73,22 @@ def push_check_tol(cfg: Config) -> float:
     return 1e-3 if cfg.model.dtype == "float32" else 0.1
 
 
-def lora_id(version: int, K: int, k: int) -> int:
-    """Adapter k of run version `version`: a LoRA id unique per engine, (version-1)*K + k + 1."""
-    return (version - 1) * K + k + 1
+@dataclass
+class PushResult:
+    """What one push measured: the probe gaps (push/probe_gap, and push/probe_gap_prev where the previous version is
+    known) and its time: waiting for queued generations, loading the new version, and the probe check after it."""
 
+    probe: dict[str, float]
+    wait_s: float
+    load_s: float
+    check_s: float
 
-def version_of(adapter_id: int, K: int, submitted: int) -> int:
-    """The run version of a completion, from the LoRA id it was sampled under (the inverse of `lora_id`). Full FT
-    serves no adapter (id 0), so its version is the one live when the request was submitted."""
-    return (adapter_id - 1) // K + 1 if adapter_id else submitted
+    @property
+    def gap(self) -> float:
+        return self.probe["push/probe_gap"]
+
+    def metrics(self) -> dict[str, float]:
+        return {"time/push": self.load_s, "time/push_check": self.check_s, "time/push_wait": self.wait_s, **self.probe}
 
 
 @dataclass
@@ -99,75 +103,38 @@ class Submitted:
 
 
 class Run:
-    """One training run: the fleet and learner, the live adapter versions, and the requests in flight."""
+    """The sampler side of one training run: the live adapter versions in the fleet, the push and its check, and
+    the requests in flight. `policy` (rl_lora/policy.py) says how a version is pushed."""
 
-    def __init__(self, cfg: Config, model_path: str, quiet: bool):
-        self.cfg, self.model_path, self.quiet = cfg, model_path, quiet
-        self.fleet = None
-        self.learner = None
+    def __init__(self, cfg: Config, fleet, learner, policy, probe_ids: list[int]):
+        self.cfg, self.fleet, self.learner, self.policy, self.probe_ids = cfg, fleet, learner, policy, probe_ids
         self.version = 0
         self.refs: list[AdapterRef | None] = []  # the live version of each adapter, in adapter order
-        # copies of each adapter's tensors as pushed: the live version and the one before it (for the guard)
-        self.pushed_K: list[dict] | None = None
-        self.previous_K: list[dict] | None = None
-        self.probe_ids: list[int] = []
-        self.probe: dict[str, float] = {}  # what the last push check measured (push/... metrics)
-        # the last push: waiting for queued generations, loading the adapters, and the probe check after it
-        self.wait_s = self.push_s = self.check_s = 0.0
         self.in_flight: dict[int, Submitted] = {}
-
-    def say(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(text)
 
     # -- pushing, with the stale-adapter guard ---------------------------------------------------------------
 
-    def push(self, step: int) -> float:
-        """Load every adapter of the learner into the fleet as a new version, evicting each one's previous version;
-        check them. Returns the worst probe gap."""
-        from rl_lora import lora as lora_mod
-
+    def push(self, step: int) -> PushResult:
+        """Load the learner's policy into the fleet as a new version (evicting each adapter's previous version)
+        and check it."""
         t_wait = time.perf_counter()
         self.fleet.drain()  # async: generations queued under the old version finish first (they hold the engine)
         self.version += 1
-        K = self.learner.num_adapters
-        stale = faults.fire("stale_push", step)
         t0 = time.perf_counter()
-        self.wait_s = t0 - t_wait
-        if self.learner.full_finetune:  # the engine's base weights ARE the policy: overwrite them in place
-            if not stale:  # (the stale fault: the engine keeps the previous weights)
-                self.fleet.load_weights({n: p.detach() for n, p in self.learner.model.named_parameters()})
-            refs = [None]
-        else:
-            pushed_K = [{n: t.clone() for n, t in lora_mod.peft_state_dict(views).items()}
-                        for views in self.learner.adapter_sets]
-            refs = []
-            for k in range(K):
-                tensors = pushed_K[k]
-                if stale:  # the engine gets the previous version again (zeros where there is none: the base)
-                    tensors = self.pushed_K[k] if self.pushed_K else {n: torch.zeros_like(v)
-                                                                      for n, v in tensors.items()}
-                refs.append(self.fleet.push_adapter(lora_id(self.version, K, k), k, tensors,
-                                                    self.learner.peft_config(k)))
-                if len(self.refs) > k:
-                    self.fleet.evict(self.refs[k].version)
-            self.previous_K, self.pushed_K = self.pushed_K, pushed_K
-        self.refs = refs
+        self.refs = self.policy.push(self.fleet, self.version, self.refs, stale=faults.fire("stale_push", step))
         t1 = time.perf_counter()
-        gap = self.check_push(step)
-        self.push_s, self.check_s = t1 - t0, time.perf_counter() - t1
-        return gap
+        probe = self.check_push(step)
+        return PushResult(probe, wait_s=t0 - t_wait, load_s=t1 - t0, check_s=time.perf_counter() - t1)
 
-    def check_push(self, step: int) -> float:
+    def check_push(self, step: int) -> dict[str, float]:
         """Every engine samples the probe under every live adapter (one request per engine); the learner scores
         those tokens under the new version and, where it is known, the previous one. Raises RunError if an engine
         is off the new version by more than the tolerance, or is serving the previous one. Returns the worst gap
-        to the new version; `self.probe` gets the metrics."""
+        to the new version (push/probe_gap) and the closest to the previous one (push/probe_gap_prev)."""
         tol = push_check_tol(self.cfg)
-        self.probe = {"push/probe_gap": 0.0}
         if tol == 0 or not self.probe_ids:
-            return 0.0
-        from rl_lora.learner import TrainSample
+            return {"push/probe_gap": 0.0}
+        from rl_lora.rollout import TrainSample
 
         K, N, cfg = len(self.refs), self.fleet.num_engines, self.cfg
         # adapter-major, engine-minor: prompt k*N + e is served by engine e
@@ -179,9 +146,9 @@ class Run:
                   for j, g in enumerate(groups)]
         flat = [s for p in probes for s in p]
         if not flat:
-            return 0.0
+            return {"push/probe_gap": 0.0}
         new = self.learner.score(flat)
-        prev = self._score_under(self.previous_K, flat) if self.previous_K and not self.learner.full_finetune else None
+        prev = self.policy.score_previous(flat)
 
         def gap(scored, samples):
             return (sum(abs(a - b) for s, lp in zip(samples, scored) for a, b in zip(s.sampler_logprobs, lp))
@@ -210,25 +177,10 @@ class Run:
                                f"train.push_check_tol) for version {self.version}{where}: the sampler is serving a "
                                "stale or wrong adapter, and training on it would be off-policy without knowing it")
             worst, closest_prev = max(worst, gap_new), min(closest_prev, gap_prev)
-        self.probe = {"push/probe_gap": worst}
+        probe = {"push/probe_gap": worst}
         if prev is not None:
-            self.probe["push/probe_gap_prev"] = closest_prev
-        return worst
-
-    def _score_under(self, tensors_K: list[dict], samples: list) -> list[list[float]]:
-        """The learner's logprobs of `samples` with its adapters set to `tensors_K` (PEFT names), then set back to
-        the live version (bit-exact copies of what was pushed)."""
-        from rl_lora.lora import copy_peft_tensors
-
-        def load(tensors_by_adapter):
-            for views, tensors in zip(self.learner.adapter_sets, tensors_by_adapter):
-                copy_peft_tensors(views, tensors)
-
-        load(tensors_K)
-        try:
-            return self.learner.score(samples)
-        finally:
-            load(self.pushed_K)
+            probe["push/probe_gap_prev"] = closest_prev
+        return probe
 
     # -- sampling: requests submitted ahead (async) or just in time (sync) ------------------------------------
 
@@ -240,9 +192,8 @@ class Run:
         P, n = len(prompts_KP[0]), cfg.sampler.samples_per_prompt
         seed = step_seed(cfg.train.seed, step)
         refs = self.refs
-        if faults.fire("stale_request", step) and self.previous_K:  # a pipeline bug: the previous version, reloaded
-            refs = [self.fleet.push_adapter(lora_id(self.version - 1, K, k), k, self.previous_K[k],
-                                            self.learner.peft_config(k)) for k in range(K)]
+        if faults.fire("stale_request", step):  # a pipeline bug: the previous version, reloaded
+            refs = self.policy.push_previous(self.fleet, self.version) or refs
         if faults.fire("sampler_crash", step):
             self.fleet.kill_one()  # for real; async: just before this request runs
         request = self.fleet.submit([p for prompts_P in prompts_KP for p in prompts_P], n=n,

@@ -1,5 +1,10 @@
 """The rank-1 GRPO loop: sample -> score -> advantages -> learn -> push; synchronous and on-policy by default.
 
+`train` is the algorithm only; `Session` owns setup and teardown (checks, resources, the resume point); the
+stages' pure helpers are in rl_lora/loop.py, what is trained (adapters or the full model) in rl_lora/policy.py,
+the loss in rl_lora/loss.py (chosen once from the config), the learner's packing and sharding in
+rl_lora/batching.py.
+
 Algorithmic choices (and where they come from):
 - Groups: each step draws `prompts_per_step` problems and samples `samples_per_prompt` (G) completions of
   each from the vLLM sampler under the live adapter version, at the configured temperature.
@@ -60,16 +65,19 @@ import torch
 from tqdm import tqdm
 
 from rl_lora import atomic, checkpoint, faults, rundir
-from rl_lora.advantages import valid_group_advantages
 from rl_lora.checks import check_model, check_rewards
 from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.learner import Learner
+from rl_lora.loop import (Streak, assemble_groups, assign_advantages, check_learned, check_scored, check_staleness,
+                          is_due, loaded_position, make_samples, saved_position, score_completions, staleness,
+                          step_metrics, with_names)
+from rl_lora.loss import build_loss
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
 from rl_lora.plan import check_fits
-from rl_lora.rollout import Group
-from rl_lora.sync import Run, RunError, build_fleet, uses_ray, version_of
+from rl_lora.policy import policy_of
+from rl_lora.sync import Run, build_fleet, uses_ray
 
 
 def preflight(cfg: Config, resume: bool, overwrite: bool = False) -> Path:
@@ -164,40 +172,27 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     return cfg, notes
 
 
-def final_table(run, names: list[str], dirs: list[Path], refs: list, problems, scorer, cfg: Config, out_dir: Path,
-                step: int, data) -> dict:
-    """Base model and the trained adapter(s) side by side on the held-out set, written to `out_dir`.
-
-    Adapters: ONE generate call of the running engine (multi-LoRA batching; the base rows run without an
-    adapter). Full fine-tuning: the engine holds the trained weights, so the trained model is evaluated first,
-    then the original weights are loaded back for the base row (two calls, the same request seeds: still
-    paired). `dirs` are the trained weights' directories, one per name; results go to `out_dir`."""
+def final_table(session, k_: list[int], task, out_dir: Path) -> dict:
+    """Base model and the trained models of `task` (adapter indices `k_`) side by side on its held-out set,
+    written to `out_dir`. The policy says how (adapters: one multi-LoRA generate call; full fine-tuning: the
+    trained weights, then the original ones reloaded, with the same request seeds)."""
     from rl_lora.evaldata import EvalSet
-    from rl_lora.eval.metrics import paired_delta
     from rl_lora.eval.reports import format_table, write_results
     from rl_lora.eval.runner import LIVE_EVAL_SEED, evaluate_models
 
+    cfg, run, policy, data = session.cfg, session.run, session.policy, task.data
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
-    evalset = EvalSet("held-out", problems, f"{data.source} (held-out, disjoint from training)")
-    kw = dict(k=k, temperature=temperature, max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p,
-              seed=LIVE_EVAL_SEED)
-    labels = [f"{name}@{step}" for name in names]
+    evalset = EvalSet("held-out", task.held_out, f"{data.source} (held-out, disjoint from training)")
+    labels = [f"{policy.names[j]}@{cfg.train.steps}" for j in k_]
+    dirs = [session.run_dir / policy.weight_dirs[j] for j in k_]
     t0 = time.perf_counter()
-    if run.learner.full_finetune:
-        from safetensors.torch import load_file
 
-        trained, trained_samples = evaluate_models(run.fleet, [(labels[0], None)], [evalset], data, scorer, **kw)
-        original = {}
-        for f in sorted(Path(run.model_path).glob("*.safetensors")):
-            original.update(load_file(str(f)))
-        run.fleet.load_weights(original)
-        rows, sample_rows = evaluate_models(run.fleet, [("base", None)], [evalset], data, scorer, **kw)
-        rows, sample_rows = rows + trained, sample_rows + trained_samples
-        delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
-        rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
-    else:
-        models = [("base", None)] + list(zip(labels, refs))
-        rows, sample_rows = evaluate_models(run.fleet, models, [evalset], data, scorer, **kw)
+    def evaluate(models):
+        return evaluate_models(run.fleet, models, [evalset], data, session.eval_scorer, k=k, temperature=temperature,
+                               max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED)
+
+    rows, sample_rows = policy.final_rows(run.fleet, session.model_path, labels, [run.refs[j] for j in k_],
+                                          evaluate, k)
     payload = {"config": {"model": cfg.model.path, "k": k, "temperature": temperature, "top_p": cfg.sampler.top_p,
                           "max_tokens": cfg.sampler.max_tokens, "seed": LIVE_EVAL_SEED,
                           "adapters": {label: str(d) for label, d in zip(labels, dirs)}},
@@ -208,74 +203,21 @@ def final_table(run, names: list[str], dirs: list[Path], refs: list, problems, s
     return {"rows": rows, "table": format_table(rows), "dir": str(out_dir)}
 
 
-def evaluate_all(run, specs: list[AdapterSpec], tasks: list, scorer, cfg: Config) -> dict:
+def evaluate_all(run, tasks: list, K: int, scorer, cfg: Config) -> list[dict]:
     """Held-out metrics of every live adapter on its dataset's held-out set (avg@k with its 95% interval, pass@j,
     maj@k) through the running sampler, one generate call per dataset, with fixed request seeds so that
-    evaluations along a run are paired. Keys `eval/...` (K = 1) or `<name>/eval/...`."""
+    evaluations along a run are paired. One dict of `eval/...` per adapter ({} where its dataset has none)."""
     from rl_lora.eval.runner import eval_live
 
-    out = {}
+    out_K = [{} for _ in range(K)]
     for t in tasks:
-        if not t.held_out:
-            continue
-        outs = eval_live(run.fleet, [run.refs[k] for k in t.adapters], t.eval_prompts, t.held_out, scorer,
-                         k=cfg.train.eval_samples, temperature=cfg.sampler.temperature,
-                         max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
-        if len(specs) == 1:
-            return outs[0]
-        out.update({f"{specs[k].name}/{key}": v for k, res in zip(t.adapters, outs) for key, v in res.items()})
-    return out
-
-
-@dataclasses.dataclass
-class Scored:
-    rewards: list[float]  # weighted sum per completion
-    correct: list[float]  # math_answer per completion where it is among the rewards, else the reward
-    timeouts: int
-    errors: int
-    calls: int  # reward calls made (completions x rewards)
-    failed: list[bool] = dataclasses.field(default_factory=list)  # per completion: no real score (a call failed)
-    metrics: dict = dataclasses.field(default_factory=dict)  # per reward: reward/<name>/{mean,std_in_group,...}
-
-
-def score_completions(scorers_K: list, flat: list, problems_K: list, names_K: list | None = None) -> Scored:
-    """Score the step's completions (adapter-major, as sampled): adapter k's with its own reward runner, against
-    its own dataset's problems. Each group's completions are passed as one group (group rewards, metrics); with
-    several adapters the per-reward metrics are prefixed with the adapter's name."""
-    out = Scored([], [], 0, 0, 0)
-    per = len(flat) // len(scorers_K)
-    for k, (scorer, problems) in enumerate(zip(scorers_K, problems_K)):
-        mine = flat[k * per:(k + 1) * per]
-        res = scorer.score([g.prompt for g, _ in mine], [c.text for _, c in mine],
-                           [{"answer": problems[g.problem_index].answer, **problems[g.problem_index].fields}
-                            for g, _ in mine], group_ids=[id(g) for g, _ in mine])
-        prefix = f"{names_K[k]}/" if names_K and len(scorers_K) > 1 else ""
-        out.metrics.update({prefix + key: v for key, v in getattr(res, "metrics", {}).items()})
-        out.rewards += res.rewards
-        out.correct += res.per_reward.get("math_answer", res.rewards)
-        out.timeouts, out.errors = out.timeouts + res.timeouts, out.errors + res.errors
-        out.calls += len(mine) * len(scorer.specs)
-        out.failed += res.failed
-    return out
-
-
-def make_samples(groups: list[Group]) -> list[TrainSample]:
-    return [TrainSample(g.prompt_ids, c.token_ids, c.logprobs, a, g.adapter)
-            for g in groups for c, a in zip(g.completions, g.advantages_G) if c.token_ids and a is not None]
-
-
-def assign_advantages(groups: list[Group], scale_by_std: bool) -> tuple[list[Group], int]:
-    """Set each group's advantages over its scored completions (None for those whose reward failed); return the
-    groups that carry signal and the number dropped because fewer than 2 of their completions were scored."""
-    kept, dropped_for_failure = [], 0
-    for g in groups:
-        valid_G = torch.tensor([not f for f in g.failed_G], dtype=torch.bool)
-        advantages_G = valid_group_advantages(torch.tensor(g.rewards_G), valid_G, scale_by_std)
-        dropped_for_failure += int(valid_G.sum()) < 2
-        if advantages_G is not None:
-            g.advantages_G = [None if f else a for a, f in zip(advantages_G.tolist(), g.failed_G)]
-            kept.append(g)
-    return kept, dropped_for_failure
+        if t.held_out:
+            outs = eval_live(run.fleet, [run.refs[k] for k in t.adapters], t.eval_prompts, t.held_out, scorer,
+                             k=cfg.train.eval_samples, temperature=cfg.sampler.temperature,
+                             max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
+            for k, res in zip(t.adapters, outs):
+                out_K[k] = res
+    return out_K
 
 
 def make_learner(cfg: Config, model_path: str) -> Learner:
@@ -285,7 +227,7 @@ def make_learner(cfg: Config, model_path: str) -> Learner:
                    tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
                    top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
                    activation_checkpointing=cfg.optim.activation_checkpointing,
-                   share_prompts=cfg.optim.share_prompts)
+                   share_prompts=cfg.optim.share_prompts, loss=build_loss(cfg.loss))
 
 
 def follow(cfg: Config, resume: bool) -> dict:
@@ -298,7 +240,7 @@ def follow(cfg: Config, resume: bool) -> dict:
     learner = make_learner(cfg, model_path)
     start = checkpoint.latest(Path(cfg.train.output_dir)) if resume else None
     if start:
-        checkpoint.load(start, learner)
+        checkpoint.load(start, policy_of(learner))
     distributed.broadcast_parameters(learner.params)
     return {"follower_steps": distributed.follow(learner)}
 
@@ -315,6 +257,8 @@ class Task:
     train_prompts: list = None
     eval_prompts: list = None
     stream: PromptStream = None
+    prefix: str = ""  # "<name>/" before its metrics and table, "" when it is the run's only dataset
+    eval_dir: str = "eval"  # where its final table goes in the run folder
 
 
 def load_tasks(cfg: Config, specs: list[AdapterSpec]) -> tuple[list[Task], list[int]]:
@@ -329,211 +273,222 @@ def load_tasks(cfg: Config, specs: list[AdapterSpec]) -> tuple[list[Task], list[
             tasks.append(Task(name, spec.data, [], *load_problems(spec.data)))
         task_of.append(keys.index(key))
         tasks[task_of[-1]].adapters.append(k)
+    if len(tasks) > 1:
+        for t in tasks:
+            t.prefix, t.eval_dir = f"{t.name}/", f"eval/{t.name}"
     return tasks, task_of
 
 
-def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
-    from reward import RewardRunner
-    from rl_lora import distributed
+class Session:
+    """Setup and teardown of a run on rank 0, in one place: every check that needs no model (in __init__), then
+    the resources (reward runners, sampler fleet, learner and its policy, the data-parallel leader, the logger)
+    and the resume point (in __enter__); __exit__ closes what was opened. The loop (`train`) calls its stages."""
 
-    rank, world = distributed.init()
-    if rank > 0:
-        return follow(cfg, resume)
-    run_dir = preflight(cfg, resume, overwrite)
-    specs = adapter_specs(cfg)
-    tasks, task_of = load_tasks(cfg, specs)  # data errors before any model loads
-    model_path = resolve_model_path(cfg.model.path)
-    check_model(cfg, model_path)  # output layer, target_modules, sampler settings: before any model loads
-    for t in tasks:
-        t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
-    cfg, notes = apply_science(cfg, model_path)
-    if torch.cuda.is_available():  # the GPU memory plan (`rl-lora plan`): refuse what cannot fit, before any model
-        notes.append(check_fits(cfg, model_path).summary())
-    for line in notes:
-        print(line) if not quiet or "WARNING" in line else None
-    start = checkpoint.latest(run_dir) if resume else None
-    if resume and start is None:
-        print(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from step 0")
-    for line in rundir.check_resume(cfg, start, len(tasks)) if start else []:
-        print(line)
-    moved = rundir.move_aside(run_dir) if overwrite else None  # every check without a model has passed
-    if moved:
-        print(f"--overwrite: the earlier run's files in {run_dir} were moved to {moved}")
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    if world > 1:
-        distributed.barrier()
+    def __init__(self, cfg: Config, resume: bool, quiet: bool, overwrite: bool):
+        self.quiet = quiet
+        self.run_dir = run_dir = preflight(cfg, resume, overwrite)
+        self.specs = adapter_specs(cfg)
+        self.K = len(self.specs)
+        self.names_K = [s.name for s in self.specs]
+        self.tasks, self.task_of = load_tasks(cfg, self.specs)  # data errors before any model loads
+        self.model_path = model_path = resolve_model_path(cfg.model.path)
+        check_model(cfg, model_path)  # output layer, target_modules, sampler settings: before any model loads
+        for t in self.tasks:
+            t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
+        cfg, notes = apply_science(cfg, model_path)
+        self.cfg = cfg
+        if torch.cuda.is_available():  # the GPU memory plan (`rl-lora plan`): refuse what cannot fit, before any model
+            notes.append(check_fits(cfg, model_path).summary())
+        for line in notes:
+            print(line) if not quiet or "WARNING" in line else None
+        self.start = checkpoint.latest(run_dir) if resume else None
+        if resume and self.start is None:
+            print(f"--resume: no complete checkpoint in {run_dir}/checkpoints, starting from step 0")
+        for line in rundir.check_resume(cfg, self.start, len(self.tasks)) if self.start else []:
+            print(line)
+        moved = rundir.move_aside(run_dir) if overwrite else None  # every check without a model has passed
+        if moved:
+            print(f"--overwrite: the earlier run's files in {run_dir} were moved to {moved}")
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self.problems_K = [self.tasks[d].train for d in self.task_of]
+        self.runners, self.fleet, self.leader, self.run = {}, None, None, None
 
-    run = Run(cfg, model_path, quiet)
-    runners: dict[str, RewardRunner] = {}  # one per distinct reward list; adapters with the same list share it
-    leader = None
-    try:
-        for spec in specs:
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text)
+
+    def __enter__(self) -> "Session":
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        from reward import RewardRunner
+        from rl_lora import distributed
+
+        cfg, tasks = self.cfg, self.tasks
+        if distributed.world()[1] > 1:
+            distributed.barrier()
+        for spec in self.specs:  # one runner per distinct reward list; adapters with the same list share it
             key = json.dumps(spec.rewards, sort_keys=True)
-            if key not in runners:
-                runners[key] = RewardRunner(spec.rewards, timeout_s=cfg.reward.timeout_s,
-                                            num_workers=cfg.reward.num_workers)
-        scorers_K = [runners[json.dumps(spec.rewards, sort_keys=True)] for spec in specs]
-        runners["eval"] = eval_scorer = RewardRunner([{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s,
-                                                     num_workers=min(cfg.reward.num_workers, 1))
-        run.fleet = build_fleet(cfg, model_path, say=run.say)
-        run.probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
-        run.learner = learner = make_learner(cfg, model_path)
-        check_disk(run_dir, learner)
+            if key not in self.runners:
+                self.runners[key] = RewardRunner(spec.rewards, timeout_s=cfg.reward.timeout_s,
+                                                 num_workers=cfg.reward.num_workers)
+        self.scorers_K = [self.runners[json.dumps(spec.rewards, sort_keys=True)] for spec in self.specs]
+        self.runners["eval"] = self.eval_scorer = RewardRunner(
+            [{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s, num_workers=min(cfg.reward.num_workers, 1))
+        self.fleet = build_fleet(cfg, self.model_path, say=self.say)
+        self.learner = learner = make_learner(cfg, self.model_path)
+        self.policy = policy_of(learner)  # adapters or the full model: chosen once, here
+        check_disk(self.run_dir, learner)
         fresh = {"step": 0, "data_position": [0] * len(tasks), "version": 0, "run_id": checkpoint.new_run_id()}
-        state = checkpoint.load(start, learner) if start else fresh
-        ckpt_state = {"run_id": state.get("run_id", ""), "signature": rundir.run_signature(cfg)}
-        if world > 1:
+        state = checkpoint.load(self.start, self.policy) if self.start else fresh
+        self.ckpt_state = {"run_id": state.get("run_id", ""), "signature": rundir.run_signature(cfg)}
+        self.learn_step = learner.train_step
+        if distributed.world()[1] > 1:  # torchrun: rank 0 shares every step out to the other learner ranks
             distributed.broadcast_parameters(learner.params)
-            leader = distributed.Leader(learner)
-        step, run.version = state["step"], state["version"]
-        positions = state["data_position"] if isinstance(state["data_position"], list) else [state["data_position"]]
-        for d, (t, position) in enumerate(zip(tasks, positions)):
+            self.leader = distributed.Leader(learner)
+            self.learn_step = self.leader.train_step
+        self.first_step = state["step"]
+        for d, (t, position) in enumerate(zip(tasks, loaded_position(state["data_position"]))):
             t.stream = PromptStream(len(t.train), cfg.train.seed + d, position)
-        logger = MetricsLogger(run_dir, cfg.train.wandb_project, to_dict(cfg), resume_step=step if start else None)
-        run.push(step)
-        summary = {"trainable_parameters": learner.num_trainable(), "adapters": [s.name for s in specs]}
-        if start is None and cfg.train.eval_every and any(t.held_out for t in tasks):  # step 0 of the eval curve
-            before = evaluate_all(run, specs, tasks, eval_scorer, cfg)
-            logger.log(0, before)
-            summary["eval_before"] = before
-        bar = tqdm(range(step, cfg.train.steps), initial=step, total=cfg.train.steps, desc="train",
-                   disable=quiet, dynamic_ncols=True)
-        skipped_streak = failed_streak = 0
-        for step in bar:
-            step_num = step + 1
-            t0 = time.perf_counter()
-            # 1. sample G completions per prompt under the live adapter (async: submitted up to max_staleness
-            #    steps ahead, under the version live then)
-            for ahead in range(step_num, min(step_num + cfg.train.max_staleness, cfg.train.steps) + 1):
-                if ahead not in run.in_flight:
-                    idx_D = [t.stream.next(cfg.train.prompts_per_step) for t in tasks]
-                    run.submit(ahead, idx_D, [[tasks[d].train_prompts[i] for i in idx_D[d]] for d in task_of],
-                               [t.stream.position for t in tasks])
-            sub, completions = run.collect(step_num)
-            P = cfg.train.prompts_per_step
-            groups = []
-            for j, c in enumerate(completions):  # adapter-major: adapter k's P prompts, then k+1's
-                t, i = tasks[task_of[j // P]], sub.idx_D[task_of[j // P]][j % P]
-                groups.append(Group(i, t.train[i].question, t.train_prompts[i], c, adapter=j // P))
-            staleness = run.version - min(version_of(c.adapter_version, len(specs), sub.version)
-                                          for g in groups for c in g.completions)
-            if staleness > cfg.train.max_staleness:
-                raise RunError(f"step {step_num} was sampled {staleness} versions behind the learner "
-                               f"(train.max_staleness={cfg.train.max_staleness}): a bug in the request pipeline")
-            t1 = time.perf_counter()
-            # 2. score every completion (wall-clock limited; a failed or timed-out call is counted, and its
-            #    completion has no score)
-            flat = [(g, c) for g in groups for c in g.completions]
-            result = score_completions(scorers_K, flat, [tasks[d].train for d in task_of], [s.name for s in specs])
-            G = cfg.sampler.samples_per_prompt
-            for j, g in enumerate(groups):
-                g.rewards_G = result.rewards[j * G:(j + 1) * G]
-                g.failed_G = result.failed[j * G:(j + 1) * G]
-            every_call = result.timeouts + result.errors >= result.calls
-            failed_streak = failed_streak + 1 if every_call or all(result.failed) else 0
-            if cfg.reward.max_failed_steps and failed_streak >= cfg.reward.max_failed_steps:
-                what = "every reward call failed or timed out" if every_call else \
-                    "every completion had a failed or timed-out reward call"
-                raise RunError(f"{what} in {failed_streak} steps in a row (last: step {step_num}; {result.timeouts} "
-                               f"timeouts, {result.errors} errors of {result.calls} calls): the reward is broken; fix "
-                               "it (or raise reward.timeout_s) and --resume")
-            t2 = time.perf_counter()
-            # 3. group-centred advantages over the scored completions; zero-variance groups carry no signal
-            kept, dropped_for_failure = assign_advantages(groups, cfg.loss.scale_by_std)
-            # 4. learn: one AdamW step over all kept completions (sharded over the learner ranks under torchrun)
-            samples = make_samples(kept)
-            if samples and faults.fire("nan_logprobs", step_num):
-                samples[0].sampler_logprobs = [float("nan")] * len(samples[0].sampler_logprobs)
-            learn = (leader or learner).train_step(samples, cfg.loss.is_cap, cfg.loss.ppo_clip) if samples else {}
-            t3 = time.perf_counter()
-            # 5. push the new adapter version into the running fleet (new id, old one evicted), and check it
-            skipped = bool(learn.get("loss/skipped"))
-            skipped_streak = skipped_streak + 1 if skipped else 0
-            if skipped:
-                run.say(f"step {step_num}: non-finite loss or gradient, update skipped (adapter and optimizer "
-                        f"unchanged; {skipped_streak} in a row)")
-                if cfg.train.max_skipped_steps and skipped_streak >= cfg.train.max_skipped_steps:
-                    raise RunError(f"{skipped_streak} steps in a row had a non-finite loss or gradient (last: step "
-                                   f"{step_num}); stopping. Adapter and optimizer are those of the last good step; "
-                                   "lower optim.lr or check the sampler's logprobs, then --resume")
-            probe_gap = run.push(step_num) if samples and not skipped else None
-            t4 = time.perf_counter()
-            correct = result.correct
-            lengths = [len(c.token_ids) for _, c in flat]
-            m = {"reward/mean": sum(result.rewards) / len(flat), "reward/accuracy": sum(correct) / len(flat),
-                 "reward/timeouts": float(result.timeouts), "reward/errors": float(result.errors),
-                 "reward/failed_completions": float(sum(result.failed)),
-                 "groups/dropped_reward_failure": float(dropped_for_failure),
-                 "response/length_mean": sum(lengths) / len(lengths),
-                 "response/truncated": sum(c.finish_reason == "length" for _, c in flat) / len(flat),
-                 "groups/total": float(len(groups)), "groups/kept": float(len(kept)),
-                 "groups/dropped": float(len(groups) - len(kept)), "adapter/version": float(run.version),
-                 "sampler/restarts": float(run.fleet.restarts), "async/staleness": float(staleness),
-                 "time/sample": t1 - t0, "time/score": t2 - t1, "time/learn": t3 - t2,
-                 "time/push": run.push_s if probe_gap is not None else t4 - t3,
-                 "time/push_check": run.check_s if probe_gap is not None else 0.0,
-                 "time/push_wait": run.wait_s if probe_gap is not None else 0.0,
-                 "time/step": t4 - t0, **result.metrics, **learn}
-            if probe_gap is not None:
-                m.update(run.probe)  # push/probe_gap, push/probe_gap_prev
-            if len(specs) > 1:
-                per = len(flat) // len(specs)
-                for k, spec in enumerate(specs):
-                    mine = range(k * per, (k + 1) * per)
-                    m[f"{spec.name}/reward/mean"] = sum(result.rewards[j] for j in mine) / per
-                    m[f"{spec.name}/reward/accuracy"] = sum(correct[j] for j in mine) / per
-            if cfg.train.eval_every and step_num % cfg.train.eval_every == 0 and step_num < cfg.train.steps:
-                m.update(evaluate_all(run, specs, tasks, eval_scorer, cfg))
-            logger.log(step_num, m)
-            logger.log_samples(step_num, [(g.prompt, c.text, r) for g in groups[:2]
-                                          for c, r in zip(g.completions[:2], g.rewards_G[:2])])
-            bar.write(format_step(step_num, m)) if not quiet else None
-            if (cfg.train.save_every and step_num % cfg.train.save_every == 0) or step_num == cfg.train.steps:
-                position = sub.data_position if len(tasks) > 1 else sub.data_position[0]
-                checkpoint.save(run_dir, step_num, learner,
-                                {"data_position": position, "version": run.version, **ckpt_state})
-        bar.close()
-        if learner.full_finetune:
-            learner.save_model(run_dir / "model")
-        else:
-            for k in range(len(specs)):
-                learner.write_adapter(run_dir / learner.adapter_dirname(k), k)
-        weights = "model" if learner.full_finetune else learner.adapter_dirname(0).split("/")[0]
-        atomic.fsync_tree(run_dir / weights)  # adapter/, adapters/ or model/: on disk before "done"
+        self.logger = MetricsLogger(self.run_dir, cfg.train.wandb_project, to_dict(cfg),
+                                    resume_step=self.first_step if self.start else None)
+        probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
+        self.run = Run(cfg, self.fleet, learner, self.policy, probe_ids)
+        self.run.version = state["version"]
+        self.run.push(self.first_step)
+        self.summary = {"trainable_parameters": learner.num_trainable(), "adapters": self.names_K}
+        if self.start is None and cfg.train.eval_every and any(t.held_out for t in tasks):  # step 0 of the curve
+            before = with_names({}, self.evaluate(), self.names_K)
+            self.logger.log(0, before)
+            self.summary["eval_before"] = before
+
+    def close(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()
+        for runner in self.runners.values():
+            runner.close()
+        if self.fleet is not None:
+            self.fleet.close()
+
+    # -- the loop's stages -----------------------------------------------------------------------------------
+
+    def steps(self):
+        self.bar = tqdm(range(self.first_step + 1, self.cfg.train.steps + 1), initial=self.first_step,
+                        total=self.cfg.train.steps, desc="train", disable=self.quiet, dynamic_ncols=True)
+        return self.bar
+
+    def sample(self, step: int):
+        """The step's groups, G completions per prompt under the live adapters; async: the requests of the next
+        `max_staleness` steps are submitted now, under the version live now."""
+        cfg, tasks = self.cfg, self.tasks
+        for ahead in range(step, min(step + cfg.train.max_staleness, cfg.train.steps) + 1):
+            if ahead not in self.run.in_flight:
+                idx_D = [t.stream.next(cfg.train.prompts_per_step) for t in tasks]
+                self.run.submit(ahead, idx_D, [[tasks[d].train_prompts[i] for i in idx_D[d]] for d in self.task_of],
+                                [t.stream.position for t in tasks])
+        sub, completions = self.run.collect(step)
+        return sub, assemble_groups(completions, sub.idx_D, tasks, self.task_of)
+
+    def learn(self, samples: list, step: int) -> tuple[dict, list[dict]]:
+        """One AdamW step of every adapter on its samples (sharded over the learner ranks under torchrun)."""
+        if not samples:
+            return {}, [{} for _ in range(self.K)]
+        if faults.fire("nan_logprobs", step):
+            samples[0].sampler_logprobs = [float("nan")] * len(samples[0].sampler_logprobs)
+        return self.learn_step(samples)
+
+    def evaluate(self) -> list[dict]:
+        return evaluate_all(self.run, self.tasks, self.K, self.eval_scorer, self.cfg)
+
+    def log(self, step: int, total: dict, per_K: list[dict], groups: list, scored) -> None:
+        m = with_names(total, per_K, self.names_K)
+        self.logger.log(step, m)
+        G = len(groups[0].completions)
+        self.logger.log_samples(step, [(g.prompt, c.text, r) for j, g in enumerate(groups[:2])
+                                       for c, r in zip(g.completions[:2], scored.rewards[j * G:j * G + 2])])
+        self.bar.write(format_step(step, m)) if not self.quiet else None
+
+    def save(self, step: int, sub) -> None:
+        checkpoint.save(self.run_dir, step, self.policy, {"data_position": saved_position(sub.data_position),
+                                                          "version": self.run.version, **self.ckpt_state})
+
+    def finish(self) -> dict:
+        """The trained weights on disk (fsynced before "done"), the final tables, the summary."""
+        self.bar.close()
+        run_dir, policy = self.run_dir, self.policy
+        policy.write(run_dir)
+        for top in dict.fromkeys(d.split("/")[0] for d in policy.weight_dirs):  # adapter/, adapters/ or model/
+            atomic.fsync_tree(run_dir / top)
         atomic.fsync_path(run_dir)
-        final_m, tables, rows = {}, [], []
-        for t in tasks:
+        base_D, trained_K, tables, rows = [], [{} for _ in range(self.K)], [], []
+        for t in self.tasks:
             if not t.held_out:
                 continue
-            if learner.full_finetune:
-                names, dirs = ["full-ft"], ["model"]
-            else:
-                names = ["adapter"] if len(specs) == 1 else [specs[k].name for k in t.adapters]
-                dirs = [learner.adapter_dirname(k) for k in t.adapters]
-            out_dir = run_dir / "eval" if len(tasks) == 1 else run_dir / "eval" / t.name
-            final = final_table(run, names, [run_dir / d for d in dirs], [run.refs[k] for k in t.adapters],
-                                t.held_out, eval_scorer, cfg, out_dir, cfg.train.steps, t.data)
-            final_m["eval/base_accuracy" if len(tasks) == 1 else f"{t.name}/eval/base_accuracy"] = \
-                final["rows"][0]["avg_at_k"]
+            final = final_table(self, t.adapters, t, run_dir / t.eval_dir)
+            base_D.append({f"{t.prefix}eval/base_accuracy": final["rows"][0]["avg_at_k"]})
             for k, trained in zip(t.adapters, final["rows"][1:]):
-                prefix = "" if len(specs) == 1 else f"{specs[k].name}/"
-                final_m.update({f"{prefix}eval/accuracy": trained["avg_at_k"],
-                                f"{prefix}eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
-                                f"{prefix}eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]})
-            tables.append(final["table"] if len(tasks) == 1 else f"[{t.name}: {t.data.source}]\n{final['table']}")
+                trained_K[k] = {"eval/accuracy": trained["avg_at_k"],
+                                "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
+                                "eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]}
+            tables.append(f"[{t.name}: {t.data.source}]\n{final['table']}" if t.prefix else final["table"])
             rows += final["rows"]
         if tables:
-            logger.log(cfg.train.steps, final_m)
-            summary["eval_table"], summary["eval_rows"] = "\n\n".join(tables), rows
-            summary["eval_dir"] = str(run_dir / "eval")
-        logger.close()
-        summary["plot"] = str(plot_rewards(run_dir))
-        summary["run_dir"] = str(run_dir)
-        return summary
-    finally:
-        if leader is not None:
-            leader.stop()
-        for runner in runners.values():
-            runner.close()
-        if run.fleet is not None:
-            run.fleet.close()
+            self.logger.log(self.cfg.train.steps, with_names({k: v for m in base_D for k, v in m.items()},
+                                                             trained_K, self.names_K))
+            self.summary.update(eval_table="\n\n".join(tables), eval_rows=rows, eval_dir=str(run_dir / "eval"))
+        self.logger.close()
+        self.summary["plot"] = str(plot_rewards(run_dir))
+        self.summary["run_dir"] = str(run_dir)
+        return self.summary
+
+
+def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
+    from rl_lora import distributed
+
+    if distributed.init()[0] > 0:
+        return follow(cfg, resume)
+    with Session(cfg, resume, quiet, overwrite) as s:
+        cfg, run = s.cfg, s.run
+        failed_rewards, skipped = Streak(cfg.reward.max_failed_steps), Streak(cfg.train.max_skipped_steps)
+        for step in s.steps():
+            t0 = time.perf_counter()
+            # 1. sample G completions per prompt under the live adapters (async: submitted up to max_staleness
+            #    steps ahead, under the version live then)
+            sub, groups = s.sample(step)
+            lag = staleness(run.version, groups, s.policy.version_of, sub.version)
+            check_staleness(lag, cfg.train.max_staleness, step)
+            t1 = time.perf_counter()
+            # 2. score every completion (wall-clock limited; a failed or timed-out call leaves it unscored)
+            scored = score_completions(s.scorers_K, groups, s.problems_K)
+            check_scored(scored, failed_rewards, step)
+            t2 = time.perf_counter()
+            # 3. group-centred advantages over the scored completions; zero-variance groups carry no signal
+            kept, dropped_for_failure = assign_advantages(groups, scored, cfg.loss.scale_by_std)
+            # 4. learn: one AdamW step over all kept completions
+            learned, learned_K = s.learn(make_samples(kept), step)
+            t3 = time.perf_counter()
+            # 5. push the new version into the running fleet (new id, old one evicted), and check it
+            push = run.push(step) if check_learned(learned, skipped, step, s.say) else None
+            t4 = time.perf_counter()
+            # 6. log, evaluate, checkpoint
+            total, per_K = step_metrics(groups, scored, kept, dropped_for_failure, s.K)
+            total.update({"adapter/version": float(run.version), "sampler/restarts": float(run.fleet.restarts),
+                          "async/staleness": float(lag), "time/sample": t1 - t0, "time/score": t2 - t1,
+                          "time/learn": t3 - t2, "time/step": t4 - t0, **learned,
+                          **(push.metrics() if push else {"time/push": t4 - t3, "time/push_check": 0.0,
+                                                          "time/push_wait": 0.0})})
+            per_K = [{**m, **learn_k} for m, learn_k in zip(per_K, learned_K)]
+            if is_due(step, cfg.train.eval_every) and step < cfg.train.steps:
+                per_K = [{**m, **eval_k} for m, eval_k in zip(per_K, s.evaluate())]
+            s.log(step, total, per_K, groups, scored)
+            if is_due(step, cfg.train.save_every) or step == cfg.train.steps:
+                s.save(step, sub)
+        return s.finish()

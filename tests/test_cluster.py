@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
+from rl_lora.loop import with_names
 from runhelpers import ROOT, TESTS, metrics, run_cli, step_rows
 from test_multi_adapter import _samples as random_samples
 
@@ -46,13 +47,13 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, tiny_model: str, out: str) -> None:
     import torch.distributed as dist
 
-    from rl_lora import distributed
+    from rl_lora import batching
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     learner = _learner(tiny_model)
-    metrics_ = learner.train_step(distributed.shard(_samples(5, 13), rank, world), is_cap=2.0)
-    learner.train_step(distributed.shard(_samples(6, 9), rank, world), is_cap=2.0)
+    metrics_ = with_names(*learner.train_step(batching.shard(_samples(5, 13), rank, world)), [s.name for s in SPECS])
+    learner.train_step(batching.shard(_samples(6, 9), rank, world))
     torch.save({"params": [p.detach() for p in learner.params], "metrics": metrics_}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -62,8 +63,8 @@ def test_two_process_gloo_learner_takes_the_single_process_step(tiny_model, tmp_
     are all-reduced, and both ranks end with the parameters (and step metrics) of one process on all samples."""
     torch.multiprocessing.spawn(_rank, args=(2, _free_port(), tiny_model, str(tmp_path)), nprocs=2, join=True)
     alone = _learner(tiny_model)
-    expected = alone.train_step(_samples(5, 13), is_cap=2.0)
-    alone.train_step(_samples(6, 9), is_cap=2.0)
+    expected = with_names(*alone.train_step(_samples(5, 13)), [s.name for s in SPECS])
+    alone.train_step(_samples(6, 9))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     start = _learner(tiny_model)
     for p, q, ref, init in zip(r0["params"], r1["params"], alone.params, start.params):

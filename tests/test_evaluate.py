@@ -394,12 +394,12 @@ def test_eval_live_on_the_running_sampler(sampler, two_adapters):
     ref = sampler.push(version, lambda d: shutil.copytree(two_adapters[0], d), evict_older=False)
     scorer = RewardRunner([{"name": "math_answer"}], num_workers=0)
     try:
-        m = eval_live(sampler, ref, prompts, problems, scorer, k=4, temperature=1.0, max_tokens=8)
+        (m,) = eval_live(sampler, [ref], prompts, problems, scorer, k=4, temperature=1.0, max_tokens=8)
         assert {"eval/accuracy", "eval/pass@2", "eval/pass@4", "eval/maj@4", "eval/length_mean",
                 "eval/truncated", "eval/timeouts", "eval/accuracy_ci95_lo", "eval/accuracy_ci95_hi"} <= set(m)
         assert all(k.startswith("eval/") and isinstance(v, float) for k, v in m.items())
-        assert m == eval_live(sampler, ref, prompts, problems, scorer, k=4, temperature=1.0, max_tokens=8)
-        greedy = eval_live(sampler, ref, prompts, problems, scorer, k=0, temperature=1.0, max_tokens=8)
+        assert [m] == eval_live(sampler, [ref], prompts, problems, scorer, k=4, temperature=1.0, max_tokens=8)
+        (greedy,) = eval_live(sampler, [ref], prompts, problems, scorer, k=0, temperature=1.0, max_tokens=8)
         assert "eval/maj@1" in greedy and "eval/pass@2" not in greedy
     finally:
         scorer.close()

@@ -50,7 +50,7 @@ def test_step_changes_every_adapter_param_and_no_frozen_one(learner):
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
     # Two steps: with B = 0 at init, A's first gradient is exactly zero (standard LoRA); B moves first.
     for _ in range(2):
-        metrics = learner.train_step(_samples())
+        metrics, _ = learner.train_step(_samples())
         assert metrics["loss/skipped"] == 0.0
     for n, p in learner.model.named_parameters():
         if p.requires_grad:
@@ -118,7 +118,7 @@ def test_nonfinite_step_is_skipped(learner):
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters() if p.requires_grad}
     bad = _samples()
     bad[0].sampler_logprobs = [float("nan")] * 5
-    metrics = learner.train_step(bad)
+    metrics, _ = learner.train_step(bad)
     assert metrics["loss/skipped"] == 1.0
     for n, p in learner.model.named_parameters():
         if p.requires_grad:
@@ -153,6 +153,7 @@ def test_bf16_full_finetuning_steps_fp32_masters(tiny_model, tmp_path):
     optimizer steps fp32 masters instead: nearly all change, in the direction an fp32 run takes; the bf16 weights
     are their rounding; AdamW's state is fp32; a checkpoint keeps the masters themselves."""
     from rl_lora import checkpoint
+    from rl_lora.policy import policy_of
 
     def learner(dtype):
         return Learner(tiny_model, target_modules=ALL_LINEAR, full_finetune=True, dtype=dtype, lr=1e-5, seed=0)
@@ -163,7 +164,7 @@ def test_bf16_full_finetuning_steps_fp32_masters(tiny_model, tmp_path):
         stepped = ln.optimizer.param_groups[0]["params"]
         before = [p.detach().float().clone() for p in stepped]
         for _ in range(2):
-            assert ln.train_step(_samples())["loss/skipped"] == 0.0
+            assert ln.train_step(_samples())[0]["loss/skipped"] == 0.0
         runs[dtype] = (ln, [(p.detach().float() - b) for p, b in zip(stepped, before) if p.dim() == 2])
     bf16, deltas = runs["bfloat16"]
     changed = sum(int((d != 0).sum()) for d in deltas) / sum(d.numel() for d in deltas)
@@ -177,9 +178,9 @@ def test_bf16_full_finetuning_steps_fp32_masters(tiny_model, tmp_path):
         assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
     assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters)  # more than bf16 holds
 
-    checkpoint.save(tmp_path, 2, bf16, {"data_position": 0, "version": 2})
+    checkpoint.save(tmp_path, 2, policy_of(bf16), {"data_position": 0, "version": 2})
     resumed = learner("bfloat16")
-    checkpoint.load(checkpoint.latest(tmp_path), resumed)
+    checkpoint.load(checkpoint.latest(tmp_path), policy_of(resumed))
     for a, b in zip(resumed.optimizer.param_groups[0]["params"], masters):
         assert torch.equal(a, b)
     for a, b in zip(resumed.model.parameters(), bf16.model.parameters()):

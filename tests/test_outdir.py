@@ -15,12 +15,14 @@ from runhelpers import run_cli, step_rows
 
 from rl_lora import checkpoint, cli, lora, rundir
 from rl_lora.config import ALL_LINEAR, load_config
+from rl_lora.policy import policy_of
 
 
 class FakeLearner:
-    """What checkpoint.save/load use of a Learner: PEFT adapter dirs (real files) and real AdamW optimizers."""
+    """What checkpoint.save/load use of a Learner (through its policy, rl_lora/policy.py): PEFT adapter dirs (real
+    files) and real AdamW optimizers."""
 
-    full_finetune = False
+    full_finetune = False  # policy_of: adapters
 
     def __init__(self, names=("adapter",), lr=1e-3, betas=(0.9, 0.99), rank=1, alpha=32.0, targets=ALL_LINEAR,
                  model_path="model"):
@@ -59,7 +61,7 @@ class FakeLearner:
 
 
 def _save(run_dir, step, learner=None, run_id="this-run", **state):
-    return checkpoint.save(run_dir, step, learner or FakeLearner(),
+    return checkpoint.save(run_dir, step, policy_of(learner or FakeLearner()),
                            {"data_position": 0, "version": step, "run_id": run_id, **state})
 
 
@@ -135,7 +137,7 @@ def test_resume_applies_this_configs_optimizer_settings_and_keeps_the_moments(tm
         trained.step()
     path = _save(tmp_path, 3, trained)
     resumed = FakeLearner(lr=3e-4, betas=(0.8, 0.95))
-    checkpoint.load(path, resumed)
+    checkpoint.load(path, policy_of(resumed))
     group = resumed.optimizers[0].param_groups[0]
     assert group["lr"] == 3e-4 and tuple(group["betas"]) == (0.8, 0.95)  # torch alone brings back 1e-3, 0.9/0.99
     old, new = trained.optimizers[0].state[trained.params[0]], resumed.optimizers[0].state[resumed.params[0]]
@@ -214,13 +216,13 @@ class _Stop(Exception):
 
 @pytest.fixture
 def no_engine(monkeypatch):
-    """Stop train() where the first model would load (the sampler fleet and learner are built by Run)."""
+    """Stop train() where the first model would load (the sampler fleet, built first by its Session)."""
     from rl_lora import train
 
     def stop(*a, **k):
         raise _Stop("reached the model")
 
-    monkeypatch.setattr(train, "Run", stop)
+    monkeypatch.setattr(train, "build_fleet", stop)
 
 
 def test_overwrite_moves_the_earlier_run_aside_after_the_checks(tmp_path, capsys, make_config, no_engine):

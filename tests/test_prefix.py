@@ -1,14 +1,15 @@
 """The learner's fast paths equal the plain computation: one prompt forward per GRPO group (rl_lora/prefix.py) and
-the frozen output layer's logprob gradient computed in forward (learner._FrozenHeadLogprobs)."""
+the frozen output layer's logprob gradient computed in forward (logprobs.FrozenHeadLogprobs)."""
 
 import random
 
 import pytest
 import torch
 
-from rl_lora import distributed, heads
+from rl_lora import batching, heads
 from rl_lora.config import ALL_LINEAR, AdapterSpec
-from rl_lora.learner import Learner, TrainSample, _chunk_token_logprobs, _FrozenHeadLogprobs
+from rl_lora.learner import Learner, TrainSample
+from rl_lora.logprobs import FrozenHeadLogprobs, chunk_token_logprobs
 
 SPECS = [AdapterSpec(name=f"a{k}", rank=1, alpha=32, target_modules=list(ALL_LINEAR), lr=1e-2, seed=k)
          for k in range(2)]
@@ -118,7 +119,7 @@ def test_frozen_head_logprob_gradient_equals_autograd(head, with_bias):
     bias = torch.randn(50, generator=gen) if with_bias else None
     targets = torch.randint(0, 50, (37,), generator=gen)
     upstream = torch.randn(37, generator=gen)
-    ours = _FrozenHeadLogprobs.apply(hidden, weight, bias, targets, head, 1 / 0.7)
+    ours = FrozenHeadLogprobs.apply(hidden, weight, bias, targets, head, 1 / 0.7)
     (g_ours,) = torch.autograd.grad((ours * upstream).sum(), hidden)
     z = hidden @ weight.T + (0 if bias is None else bias)
     z = z * head.scale
@@ -127,12 +128,12 @@ def test_frozen_head_logprob_gradient_equals_autograd(head, with_bias):
     (g_plain,) = torch.autograd.grad((plain * upstream).sum(), hidden)
     torch.testing.assert_close(ours, plain)
     torch.testing.assert_close(g_ours, g_plain)
-    torch.testing.assert_close(_chunk_token_logprobs(hidden, weight, bias, targets, head, 1 / 0.7), plain)
+    torch.testing.assert_close(chunk_token_logprobs(hidden, weight, bias, targets, head, 1 / 0.7), plain)
 
 
 def test_data_parallel_shards_deal_whole_groups():
     samples = grpo_samples(groups=3, group_size=4)  # 6 groups
-    shards = [distributed.shard(samples, r, 2) for r in range(2)]
+    shards = [batching.shard(samples, r, 2) for r in range(2)]
     assert sorted(map(id, samples)) == sorted(id(s) for sh in shards for s in sh)
     keys = [{(s.adapter, tuple(s.prompt_ids)) for s in sh} for sh in shards]
     assert not keys[0] & keys[1]
@@ -140,7 +141,7 @@ def test_data_parallel_shards_deal_whole_groups():
     assert max(tokens) < 0.7 * sum(tokens)
     # fewer groups than ranks: dealt by sample, nobody idle
     few = grpo_samples(adapters=1, groups=1, group_size=4)
-    assert all(distributed.shard(few, r, 4) for r in range(4))
+    assert all(batching.shard(few, r, 4) for r in range(4))
 
 
 @pytest.mark.parametrize("targets", [ALL_LINEAR, ALL_LINEAR[:4]])

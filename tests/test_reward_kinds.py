@@ -317,15 +317,15 @@ def test_metrics_per_reward():
 
 def test_score_completions_passes_each_group_as_one():
     """Two groups with the same prompt text (the same problem sampled twice) must stay two groups."""
-    from rl_lora.train import score_completions
+    from rl_lora.loop import score_completions
 
     problems = [SimpleNamespace(answer="1", fields={})]
-    g1, g2 = (SimpleNamespace(prompt="same", problem_index=0) for _ in range(2))
-    flat = [(g, SimpleNamespace(text=t)) for g, ts in ((g1, ["a", "aa"]), (g2, ["b", "bb"])) for t in ts]
+    groups = [SimpleNamespace(prompt="same", problem_index=0, completions=[SimpleNamespace(text=t) for t in ts])
+              for ts in (["a", "aa"], ["b", "bb"])]
     with RewardRunner([ref(group_rank)], num_workers=0) as runner:
-        scored = score_completions([runner], flat, [problems])
+        scored = score_completions([runner], groups, [problems])
     assert scored.rewards == [20.0, 21.0, 20.0, 21.0]
-    assert f"reward/{ref(group_rank)}/mean" in scored.metrics
+    assert f"reward/{ref(group_rank)}/mean" in scored.metrics_K[0]
 
 
 def test_group_length_correctness_prefers_shorter_right_answers():

@@ -28,7 +28,7 @@ def learner(tiny_model):
 @pytest.mark.slow
 def test_groups_have_tokens_logprobs_and_versions(sampler):
     prompts = [_prompt(sampler), _prompt(sampler, "What is 7 - 4?")]
-    groups = sampler.generate(prompts, n=4, adapters=None, seed=3, temperature=1.0, max_tokens=12)
+    groups = sampler.generate(prompts, n=4, adapters=[None] * len(prompts), seed=3, temperature=1.0, max_tokens=12)
     assert len(groups) == 2 and all(len(g) == 4 for g in groups)
     for g in groups:
         for c in g:
@@ -36,7 +36,7 @@ def test_groups_have_tokens_logprobs_and_versions(sampler):
             assert all(lp <= 0 for lp in c.logprobs)
             assert c.finish_reason in ("stop", "length") and c.adapter_version == 0
         assert len({tuple(c.token_ids) for c in g}) > 1  # distinct samples within a group
-    again = sampler.generate(prompts, n=4, adapters=None, seed=3, temperature=1.0, max_tokens=12)
+    again = sampler.generate(prompts, n=4, adapters=[None] * len(prompts), seed=3, temperature=1.0, max_tokens=12)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
 
 
@@ -50,7 +50,7 @@ def test_push_changes_sampler_and_agrees_with_learner(sampler, learner):
     prompt = _prompt(sampler)
 
     def probe(ref):
-        return sampler.generate([prompt], n=3, adapters=ref, seed=11, temperature=0.7, max_tokens=16)[0]
+        return sampler.generate([prompt], n=3, adapters=[ref], seed=11, temperature=0.7, max_tokens=16)[0]
 
     def gap(completions):
         scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in completions])
@@ -115,7 +115,7 @@ def test_multi_lora_batch_serves_each_sequence_its_own_adapter(sampler, learner)
 @pytest.mark.slow
 def test_prompt_longer_than_context_is_refused(sampler):
     with pytest.raises(ValueError, match="context"):
-        sampler.generate([[5] * 600], n=2, adapters=None, seed=0, temperature=1.0, max_tokens=8)
+        sampler.generate([[5] * 600], n=2, adapters=[None], seed=0, temperature=1.0, max_tokens=8)
 
 
 def test_cpu_workarounds_apply_on_cpu_only():

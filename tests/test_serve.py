@@ -62,9 +62,9 @@ def test_openai_server_serves_the_trained_adapter_like_our_sampler(tiny_model, s
     _trained_adapter(tiny_model, prompt, target, adapter)
 
     greedy = dict(n=1, temperature=0.0, max_tokens=12, seed=0)
-    base = sampler.generate([prompt], adapters=None, **greedy)[0][0]
+    base = sampler.generate([prompt], adapters=[None], **greedy)[0][0]
     ref = sampler.push(901, lambda path: shutil.copytree(adapter, path))
-    ours = sampler.generate([prompt], adapters=ref, **greedy)[0][0]
+    ours = sampler.generate([prompt], adapters=[ref], **greedy)[0][0]
     sampler.evict(901)
     assert ours.token_ids != base.token_ids, "the trained adapter should change the greedy completion"
 

@@ -42,19 +42,20 @@ def live_ks(k: int) -> list[int]:
     return sorted({j for j in (2 ** i for i in range(1, 12)) if j < k} | {k}) if k > 1 else []
 
 
-def eval_live(sampler, adapter_ref, prompts_P: list[list[int]], problems, scorer, k: int, temperature: float,
+def eval_live(sampler, refs_K: list, prompts_P: list[list[int]], problems, scorer, k: int, temperature: float,
               max_tokens: int, *, seed: int = LIVE_EVAL_SEED, top_p: float = 1.0):
-    """Held-out metrics of the live adapter through the running sampler, as `eval/...` scalars.
+    """Held-out metrics of each live adapter in `refs_K` through the running sampler: one dict of `eval/...`
+    scalars per adapter.
 
     k samples per problem at `temperature` (k = 0: one greedy sample). Fixed request seeds, so evaluations
     along a run are paired. `scorer` is a RewardRunner holding the math_answer reward. eval/accuracy is avg@k
     (= pass@1); eval/pass@j for j in `live_ks(k)`; eval/maj@k; the interval is the 95% bootstrap over problems.
-    `adapter_ref` may be a list (K adapters of one run): all are sampled in ONE generate call, with the same
-    request seeds for every adapter (paired), and a list of dicts comes back.
+    The K adapters of one run are sampled in ONE generate call, with the same request seeds for every adapter
+    (paired).
     """
-    refs = adapter_ref if isinstance(adapter_ref, list) else [adapter_ref]
+    refs = refs_K
     if not prompts_P:
-        return [{} for _ in refs] if isinstance(adapter_ref, list) else {}
+        return [{} for _ in refs]
     n = max(k, 1)
     P = len(prompts_P)
     groups = sampler.generate(prompts_P * len(refs), n=n, adapters=[r for r in refs for _ in range(P)], seed=seed,
@@ -70,7 +71,7 @@ def eval_live(sampler, adapter_ref, prompts_P: list[list[int]], problems, scorer
         out.update({"eval/length_mean": s["length_mean"], "eval/truncated": s["truncated"],
                     "eval/no_answer": s["no_answer"], "eval/timeouts": float(s["timeouts"])})
         outs.append(out)
-    return outs if isinstance(adapter_ref, list) else outs[0]
+    return outs
 
 
 def evaluate_models(sampler, models: list[tuple[str, object]], evalsets, data_cfg: DataConfig, scorer, *, k: int,

@@ -75,7 +75,7 @@ def test_a_rebuilt_engine_gets_the_pushed_tensors_not_the_learners_later_ones(tm
     fleet.push_adapter(1, 0, {KEY: live}, CONFIG)
     live.add_(1.0)  # the learner's next step, in place
     made[0].close()  # the engine dies
-    (group,) = fleet.generate([[1, 2]], n=2, adapters=AdapterRef(1, ""), seeds=[7])
+    (group,) = fleet.generate([[1, 2]], n=2, adapters=[AdapterRef(1, "")], seeds=[7])
     assert fleet.restarts == 1 and len(made) == 2
     assert torch.equal(made[1].engine[1][KEY], torch.zeros(4, 1))  # version 1 as pushed
     assert [c.token_ids for c in group] == [[7], [8]] and group[0].logprobs == [0.0]
@@ -100,7 +100,7 @@ def test_async_a_failed_queued_generation_rebuilds_the_engine_and_is_submitted_a
     gate = threading.Event()
     fleet, made = _fleet(tmp_path, asynchronous=True, gate=gate)
     fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
-    request = fleet.submit([[1, 2], [3, 4]], n=1, adapters=AdapterRef(1, ""), seeds=[10, 20])  # held at the gate
+    request = fleet.submit([[1, 2], [3, 4]], n=1, adapters=[AdapterRef(1, "")] * 2, seeds=[10, 20])  # held at the gate
     made[0].close()  # the engine dies while the generation runs
     gate.set()
     fleet.drain()
@@ -127,11 +127,11 @@ def test_user_errors_and_bugs_are_raised_not_taken_for_a_dead_engine(tmp_path):
     fleet, made = _fleet(tmp_path)
     fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
     with pytest.raises(ConfigError, match="exceeds the context"):  # raised inside the engine call: bad input
-        fleet.generate([[1, 2]], n=1, adapters=AdapterRef(1, ""), seeds=[7], max_tokens=100)
+        fleet.generate([[1, 2]], n=1, adapters=[AdapterRef(1, "")], seeds=[7], max_tokens=100)
     with pytest.raises(KeyError):  # the fleet's own code (a version never pushed): a bug, not the engine
-        fleet.generate([[1, 2]], n=1, adapters=AdapterRef(5, ""), seeds=[7])
+        fleet.generate([[1, 2]], n=1, adapters=[AdapterRef(5, "")], seeds=[7])
     assert fleet.restarts == 0 and len(made) == 1
-    (group,) = fleet.generate([[1, 2]], n=1, adapters=AdapterRef(1, ""), seeds=[7])  # the engine still serves
+    (group,) = fleet.generate([[1, 2]], n=1, adapters=[AdapterRef(1, "")], seeds=[7])  # the engine still serves
     assert group[0].token_ids == [7]
 
 

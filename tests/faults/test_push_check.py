@@ -15,6 +15,7 @@ from rl_lora.learner import Learner
 from rl_lora.lora import PEFT_PREFIX
 from rl_lora.rollout import Completion
 from rl_lora.sampler import AdapterRef
+from rl_lora.policy import policy_of
 from rl_lora.sync import Run, RunError
 
 
@@ -98,14 +99,12 @@ def _run(tmp_path, make_config, tiny_model, *, engines: int, noise: float, tol: 
     def learner():
         return Learner(tiny_model, target_modules=cfg.lora.target_modules, specs=specs, temperature=0.7)
 
-    run = Run(cfg, tiny_model, quiet=True)
-    run.learner = learner()
     engine_model = learner()
     K = len(specs)
     engine_model.slot_of_version = lambda v: (v - 1) % K
-    run.fleet = FakeFleet(engine_model, engines, noise)
-    run.probe_ids = [1, 40, 41, 42, 43, 2, 1, 60]
-    return run
+    trained = learner()
+    return Run(cfg, FakeFleet(engine_model, engines, noise), trained, policy_of(trained),
+               probe_ids=[1, 40, 41, 42, 43, 2, 1, 60])
 
 
 def test_every_engine_is_probed_and_one_missing_the_push_is_caught_below_the_bf16_tolerance(
@@ -113,14 +112,14 @@ def test_every_engine_is_probed_and_one_missing_the_push_is_caught_below_the_bf1
     """bf16-sized noise (0.02 nats per token) and bf16's tolerance (0.1): an update that moves the probe's
     logprobs by less than the tolerance, missed by the last engine only, stops the run naming that engine."""
     run = _run(tmp_path, make_config, tiny_model, engines=3, noise=0.02, tol=0.1)
-    run.push(0)
+    pushed = run.push(0)
     assert run.fleet.requests[-1] == [0, 1, 2]  # one probe request per engine
     assert run.fleet.sampling[-1]["temperature"] == 0.7 and {"top_p", "top_k"} <= set(run.fleet.sampling[-1])
-    assert "push/probe_gap_prev" not in run.probe  # version 1: nothing to compare with
+    assert "push/probe_gap_prev" not in pushed.probe  # version 1: nothing to compare with
     for step in (1, 2):
         _update(run.learner, 6e-4, seed=step)  # moves the probe's logprobs by ~0.065 nats per token
-        run.push(step)  # every engine took it: passes
-        assert run.probe["push/probe_gap"] < 0.03 < run.probe["push/probe_gap_prev"] < 0.1
+        pushed = run.push(step)  # every engine took it: passes
+        assert pushed.probe["push/probe_gap"] < 0.03 < pushed.probe["push/probe_gap_prev"] < 0.1
     _update(run.learner, 6e-4, seed=3)
     run.fleet.miss.add((2, 0))
     with pytest.raises(RunError) as err:
@@ -131,7 +130,7 @@ def test_every_engine_is_probed_and_one_missing_the_push_is_caught_below_the_bf1
     gap_new = float(msg.split(" per token from")[0].split()[-1])
     assert 0.02 < gap_new < 0.1
     # the learner is left exactly as it was (the previous version was scored by swapping tensors in and out)
-    assert all(torch.equal(v, run.pushed_K[0][n]) for n, v in _state(run.learner, 0).items())
+    assert all(torch.equal(v, run.policy.pushed_K[0][n]) for n, v in _state(run.learner, 0).items())
 
 
 def test_no_false_alarm_when_the_update_is_below_the_noise(tmp_path, make_config, tiny_model):
@@ -144,8 +143,7 @@ def test_no_false_alarm_when_the_update_is_below_the_noise(tmp_path, make_config
         run.push(step)
     run.fleet.miss.add((1, 0))
     _update(run.learner, 1e-5, seed=4)
-    run.push(4)
-    assert run.probe["push/probe_gap"] < 0.1
+    assert run.push(4).probe["push/probe_gap"] < 0.1
 
 
 def test_fp32_catches_a_stale_adapter_of_one_of_several(tmp_path, make_config, tiny_model):
@@ -154,8 +152,8 @@ def test_fp32_catches_a_stale_adapter_of_one_of_several(tmp_path, make_config, t
     run.push(0)
     assert run.fleet.requests[-1] == [0, 1, 0, 1]  # adapter-major, engine-minor: every (adapter, engine) pair
     _update(run.learner, 5e-6, seed=1)  # ~5e-4 nats per token: below the tolerance
-    run.push(1)
-    assert run.probe["push/probe_gap"] < 1e-5 < 1e-4 < run.probe["push/probe_gap_prev"] < 1e-3
+    pushed = run.push(1)
+    assert pushed.probe["push/probe_gap"] < 1e-5 < 1e-4 < pushed.probe["push/probe_gap_prev"] < 1e-3
     _update(run.learner, 5e-6, seed=2)
     run.fleet.miss.add((1, 1))
     with pytest.raises(RunError, match="of adapter 'a1' on engine 1 but .* from version 2"):
