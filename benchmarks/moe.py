@@ -1,4 +1,5 @@
-"""Learner step time and peak memory on a random MoE at realistic widths, with vs without rank-1 expert adapters.
+"""Learner step time and peak memory on a random MoE at realistic widths, with vs without rank-1 expert adapters;
+`--sampler`: vLLM-CPU sampling throughput on such a MoE, without LoRA vs the Sampler's LoRA engine.
 
 The model: Qwen3-MoE with Qwen3-30B-A3B's widths (hidden 2048, 32 query / 4 KV heads of 128, 128 experts of
 ffn 768, top-8 routing; `--experts` fewer where memory is short) and `--layers` decoder layers (1 by default: one
@@ -16,6 +17,41 @@ Measured (issue 16) on the 2-core CPU shared with five other jobs, so the times 
 --prompt 32 --completion 96 --steps 1 --modes attention,all` (the default size did not finish under that load):
 attention 26.1 s/step, 17,408 trainable; all 66.0 s/step (2.53x), 558,080 trainable; peak RSS 3.41 GiB in both
 (reached while loading, so the adapters' activations stay below it at this batch).
+
+`--sampler`: vLLM-CPU sampling throughput on the same kind of model, `--layers 2 --experts 64` by default, in one
+invocation, interleaved rounds (each round starts one configuration later), best of `--rounds`, after one warm-up
+generate per configuration (so later rounds hit the prefix cache as the first does: mostly decode is timed):
+(a) an engine built without LoRA (eager, as vLLM-CPU runs any LoRA engine; a subprocess that waits between
+runs), base rows; (b) the Sampler's LoRA engine (rl_lora.sampler.Sampler: rl-lora's rank-1 dense path and CPU
+MoE-LoRA ops, rl_lora/vllm_cpu_moe.py), base rows; (c) the same engine, a rank-1 adapter on attention and every
+expert (expert rank 1) on every row; (d) a rank-1 attention-only adapter on every row. The adapters are the
+learner's own PEFT export (rl_lora.learner.Learner, B set to N(0, 1e-3)); ignore_eos, fixed max_tokens,
+logprobs=0 with processed logprobs in both engines.
+
+    python benchmarks/moe.py --sampler [--layers 2] [--experts 64] [--prompts 32] [--prompt 64] [--tokens 32] [--rounds 2]
+
+Measured 2026-12-02 00:40-00:58 UTC, `PYTHONPATH=$PWD python benchmarks/moe.py --sampler --rounds 3` (2 layers,
+64 experts top-8, 32 prompts x 64 tokens -> 32 tokens, fp32), on the 2-core machine while other jobs ran (CI
+tests, training runs, a pip install): load average 5.9 at the start, 6-10 during the run (sampled every 30 s):
+
+    | configuration | tok/s |
+    |---|---:|
+    | (a) engine without LoRA, base rows | 73.23 |
+    | (b) LoRA engine, base rows | 24.38 |
+    | (c) LoRA engine, rank-1 attention + every expert | 32.38 |
+    | (d) LoRA engine, rank-1 attention only | 22.32 |
+    | (c)/(b): both adapters' cost in the LoRA engine | 1.328x |
+    | (c)/(a) | 0.442x |
+    | (b)/(a): LoRA support itself (torch experts loop + LoRA layers) | 0.333x |
+    | (d)/(b): attention-only adapter's cost | 0.916x |
+
+The rounds, in order: (a) 73.2, (b) 24.1, (c) 6.8, (d) 20.2 | (b) 24.4, (c) 32.4, (d) 9.1, (a) 62.8 | (c) 17.9,
+(d) 22.3, (a) 32.2, (b) 16.0. So (c) swung 6.8-32.4 with the load: (c) > (b) cannot be real (it is (b)'s work plus
+the adapters'), and (c)/(b), (d)/(b) are not measured by this run. An earlier run the same night (`--rounds 2`, fixed order,
+load 1-7) gave (a) 71.7, (b) 21.8, (c) 26.1, (d) 22.4 tok/s, again (c) > (b). What both runs agree on, round
+after round, is (b)/(a) ~ 0.3: with LoRA enabled the experts run rl-lora's TorchLoRAExperts (a torch loop over
+the routed experts) instead of vLLM-CPU's fused-MoE kernel, and base rows pay that ~3x whether or not any
+adapter is served. Re-measure (c)/(b) and (d)/(b) on an idle machine.
 """
 
 import argparse
@@ -196,13 +232,17 @@ def sampler_bench(args):
             print(f"@ {name:50s} {tps:8.2f} tok/s", flush=True)  # as it goes: a partial run still says something
             best[name] = max(best.get(name, 0.0), tps)
 
-        for _ in range(args.rounds):
+        def plain():
             time.sleep(0.3)
             child.stdin.write("go\n")
             child.stdin.flush()
-            keep("(a) engine without LoRA, base rows", json.loads(_reply(child))[0])
-            for name, loras in configs.items():
-                keep(name, _timed(sampler.llm, ids, args.tokens, loras)[0])
+            return json.loads(_reply(child))[0]
+
+        runs = [("(a) engine without LoRA, base rows", plain)] + [
+            (name, lambda loras=loras: _timed(sampler.llm, ids, args.tokens, loras)[0]) for name, loras in configs.items()]
+        for r in range(args.rounds):  # each round starts one configuration later: no fixed place in the order
+            for name, run in runs[r % len(runs):] + runs[:r % len(runs)]:
+                keep(name, run())
     finally:
         if child is not None:
             child.stdin.close()
