@@ -50,7 +50,11 @@ def _eval_rows(run: Path) -> list:
 
 
 def _close(a, b, path="") -> list[str]:
-    """Differences between two JSON values; floats agree to 1e-5 relative (reduction order may change)."""
+    """Differences between two JSON values. Floats agree to 1e-4 relative or 1e-5 absolute: reduction order and
+    the CPU's kernels change the last digits (the files were written on an AVX2 machine; an AVX-512 one, 2026-12-02,
+    differed by up to 1.1e-5 relative in loss/pg and by ~1e-6 absolute in values that are fp noise by nature:
+    step-1 loss/pg ~1e-7 where the advantages cancel, push/probe_gap ~1e-6). Token ids, rewards and counts stay
+    exact, so a change of behaviour still shows."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{path}/{k}: only in {'golden' if k in a else 'new'}" for k in set(a) ^ set(b)]
         for k in sorted(set(a) & set(b)):
@@ -62,7 +66,7 @@ def _close(a, b, path="") -> list[str]:
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
     if isinstance(a, float) or isinstance(b, float):
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            if (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7):
+            if (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5):
                 return []
     elif a == b:
         return []
