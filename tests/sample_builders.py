@@ -1,9 +1,10 @@
-"""Random TrainSamples for learner tests: one builder, each test picks its shapes. Token ids are drawn above the
-byte tokenizer's specials; group members share their prompt (the shared-prompt path, GRPO's groups)."""
+"""The tests' builders of learners and of random TrainSamples (each test picks its shapes). Token ids are drawn
+above the byte tokenizer's specials; group members share their prompt (the shared-prompt path, GRPO's groups)."""
 
 import random
 
-from rl_lora.learner import TrainSample
+from rl_lora.config import AdapterSpec
+from rl_lora.learner import Learner, TrainSample
 
 
 def random_samples(seed: int = 0, *, groups: int, group_size: int = 1, adapters: int = 1, adapter: int = 0,
@@ -26,3 +27,14 @@ def random_samples(seed: int = 0, *, groups: int, group_size: int = 1, adapters:
     if shuffle:
         rng.shuffle(out)
     return out
+
+
+def build_learner(path: str, *adapters: AdapterSpec, **kwargs) -> Learner:
+    """The tests' learner: `adapters` on the model at `path`, or one default AdapterSpec (rank 1, alpha 32, every
+    linear layer, lr 1e-4, seed 0); `kwargs` as Learner's (temperature, top_k, tokens_per_microbatch, ...)."""
+    return Learner(path, list(adapters) or [AdapterSpec()], **kwargs)
+
+
+def build_full_learner(path: str, lr: float = 1e-4, **kwargs) -> Learner:
+    """The tests' full fine-tuning learner: every weight of the model at `path` trained at `lr`."""
+    return Learner.full_model(path, lr=lr, **kwargs)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
 from runhelpers import metrics, run_cli, step_rows
-from sample_builders import random_samples
+from sample_builders import build_learner, random_samples
 
 ATTENTION = ALL_LINEAR[:4]
 
@@ -42,12 +42,11 @@ SPECS = [AdapterSpec("all-r1", rank=1, target_modules=ALL_LINEAR, lr=1e-2, seed=
 def test_per_adapter_gradients_equal_separate_learners(tiny_model, tokens_per_microbatch):
     data = _samples(0, seed=1) + _samples(1, seed=2, n=5)
     random.Random(0).shuffle(data)
-    joint = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS, temperature=0.7,
-                    tokens_per_microbatch=tokens_per_microbatch)
+    joint = build_learner(tiny_model, *SPECS, temperature=0.7, tokens_per_microbatch=tokens_per_microbatch)
     _perturb_B(joint, 7)
     joint.backward(data)
     for k, spec in enumerate(SPECS):
-        alone = Learner(tiny_model, target_modules=ALL_LINEAR, specs=[spec], temperature=0.7)
+        alone = build_learner(tiny_model, spec, temperature=0.7)
         with torch.no_grad():  # the same B as adapter k of the joint learner
             for name in sorted(alone.adapters):
                 alone.adapters[name].lora_B.copy_(joint.adapter_sets[k][name].lora_B)
@@ -71,7 +70,7 @@ def test_an_adapter_gets_no_gradient_from_its_neighbours_rows(tiny_model, tokens
     gradient, so it could not see a leak.)"""
     specs = [AdapterSpec("quiet", lr=1e-2, target_modules=ALL_LINEAR, seed=0),
              AdapterSpec("live", lr=1e-2, target_modules=ALL_LINEAR, seed=1)]
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=specs, tokens_per_microbatch=tokens_per_microbatch)
+    learner = build_learner(tiny_model, *specs, tokens_per_microbatch=tokens_per_microbatch)
     _perturb_B(learner, 5)
     quiet = [TrainSample(s.prompt_ids, s.completion_ids, s.sampler_logprobs, 0.0, 0) for s in _samples(0, seed=3)]
     live = _samples(1, seed=4)
@@ -79,7 +78,7 @@ def test_an_adapter_gets_no_gradient_from_its_neighbours_rows(tiny_model, tokens
     for v in learner.adapter_sets[0].values():
         for p in (v.lora_A, v.lora_B):
             assert p.grad is None or not p.grad.any()
-    alone = Learner(tiny_model, target_modules=ALL_LINEAR, specs=specs[1:])
+    alone = build_learner(tiny_model, *specs[1:])
     with torch.no_grad():
         for name, v in alone.adapters.items():
             v.lora_B.copy_(learner.adapter_sets[1][name].lora_B)
@@ -104,8 +103,8 @@ def test_an_adapter_gets_no_gradient_from_its_neighbours_rows(tiny_model, tokens
 @pytest.mark.slow
 def test_one_sampler_call_equals_single_adapter_calls(sampler, tiny_model):
     """Two adapters in one generate call, same seeds: each group equals that adapter sampled alone."""
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS[:1] + [
-        AdapterSpec("other", target_modules=ALL_LINEAR, seed=3)], temperature=0.7)
+    learner = build_learner(tiny_model, SPECS[0], AdapterSpec("other", target_modules=ALL_LINEAR, seed=3),
+                            temperature=0.7)
     _perturb_B(learner, 11)
     with torch.no_grad():  # make the two policies clearly different
         for v in learner.adapter_sets[1].values():
