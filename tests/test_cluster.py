@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
-from sample_builders import build_learner
+from sample_builders import build_learner, perturb_B
 from rl_lora.loop import with_names
 from runhelpers import ROOT, TESTS, metrics, run_cli, step_rows
 from test_multi_adapter import _samples as random_samples
@@ -31,11 +31,7 @@ def _samples(seed: int, n: int) -> list[TrainSample]:
 
 def _learner(tiny_model) -> Learner:
     learner = build_learner(tiny_model, *SPECS, temperature=0.7, tokens_per_microbatch=64)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # non-zero B, as after some training, so every parameter gets a gradient
-        for views in learner.adapter_sets:
-            for name in sorted(views):
-                views[name].lora_B.copy_(torch.randn(views[name].lora_B.shape, generator=gen) * 0.02)
+    perturb_B(learner, 3)  # so every parameter gets a gradient
     return learner
 
 

@@ -9,7 +9,7 @@ import torch
 import tiny_models
 from rl_lora import heads
 from rl_lora.config import ALL_LINEAR, AdapterSpec, ConfigError
-from sample_builders import build_full_learner, build_learner, random_samples
+from sample_builders import build_full_learner, build_learner, perturb_B, random_samples
 
 TEMPERATURE = 0.7
 FAMILIES = list(tiny_models.BUILDERS)
@@ -42,10 +42,7 @@ def _learner(path, name, full, **kw):
     learner = (build_full_learner(path, temperature=TEMPERATURE, **kw) if full else
                build_learner(path, AdapterSpec(target_modules=_targets(name)), temperature=TEMPERATURE, **kw))
     if not full:  # a non-zero B, so the adapter changes the logprobs and A gets a gradient
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for v in learner.adapters.values():
-                v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=gen) * 0.05)
+        perturb_B(learner, 1, scale=0.05)
     return learner
 
 
