@@ -112,6 +112,7 @@ def worker(args) -> dict:
             opt.zero_grad(set_to_none=True)
         trainable = sum(p.numel() for p in params)
     else:
+        from rl_lora.config import AdapterSpec
         from rl_lora.learner import Learner
 
         # random weights from the config in code, on the device: nothing is read or downloaded
@@ -120,9 +121,10 @@ def worker(args) -> dict:
         auto.from_pretrained = lambda path, dtype=None, **_: _build(args, device, dtype)
         auto_config.from_pretrained = lambda path, **_: _config(args)
         try:
-            learner = Learner("llama-3.1-8b-shape", rank=1, target_modules=TARGETS, lr=1e-4, dtype="bfloat16",
-                              full_finetune=args.mode == "full", activation_checkpointing=ckpt, device=device,
-                              tokens_per_microbatch=args.prompt + args.group * (args.prompt + args.completion))
+            kwargs = dict(dtype="bfloat16", activation_checkpointing=ckpt, device=device,
+                          tokens_per_microbatch=args.prompt + args.group * (args.prompt + args.completion))
+            learner = (Learner.full_model("llama-3.1-8b-shape", lr=1e-4, **kwargs) if args.mode == "full" else
+                       Learner("llama-3.1-8b-shape", [AdapterSpec(target_modules=list(TARGETS), lr=1e-4)], **kwargs))
         finally:
             auto.from_pretrained, auto_config.from_pretrained = originals
         batch = _batch(args, learner.model.config.vocab_size)

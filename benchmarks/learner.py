@@ -45,16 +45,17 @@ def _rss_gib() -> float:
 def worker(args) -> dict:
     import torch
 
-    from rl_lora.config import ALL_LINEAR
+    from rl_lora.config import AdapterSpec
     from rl_lora.learner import Learner
     from rl_lora.models import resolve_model_path
 
     path = resolve_model_path(args.model)
     if args.mode in ("peft", "full-hf"):
         return _stock_worker(args, path)
-    learner = Learner(path, rank=1, target_modules=ALL_LINEAR, lr=1e-4, full_finetune=args.mode.startswith("full"),
-                      tokens_per_microbatch=args.seqs * (args.prompt + args.completion),
-                      activation_checkpointing="-ckpt" in args.mode, share_prompts="-noshare" not in args.mode)
+    kwargs = dict(tokens_per_microbatch=args.seqs * (args.prompt + args.completion),
+                  activation_checkpointing="-ckpt" in args.mode, share_prompts="-noshare" not in args.mode)
+    learner = (Learner.full_model(path, lr=1e-4, **kwargs) if args.mode.startswith("full") else
+               Learner(path, [AdapterSpec(lr=1e-4)], **kwargs))
     loaded = _rss_gib()
     batch = _batch(args, learner.model.config.vocab_size)
     times = []

@@ -92,11 +92,11 @@ def _rss_gib() -> float:
 def worker(args) -> dict:
     import torch
 
-    from rl_lora.config import ALL_LINEAR
+    from rl_lora.config import ALL_LINEAR, AdapterSpec
     from rl_lora.learner import Learner, TrainSample
 
     targets = ATTENTION if args.mode == "attention" else ALL_LINEAR
-    learner = Learner(args.path, rank=1, target_modules=targets, lr=1e-4,
+    learner = Learner(args.path, [AdapterSpec(target_modules=list(targets), lr=1e-4)],
                       tokens_per_microbatch=args.seqs * (args.prompt + args.completion),
                       activation_checkpointing=args.mode.endswith("-ckpt"))
     loaded = _rss_gib()
@@ -129,7 +129,7 @@ def write_adapters(path: str, out: Path) -> dict:
 
     specs = [AdapterSpec(name="all", rank=1, target_modules=list(ALL_LINEAR)),
              AdapterSpec(name="attention", rank=1, target_modules=list(ATTENTION))]
-    learner = Learner(path, rank=1, target_modules=list(ALL_LINEAR), specs=specs)
+    learner = Learner(path, specs)
     torch.manual_seed(0)
     counts = {}
     for k, spec in enumerate(specs):

@@ -52,8 +52,7 @@ def learner_worker(args) -> dict:
     specs = [AdapterSpec(f"a{k}", target_modules=ALL_LINEAR, lr=1e-4 * (k + 1)) for k in range(K)]
     if args.packing == "one-adapter":  # the reference: ONE adapter with the K-adapter batch (same tokens)
         specs, budget = specs[:1], per_tokens * K
-    learner = Learner(resolve_model_path(args.model), target_modules=ALL_LINEAR, specs=specs,
-                      tokens_per_microbatch=budget)
+    learner = Learner(resolve_model_path(args.model), specs, tokens_per_microbatch=budget)
     g = torch.Generator().manual_seed(0)
     vocab = learner.model.config.vocab_size
     batch = []

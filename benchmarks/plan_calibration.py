@@ -60,7 +60,7 @@ def worker(args) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from rl_lora.config import ALL_LINEAR
+    from rl_lora.config import AdapterSpec
     from rl_lora.learner import Learner, TrainSample
 
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def worker(args) -> dict:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     transformers.AutoModelForCausalLM.from_pretrained = build
-    learner = Learner("qwen3-8b-shape", rank=1, target_modules=ALL_LINEAR, lr=1e-4, dtype=args.dtype,
+    learner = Learner("qwen3-8b-shape", [AdapterSpec(lr=1e-4)], dtype=args.dtype,
                       tokens_per_microbatch=args.prompt + args.group * args.completion,
                       activation_checkpointing=args.ckpt, device="cpu")
     g = torch.Generator().manual_seed(0)

@@ -148,7 +148,7 @@ def main():
     import torch
 
     from rl_lora import vllm_cpu_lora
-    from rl_lora.config import ALL_LINEAR
+    from rl_lora.config import AdapterSpec
     from rl_lora.learner import Learner
     from rl_lora.models import resolve_model_path
     from rl_lora.sampler import Sampler
@@ -164,7 +164,7 @@ def main():
     sampler = Sampler(path, max_model_len=1024, max_loras=K_MIXED)
     if not sampler.rank1_path:
         sys.exit("the rank-1 path is not active (not a CPU platform, or an out-of-process engine core)")
-    learner = Learner(path, rank=1, target_modules=ALL_LINEAR)
+    learner = Learner(path, [AdapterSpec()])
     prompts = _prompts(sampler.tokenizer, args.prompts)
     params = _params(args.tokens)
 

@@ -12,7 +12,7 @@ before any model loads or any engine starts.
 
 from __future__ import annotations
 
-from rl_lora.config import Config, ConfigError, adapter_specs, is_full_finetune
+from rl_lora.config import Config, ConfigError, adapter_specs
 
 VLLM_MAX_LORA_RANK = 512  # vLLM 0.32's largest max_lora_rank (vllm/config/lora.py MaxLoRARanks)
 
@@ -49,12 +49,12 @@ def check_model(cfg: Config, model_path: str) -> None:
     from rl_lora.heads import check_output_layer
 
     check_output_layer(model_path)
-    ranks = [s.rank for s in adapter_specs(cfg)] if not is_full_finetune(cfg) else []
-    for i, rank in enumerate(ranks):
+    specs = adapter_specs(cfg)  # none under full fine-tuning
+    for i, rank in enumerate(s.rank for s in specs):
         if rank > VLLM_MAX_LORA_RANK:
             key = "lora.rank" if not cfg.adapters else f"adapters[{i}].rank"
             raise ConfigError(f"{key}: {rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANK})")
-    for i, spec in enumerate(adapter_specs(cfg) if not is_full_finetune(cfg) else []):
+    for i, spec in enumerate(specs):
         if isinstance(spec.expert_rank, int) and spec.expert_rank > VLLM_MAX_LORA_RANK:
             key = "lora.expert_rank" if not cfg.adapters else f"adapters[{i}].expert_rank"
             raise ConfigError(f"{key}: {spec.expert_rank} is above the largest LoRA rank vLLM serves "
@@ -72,8 +72,8 @@ def check_model(cfg: Config, model_path: str) -> None:
         raise ConfigError(f"sampler.tensor_parallel_size: {tp} does not divide the model's {heads} attention heads "
                           "(vLLM shards heads evenly)")
     _check_transformers_backend(config)
-    if not is_full_finetune(cfg):
-        _check_targets(cfg, config)
+    if specs:
+        _check_targets(cfg, config, specs)
 
 
 def _transformers_backend_archs() -> set[str]:
@@ -109,7 +109,7 @@ def _check_transformers_backend(config) -> None:
                           "own process)")
 
 
-def _check_targets(cfg: Config, config) -> None:
+def _check_targets(cfg: Config, config, specs: list) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -121,7 +121,6 @@ def _check_targets(cfg: Config, config) -> None:
             model = AutoModelForCausalLM.from_config(config)
     except Exception:
         return  # an architecture transformers cannot build here: the learner checks when it builds the model
-    specs = adapter_specs(cfg)
     for i, spec in enumerate(specs):
         key = "lora.target_modules" if not cfg.adapters else f"adapters[{i}].target_modules"
         try:

@@ -7,7 +7,7 @@ import sys
 
 
 def _train(args) -> int:
-    from rl_lora.config import load_config
+    from rl_lora.config import is_full_finetune, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -23,7 +23,7 @@ def _train(args) -> int:
     if summary.get("eval_table"):
         k = cfg.train.eval_samples
         how = f"avg@{k} at temperature {cfg.sampler.temperature}" if k else "greedy"
-        what = ("fine-tuned model" if cfg.lora.rank == "full" else "trained adapters" if cfg.adapters
+        what = ("fine-tuned model" if is_full_finetune(cfg) else "trained adapters" if cfg.adapters
                 else "trained adapter")
         print(f"\nheld-out accuracy, base model vs {what} ({cfg.data.eval_size} problems, {how}, "
               "same engine, paired seeds):")
@@ -35,7 +35,9 @@ def _train(args) -> int:
 
 def run_dir_line(cfg, run_dir) -> str:
     """Where the trained weights are: model/ (full fine-tuning), adapters/<name>/ (several adapters) or adapter/."""
-    weights = "model/" if cfg.lora.rank == "full" else "adapters/<name>/" if cfg.adapters else "adapter/"
+    from rl_lora.config import is_full_finetune
+
+    weights = "model/" if is_full_finetune(cfg) else "adapters/<name>/" if cfg.adapters else "adapter/"
     return f"run dir: {run_dir}  ({weights}, metrics.jsonl, reward_curve.png, checkpoints/)"
 
 

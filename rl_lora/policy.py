@@ -1,6 +1,6 @@
-"""What the run trains, chosen once at setup (`policy_of`): K LoRA adapters on a frozen base, or the whole model
-(`lora.rank: full`, the full fine-tuning baseline). The loop, the pusher and the checkpoints call the same methods
-on either and never ask which it is.
+"""What the run trains, chosen once at setup (`make_policy` in rl_lora/train.py): K LoRA adapters on a frozen base,
+or the whole model (`lora.rank: full`, the full fine-tuning baseline). The loop, the pusher and the checkpoints call
+the same methods on either and never ask which it is.
 
 Each strategy owns: pushing a new version into the engines (new LoRA ids, old ones evicted; or the engines'
 weights overwritten in place), the learner's logprobs under the previous version for the push check (adapters
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rl_lora.config import FullModelSpec
 from rl_lora.errors import ConfigError
 
 
@@ -120,7 +121,7 @@ class FullModel:
     """Full fine-tuning: the engines' base weights ARE the policy and are overwritten in place after every step."""
 
     K = 1
-    names = ["full-ft"]
+    names = [FullModelSpec.name]
     weight_dirs = ["model"]
 
     def __init__(self, learner):
@@ -167,8 +168,3 @@ class FullModel:
         delta, ci = paired_delta(rows[1]["correct_per_problem"], rows[0]["correct_per_problem"], k, seed=LIVE_EVAL_SEED)
         rows[1]["delta_avg_vs_base"], rows[1]["delta_avg_vs_base_ci95"] = delta, ci
         return rows, sample_rows
-
-
-def policy_of(learner) -> Adapters | FullModel:
-    """The strategy for what `learner` trains, chosen once."""
-    return FullModel(learner) if learner.full_finetune else Adapters(learner)

@@ -96,7 +96,7 @@ def run_signature(cfg: Config) -> dict:
     sig = {"model.path": cfg.model.path, "optim.beta1": cfg.optim.beta1, "optim.beta2": cfg.optim.beta2,
            "optim.weight_decay": cfg.optim.weight_decay}
     if is_full_finetune(cfg):
-        return {**sig, "lora.rank": "full", "optim.lr": specs[0].lr}
+        return {**sig, "lora.rank": "full", "optim.lr": cfg.optim.lr}
     sig["adapters"] = [s.name for s in specs]
     for s in specs:
         pre = "lora." if not cfg.adapters else f"adapters[{s.name}]."

@@ -53,8 +53,8 @@ def build_fleet(cfg: Config, model_path: str, say=None):
     from rl_lora.fleet import LocalFleet, RayFleet
 
     kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                  max_lora_rank=max(max(s.rank, s.expert_rank if isinstance(s.expert_rank, int) else 1)
-                                    for s in adapter_specs(cfg)), max_loras=resident_loras(cfg),
+                  max_lora_rank=max((max(s.rank, s.expert_rank if isinstance(s.expert_rank, int) else 1)
+                                     for s in adapter_specs(cfg)), default=1), max_loras=resident_loras(cfg),
                   kvcache_gib=cfg.sampler.cpu_kvcache_gib, gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
                   tensor_parallel_size=cfg.sampler.tensor_parallel_size, seed=cfg.train.seed)
     if uses_ray(cfg):

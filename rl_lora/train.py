@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from rl_lora import atomic, checkpoint, faults, rundir
 from rl_lora.checks import check_model, check_rewards
-from rl_lora.config import AdapterSpec, Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, to_dict
+from rl_lora.config import Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, run_specs, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
 from rl_lora.learner import Learner
 from rl_lora.loop import (Streak, assemble_groups, assign_advantages, check_learned, check_scored, check_staleness,
@@ -76,7 +76,7 @@ from rl_lora.loss import build_loss
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
 from rl_lora.plan import check_fits
-from rl_lora.policy import policy_of
+from rl_lora.policy import Adapters, FullModel
 from rl_lora.sync import Run, build_fleet, uses_ray
 
 
@@ -161,7 +161,6 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     if is_full_finetune(cfg):
         notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
                      "overwritten in place after every step")
-        return cfg, notes
     seen = set()
     for spec in adapter_specs(cfg):
         key = (spec.rank, tuple(spec.target_modules), spec.expert_rank)
@@ -220,14 +219,18 @@ def evaluate_all(run, tasks: list, K: int, scorer, cfg: Config) -> list[dict]:
     return out_K
 
 
-def make_learner(cfg: Config, model_path: str) -> Learner:
-    return Learner(model_path, target_modules=cfg.lora.target_modules, specs=adapter_specs(cfg),
-                   betas=(cfg.optim.beta1, cfg.optim.beta2), full_finetune=is_full_finetune(cfg),
-                   weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
-                   tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
-                   top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
-                   activation_checkpointing=cfg.optim.activation_checkpointing,
-                   share_prompts=cfg.optim.share_prompts, loss=build_loss(cfg.loss))
+def make_policy(cfg: Config, model_path: str) -> Adapters | FullModel:
+    """The learner and what it trains, chosen once from `lora.rank`: the run's adapters on the frozen base, or
+    (`full`) the model's own weights."""
+    kwargs = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
+                  grad_clip=cfg.optim.grad_clip, dtype=cfg.model.dtype,
+                  tokens_per_microbatch=cfg.optim.tokens_per_microbatch, temperature=cfg.sampler.temperature,
+                  top_k=cfg.sampler.top_k, top_p=cfg.sampler.top_p,
+                  activation_checkpointing=cfg.optim.activation_checkpointing,
+                  share_prompts=cfg.optim.share_prompts, loss=build_loss(cfg.loss))
+    if is_full_finetune(cfg):
+        return FullModel(Learner.full_model(model_path, lr=cfg.optim.lr, **kwargs))
+    return Adapters(Learner(model_path, adapter_specs(cfg), **kwargs))
 
 
 def follow(cfg: Config, resume: bool) -> dict:
@@ -237,12 +240,12 @@ def follow(cfg: Config, resume: bool) -> dict:
     distributed.barrier()  # rank 0 has checked the config and resolved (converted) the model
     model_path = resolve_model_path(cfg.model.path)
     cfg, _ = apply_science(cfg, model_path)
-    learner = make_learner(cfg, model_path)
+    policy = make_policy(cfg, model_path)
     start = checkpoint.latest(Path(cfg.train.output_dir)) if resume else None
     if start:
-        checkpoint.load(start, policy_of(learner))
-    distributed.broadcast_parameters(learner.params)
-    return {"follower_steps": distributed.follow(learner)}
+        checkpoint.load(start, policy)
+    distributed.broadcast_parameters(policy.learner.params)
+    return {"follower_steps": distributed.follow(policy.learner)}
 
 
 @dataclasses.dataclass
@@ -261,7 +264,7 @@ class Task:
     eval_dir: str = "eval"  # where its final table goes in the run folder
 
 
-def load_tasks(cfg: Config, specs: list[AdapterSpec]) -> tuple[list[Task], list[int]]:
+def load_tasks(cfg: Config, specs: list) -> tuple[list[Task], list[int]]:
     """The run's datasets (the run's own first) and each adapter's index among them; data errors surface here,
     before any model loads."""
     tasks, keys, task_of = [], [], []
@@ -287,7 +290,7 @@ class Session:
     def __init__(self, cfg: Config, resume: bool, quiet: bool, overwrite: bool):
         self.quiet = quiet
         self.run_dir = run_dir = preflight(cfg, resume, overwrite)
-        self.specs = adapter_specs(cfg)
+        self.specs = run_specs(cfg)  # the K adapters, or the full model
         self.K = len(self.specs)
         self.names_K = [s.name for s in self.specs]
         self.tasks, self.task_of = load_tasks(cfg, self.specs)  # data errors before any model loads
@@ -344,8 +347,8 @@ class Session:
         self.runners["eval"] = self.eval_scorer = RewardRunner(
             [{"name": "math_answer"}], timeout_s=cfg.reward.timeout_s, num_workers=min(cfg.reward.num_workers, 1))
         self.fleet = build_fleet(cfg, self.model_path, say=self.say)
-        self.learner = learner = make_learner(cfg, self.model_path)
-        self.policy = policy_of(learner)  # adapters or the full model: chosen once, here
+        self.policy = make_policy(cfg, self.model_path)  # adapters or the full model: chosen once, here
+        self.learner = learner = self.policy.learner
         check_disk(self.run_dir, learner)
         fresh = {"step": 0, "data_position": [0] * len(tasks), "version": 0, "run_id": checkpoint.new_run_id()}
         state = checkpoint.load(self.start, self.policy) if self.start else fresh

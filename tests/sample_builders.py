@@ -1,28 +1,59 @@
-"""Random TrainSamples for learner tests: one builder, each test picks its shapes. Token ids are drawn above the
-byte tokenizer's specials; group members share their prompt (the shared-prompt path, GRPO's groups)."""
+"""The tests' builders of learners and of random TrainSamples (each test picks its shapes). Token ids are drawn
+above the byte tokenizer's specials; group members share their prompt (the shared-prompt path, GRPO's groups)."""
 
 import random
 
-from rl_lora.learner import TrainSample
+import torch
+
+from rl_lora.config import AdapterSpec
+from rl_lora.learner import Learner, TrainSample
 
 
 def random_samples(seed: int = 0, *, groups: int, group_size: int = 1, adapters: int = 1, adapter: int = 0,
                    vocab: tuple[int, int] = (3, 200), prompt_len: tuple[int, int] = (3, 12),
                    completion_len: tuple[int, int] = (1, 9), logprob: float | None = None,
-                   advantages: tuple[float, ...] | None = None, shuffle: bool = False) -> list[TrainSample]:
-    """`adapters` x `groups` groups of `group_size` completions (adapter ids `adapter`, `adapter` + 1, ...).
-    Lengths and ids are `randrange` ranges (upper end excluded). Sampler logprobs: `logprob` for every token, or
-    -5 + U(0, 1) per token (None). Advantages: drawn from `advantages`, or U(-1, 1) (None)."""
+                   advantages: tuple[float, ...] | None = None, shuffle: bool = False,
+                   interleave: bool = False) -> list[TrainSample]:
+    """`adapters` x `groups` groups of `group_size` completions (adapter ids `adapter`, `adapter` + 1, ...), in
+    adapter order, or (`interleave`) the adapters' groups alternating. Lengths and ids are `randrange` ranges
+    (upper end excluded). Sampler logprobs: `logprob` for every token, or -5 + U(0, 1) per token (None).
+    Advantages: drawn from `advantages`, or U(-1, 1) (None). `shuffle`: the samples in random order."""
     rng = random.Random(seed)
-    out = []
+    groups_K = []
     for k in range(adapters):
+        groups_K.append([])
         for _ in range(groups):
             prompt = [rng.randrange(*vocab) for _ in range(rng.randrange(*prompt_len))]
+            group = []
             for _ in range(group_size):
                 completion = [rng.randrange(*vocab) for _ in range(rng.randrange(*completion_len))]
                 lps = [logprob] * len(completion) if logprob is not None else [-5.0 + rng.random() for _ in completion]
                 adv = rng.choice(advantages) if advantages is not None else rng.uniform(-1, 1)
-                out.append(TrainSample(prompt, completion, lps, adv, adapter + k))
+                group.append(TrainSample(prompt, completion, lps, adv, adapter + k))
+            groups_K[k].append(group)
+    ordered = [g for gs in zip(*groups_K) for g in gs] if interleave else [g for gs in groups_K for g in gs]
+    out = [s for g in ordered for s in g]
     if shuffle:
         rng.shuffle(out)
     return out
+
+
+def perturb_B(learner: Learner, seed: int, scale: float = 0.02) -> None:
+    """Non-zero B in every adapter (as after some training, so A gets gradients too), seeded: the same in every
+    learner built with the same specs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for views in learner.adapter_sets:
+            for name in sorted(views):
+                views[name].lora_B.copy_(torch.randn(views[name].lora_B.shape, generator=gen) * scale)
+
+
+def build_learner(path: str, *adapters: AdapterSpec, **kwargs) -> Learner:
+    """The tests' learner: `adapters` on the model at `path`, or one default AdapterSpec (rank 1, alpha 32, every
+    linear layer, lr 1e-4, seed 0); `kwargs` as Learner's (temperature, top_k, tokens_per_microbatch, ...)."""
+    return Learner(path, list(adapters) or [AdapterSpec()], **kwargs)
+
+
+def build_full_learner(path: str, lr: float = 1e-4, **kwargs) -> Learner:
+    """The tests' full fine-tuning learner: every weight of the model at `path` trained at `lr`."""
+    return Learner.full_model(path, lr=lr, **kwargs)

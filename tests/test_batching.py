@@ -10,17 +10,13 @@ import torch
 from rl_lora import batching, loss
 from rl_lora.config import LossConfig
 from rl_lora.rollout import TrainSample
+from sample_builders import random_samples
 
 
-def _samples(groups=5, group_size=4, adapters=2, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for g in range(groups):
-        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(3, 20))]
-        for _ in range(group_size):
-            n = rng.randrange(1, 30)
-            out.append(TrainSample(prompt, [rng.randrange(3, 200) for _ in range(n)], [-1.0] * n, 1.0, g % adapters))
-    return out
+def _samples(groups_per_adapter=3):
+    """Two adapters' groups of 4, alternating (0, 1, 0, 1, ...): the packer must sort them into adapter runs."""
+    return random_samples(0, groups=groups_per_adapter, group_size=4, adapters=2, prompt_len=(3, 20),
+                          completion_len=(1, 30), logprob=-1.0, advantages=(1.0,), interleave=True)
 
 
 def _shared_cost(mb, kv):
@@ -83,7 +79,7 @@ def test_group_keys_and_routing_segments():
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
 def test_shards_partition_the_step_and_keep_groups_whole(size):
-    samples = _samples(groups=6)
+    samples = _samples()
     shards = [batching.shard(samples, r, size) for r in range(size)]
     assert sorted(id(s) for sh in shards for s in sh) == sorted(map(id, samples))
     for sh in shards:  # step order kept

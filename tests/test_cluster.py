@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
+from sample_builders import build_learner, perturb_B
 from rl_lora.loop import with_names
 from runhelpers import ROOT, TESTS, metrics, run_cli, step_rows
 from test_multi_adapter import _samples as random_samples
@@ -29,12 +30,8 @@ def _samples(seed: int, n: int) -> list[TrainSample]:
 
 
 def _learner(tiny_model) -> Learner:
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS, temperature=0.7, tokens_per_microbatch=64)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # non-zero B, as after some training, so every parameter gets a gradient
-        for views in learner.adapter_sets:
-            for name in sorted(views):
-                views[name].lora_B.copy_(torch.randn(views[name].lora_B.shape, generator=gen) * 0.02)
+    learner = build_learner(tiny_model, *SPECS, temperature=0.7, tokens_per_microbatch=64)
+    perturb_B(learner, 3)  # so every parameter gets a gradient
     return learner
 
 
@@ -170,7 +167,7 @@ def test_ray_engine_killed_for_real_is_freed_and_replaced(tiny_model, monkeypatc
     try:
         fleet = RayFleet(tiny_model, dict(max_model_len=256, max_lora_rank=1, max_loras=2, kvcache_gib=1),
                          num_engines=1, say=said.append)
-        learner = Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, temperature=1.0, seed=0)
+        learner = build_learner(tiny_model, temperature=1.0)
         with torch.no_grad():
             for m in learner.adapters.values():
                 m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora.config import ConfigError, DataConfig
+from rl_lora.config import AdapterSpec, ConfigError, DataConfig
 from rl_lora.data import load_problems
 from rl_lora.evaldata import (HF_EVAL_SETS, decontamination_report, load_eval_set, normalise_question,
                               parse_data_arg)
@@ -320,10 +320,9 @@ def test_eval_help_is_instant_and_loads_no_model():
 def two_adapters(tiny_model, tmp_path_factory):
     import torch
 
-    from rl_lora.config import ALL_LINEAR
-    from rl_lora.learner import Learner
+    from sample_builders import build_learner
 
-    learner = Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, temperature=1.0, seed=0)
+    learner = build_learner(tiny_model, AdapterSpec(lr=1e-2), temperature=1.0)
     root = tmp_path_factory.mktemp("eval-adapters")
     paths = []
     for i, name in enumerate(("run_a", "run_b")):

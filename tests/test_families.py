@@ -8,9 +8,8 @@ import torch
 
 import tiny_models
 from rl_lora import heads
-from rl_lora.config import ALL_LINEAR, ConfigError
-from rl_lora.learner import Learner
-from sample_builders import random_samples
+from rl_lora.config import ALL_LINEAR, AdapterSpec, ConfigError
+from sample_builders import build_full_learner, build_learner, perturb_B, random_samples
 
 TEMPERATURE = 0.7
 FAMILIES = list(tiny_models.BUILDERS)
@@ -40,12 +39,10 @@ def _samples(seed=0):
 
 
 def _learner(path, name, full, **kw):
-    learner = Learner(path, target_modules=_targets(name), temperature=TEMPERATURE, full_finetune=full, **kw)
+    learner = (build_full_learner(path, temperature=TEMPERATURE, **kw) if full else
+               build_learner(path, AdapterSpec(target_modules=_targets(name)), temperature=TEMPERATURE, **kw))
     if not full:  # a non-zero B, so the adapter changes the logprobs and A gets a gradient
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for v in learner.adapters.values():
-                v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=gen) * 0.05)
+        perturb_B(learner, 1, scale=0.05)
     return learner
 
 
@@ -126,7 +123,7 @@ def test_learner_refuses_an_output_layer_it_would_get_wrong(family_paths, monkey
     """The load-time check: with the soft-cap forgotten (the learner before issue 15) Gemma-2 is refused."""
     monkeypatch.setattr(heads, "head_of", lambda config: heads.Head())
     with pytest.raises(ConfigError, match="Gemma2ForCausalLM's own forward"):
-        Learner(family_paths("gemma2"), target_modules=ALL_LINEAR, temperature=TEMPERATURE)
+        build_learner(family_paths("gemma2"), temperature=TEMPERATURE)
 
 
 def test_cli_refuses_the_model_before_any_engine(tmp_path, tiny_model):
@@ -150,7 +147,7 @@ def test_gemma2_attention_softcap_is_applied(family_paths):
     from transformers import AutoModelForCausalLM
 
     path = family_paths("gemma2")
-    learner = Learner(path, target_modules=ALL_LINEAR, temperature=TEMPERATURE)  # B = 0: the base model
+    learner = build_learner(path, temperature=TEMPERATURE)  # B = 0: the base model
     eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     samples = _samples()
     ours = torch.cat([torch.tensor(row) for row in learner.score(samples)])

@@ -6,14 +6,15 @@ import peft  # a dev dependency: the round trip must run, never skip
 import pytest
 import torch
 
-from rl_lora.config import ALL_LINEAR
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.config import ALL_LINEAR, AdapterSpec
+from rl_lora.learner import TrainSample
+from sample_builders import build_full_learner, build_learner
 from rl_lora.lora import LoRALinear
 
 
 @pytest.fixture()
 def learner(tiny_model):
-    return Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, seed=0)
+    return build_learner(tiny_model, AdapterSpec(lr=1e-2))
 
 
 def test_all_linear_layers_adapted_with_paper_init(learner):
@@ -32,7 +33,7 @@ def test_all_linear_layers_adapted_with_paper_init(learner):
 
 def test_unknown_target_module_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="qkv_proj"):
-        Learner(tiny_model, target_modules=["q_proj", "qkv_proj"])
+        build_learner(tiny_model, AdapterSpec(target_modules=["q_proj", "qkv_proj"]))
 
 
 def _samples(n=4):
@@ -76,7 +77,7 @@ def test_peft_round_trip_gives_same_logits(learner, tiny_model, tmp_path):
     assert (ours - plain).abs().max() > 1e-3  # the adapter does something
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # and back: a fresh learner loading the files reproduces the logits
-    other = Learner(tiny_model, target_modules=ALL_LINEAR, seed=1)
+    other = build_learner(tiny_model, AdapterSpec(seed=1))
     other.load_adapter(tmp_path / "adapter")
     torch.testing.assert_close(other.model(input_ids=ids).logits, ours, atol=1e-6, rtol=1e-6)
 
@@ -133,7 +134,7 @@ def test_routing_is_cleared_after_a_forward(tiny_model):
     from rl_lora.config import AdapterSpec
 
     specs = [AdapterSpec(name=f"a{k}", rank=1, alpha=32, target_modules=list(ALL_LINEAR), seed=k) for k in range(2)]
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=specs)
+    learner = build_learner(tiny_model, *specs)
     with torch.no_grad():
         for k, views in enumerate(learner.adapter_sets):
             for v in views.values():
@@ -153,10 +154,10 @@ def test_bf16_full_finetuning_steps_fp32_masters(tiny_model, tmp_path):
     optimizer steps fp32 masters instead: nearly all change, in the direction an fp32 run takes; the bf16 weights
     are their rounding; AdamW's state is fp32; a checkpoint keeps the masters themselves."""
     from rl_lora import checkpoint
-    from rl_lora.policy import policy_of
+    from rl_lora.policy import FullModel
 
     def learner(dtype):
-        return Learner(tiny_model, target_modules=ALL_LINEAR, full_finetune=True, dtype=dtype, lr=1e-5, seed=0)
+        return build_full_learner(tiny_model, lr=1e-5, dtype=dtype)
 
     runs = {}
     for dtype in ("bfloat16", "float32"):
@@ -178,9 +179,9 @@ def test_bf16_full_finetuning_steps_fp32_masters(tiny_model, tmp_path):
         assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
     assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters)  # more than bf16 holds
 
-    checkpoint.save(tmp_path, 2, policy_of(bf16), {"data_position": 0, "version": 2})
+    checkpoint.save(tmp_path, 2, FullModel(bf16), {"data_position": 0, "version": 2})
     resumed = learner("bfloat16")
-    checkpoint.load(checkpoint.latest(tmp_path), policy_of(resumed))
+    checkpoint.load(checkpoint.latest(tmp_path), FullModel(resumed))
     for a, b in zip(resumed.optimizer.param_groups[0]["params"], masters):
         assert torch.equal(a, b)
     for a, b in zip(resumed.model.parameters(), bf16.model.parameters()):

@@ -16,7 +16,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr(rl_lora.train, "build_fleet", reached)
-    monkeypatch.setattr(rl_lora.train, "make_learner", reached)
+    monkeypatch.setattr(rl_lora.train, "make_policy", reached)
 
 
 def _refused(capsys, argv, *needles):

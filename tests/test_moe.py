@@ -261,9 +261,10 @@ def test_target_modules_naming_no_expert_projection_fail_before_load(tiny_moe, m
 def test_learner_trains_expert_adapters(tiny_moe):
     """One learner step on the MoE base: every expert adapter's B moves, the router and the experts' weights do
     not; scores are finite."""
-    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.learner import TrainSample
+    from sample_builders import build_learner
 
-    learner = Learner(tiny_moe, rank=1, target_modules=list(AdapterSpec().target_modules), lr=1e-2, seed=0)
+    learner = build_learner(tiny_moe, AdapterSpec(lr=1e-2))
     router = learner.model.model.layers[0].mlp.gate.weight.detach().clone()
     fused = learner.model.model.layers[0].mlp.experts.base.gate_up_proj.detach().clone()
     before = {n: v.lora_B.detach().clone() for n, v in learner.adapters.items()}
@@ -303,13 +304,13 @@ def test_capacity_counts_experts_at_rank_over_active_experts():
 
 
 def test_capacity_count_matches_the_learner_on_the_moe(tiny_moe):
-    from rl_lora.learner import Learner
+    from sample_builders import build_learner
     from rl_lora.science import adapter_parameters, read_shape
 
     shape = read_shape(tiny_moe)
     assert (shape.num_experts, shape.experts_per_token, shape.moe_layers) == (4, 2, 2)
     for rank in (1, 4):
-        learner = Learner(tiny_moe, rank=rank, target_modules=list(AdapterSpec().target_modules))
+        learner = build_learner(tiny_moe, AdapterSpec(rank=rank))
         assert adapter_parameters(shape, rank, list(AdapterSpec().target_modules)) == learner.num_trainable()
 
 

@@ -15,14 +15,12 @@ from runhelpers import run_cli, step_rows
 
 from rl_lora import checkpoint, cli, lora, rundir
 from rl_lora.config import ALL_LINEAR, load_config
-from rl_lora.policy import policy_of
+from rl_lora.policy import Adapters
 
 
 class FakeLearner:
     """What checkpoint.save/load use of a Learner (through its policy, rl_lora/policy.py): PEFT adapter dirs (real
     files) and real AdamW optimizers."""
-
-    full_finetune = False  # policy_of: adapters
 
     def __init__(self, names=("adapter",), lr=1e-3, betas=(0.9, 0.99), rank=1, alpha=32.0, targets=ALL_LINEAR,
                  model_path="model"):
@@ -61,7 +59,7 @@ class FakeLearner:
 
 
 def _save(run_dir, step, learner=None, run_id="this-run", **state):
-    return checkpoint.save(run_dir, step, policy_of(learner or FakeLearner()),
+    return checkpoint.save(run_dir, step, Adapters(learner or FakeLearner()),
                            {"data_position": 0, "version": step, "run_id": run_id, **state})
 
 
@@ -137,7 +135,7 @@ def test_resume_applies_this_configs_optimizer_settings_and_keeps_the_moments(tm
         trained.step()
     path = _save(tmp_path, 3, trained)
     resumed = FakeLearner(lr=3e-4, betas=(0.8, 0.95))
-    checkpoint.load(path, policy_of(resumed))
+    checkpoint.load(path, Adapters(resumed))
     group = resumed.optimizers[0].param_groups[0]
     assert group["lr"] == 3e-4 and tuple(group["betas"]) == (0.8, 0.95)  # torch alone brings back 1e-3, 0.9/0.99
     old, new = trained.optimizers[0].state[trained.params[0]], resumed.optimizers[0].state[resumed.params[0]]

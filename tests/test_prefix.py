@@ -9,6 +9,7 @@ import torch
 from rl_lora import batching, heads
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import Learner, TrainSample
+from sample_builders import build_learner, perturb_B
 from rl_lora.logprobs import FrozenHeadLogprobs, chunk_token_logprobs
 
 SPECS = [AdapterSpec(name=f"a{k}", rank=1, alpha=32, target_modules=list(ALL_LINEAR), lr=1e-2, seed=k)
@@ -23,12 +24,8 @@ def grpo_samples(seed=0, adapters=2, groups=3, group_size=4) -> list[TrainSample
 
 
 def _learner(tiny_model, **kw) -> Learner:
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=SPECS, temperature=0.7, **kw)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B, as after some training, so A gets gradients too
-        for views in learner.adapter_sets:
-            for v in views.values():
-                v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=gen) * 0.05)
+    learner = build_learner(tiny_model, *SPECS, temperature=0.7, **kw)
+    perturb_B(learner, 1, scale=0.05)
     return learner
 
 
@@ -99,7 +96,7 @@ def test_budget_counts_each_completions_copy_of_the_prompt_keys_values(tiny_mode
         prompt = [rng.randrange(3, 200) for _ in range(150)]
         samples += [TrainSample(prompt, [rng.randrange(3, 200) for _ in range(4)], [-5.0] * 4, 1.0)
                     for _ in range(8)]
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, tokens_per_microbatch=500)
+    learner = build_learner(tiny_model, tokens_per_microbatch=500)
     weight = learner.kv_weight
     config = learner.model.config  # 2 x the repeated keys/values (q_dim) over ~7 d + 2 kv_dim + 2 d_ff per token
     assert weight == pytest.approx(2 * 128 / (7 * 128 + 2 * 64 + 2 * config.intermediate_size))
@@ -155,15 +152,10 @@ def test_fused_swiglu_equals_autograd(tiny_model, targets):
         picked = [s for s in samples if s.adapter < len(chosen)]
         results = []
         for fuse in (False, True):
-            learner = Learner(tiny_model, target_modules=targets, specs=chosen, temperature=0.7, fuse_mlp=fuse,
-                              tokens_per_microbatch=64)
+            learner = build_learner(tiny_model, *chosen, temperature=0.7, fuse_mlp=fuse, tokens_per_microbatch=64)
             mlps = [m for m in learner.model.modules() if hasattr(m, "gate_proj")]
             assert mlps and all(("forward" in vars(m)) == fuse for m in mlps)  # the fused forward is in place
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for views in learner.adapter_sets:
-                    for v in views.values():
-                        v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=gen) * 0.05)
+            perturb_B(learner, 1, scale=0.05)
             results.append(_logprobs_and_grads(learner, picked))
         (lp0, g0), (lp1, g1) = results
         torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-5)

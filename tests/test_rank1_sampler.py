@@ -162,10 +162,10 @@ TOL = 1e-3  # as tests/test_sampler.py: sampler vs learner logprobs (measured ~5
 
 @pytest.fixture(scope="module")
 def learner(tiny_model):
-    from rl_lora.config import ALL_LINEAR
-    from rl_lora.learner import Learner
+    from rl_lora.config import AdapterSpec
+    from sample_builders import build_learner
 
-    return Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, temperature=0.7, seed=0)
+    return build_learner(tiny_model, AdapterSpec(lr=1e-2), temperature=0.7)
 
 
 @pytest.mark.slow
@@ -275,12 +275,13 @@ def _multiproc_child(model: str) -> None:
     three adapters and base rows in one call; prints each row's gap to the learner and the workers' report."""
     import json
 
-    from rl_lora.config import ALL_LINEAR
-    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.config import AdapterSpec
+    from rl_lora.learner import TrainSample
+    from sample_builders import build_learner
     from rl_lora.sampler import Sampler
 
     sampler = Sampler(model, max_model_len=512, max_loras=4, kvcache_gib=1)
-    learner = Learner(model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, temperature=0.7, seed=0)
+    learner = build_learner(model, AdapterSpec(lr=1e-2), temperature=0.7)
     prompt = _prompt(sampler)
     weights = {0: [torch.zeros_like(m.lora_B) for m in learner.adapters.values()]}
     for version in (1, 2, 3):

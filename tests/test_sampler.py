@@ -4,8 +4,9 @@ engine settings it chooses per platform."""
 import pytest
 import torch
 
-from rl_lora.config import ALL_LINEAR
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.config import AdapterSpec
+from rl_lora.learner import TrainSample
+from sample_builders import build_learner
 from rl_lora.sampler import AdapterRef, Sampler, engine_kwargs
 
 # Sampler and fp32 learner logprobs agree to ~1e-5 when both see the same weights and temperature
@@ -22,7 +23,7 @@ def _prompt(sampler, text="What is 2 + 3?"):
 
 @pytest.fixture(scope="module")
 def learner(tiny_model):
-    return Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=1e-2, temperature=0.7, seed=0)
+    return build_learner(tiny_model, AdapterSpec(lr=1e-2), temperature=0.7)
 
 
 @pytest.mark.slow

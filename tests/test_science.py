@@ -31,10 +31,10 @@ def test_unknown_family_says_so():
 
 
 def test_adapter_parameter_count_matches_the_learner(tiny_model):
-    from rl_lora.learner import Learner
+    from sample_builders import build_learner
 
     shape = read_shape(tiny_model)
-    learner = Learner(tiny_model, rank=1, target_modules=ALL_LINEAR)
+    learner = build_learner(tiny_model)
     assert adapter_parameters(shape, 1, ALL_LINEAR) == learner.num_trainable()
     assert adapter_parameters(shape, 2, ["q_proj"]) == 2 * (128 + 128) * shape.num_layers
 

@@ -13,9 +13,10 @@ import urllib.request
 
 import pytest
 
-from rl_lora.config import ALL_LINEAR
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.config import AdapterSpec
+from rl_lora.learner import TrainSample
 from runhelpers import wait_for_server
+from sample_builders import build_learner
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def _post(port: int, body: dict) -> dict:
 def _trained_adapter(tiny_model: str, prompt: list[int], target: list[int], path) -> None:
     """A rank-1 adapter trained by our learner (policy-gradient steps with advantage +1 on one completion), so that
     its greedy completion differs from the base model's."""
-    learner = Learner(tiny_model, rank=1, alpha=32, target_modules=ALL_LINEAR, lr=5e-2, temperature=1.0, seed=0)
+    learner = build_learner(tiny_model, AdapterSpec(lr=5e-2), temperature=1.0)
     for _ in range(8):
         (lps,) = learner.score([TrainSample(prompt, target, [0.0] * len(target), 0.0)])
         learner.train_step([TrainSample(prompt, target, lps, 1.0)])

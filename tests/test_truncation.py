@@ -6,9 +6,8 @@ kept), on the tiny model. The end-to-end check (rho = 1 on-policy through the re
 import pytest
 import torch
 
-from rl_lora.config import ALL_LINEAR
 from rl_lora.learner import Learner, TrainSample
-from sample_builders import random_samples
+from sample_builders import build_full_learner, build_learner, random_samples
 
 
 def _samples(seed: int, n: int = 4) -> list[TrainSample]:
@@ -40,7 +39,7 @@ def _reference_logprobs(learner: Learner, samples, temperature, top_k, top_p) ->
 
 @pytest.mark.parametrize("top_k,top_p", [(-1, 0.8), (20, 1.0), (50, 0.7)])
 def test_truncated_logprobs_and_gradient_equal_vllms_masked_softmax(tiny_model, top_k, top_p):
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, temperature=0.7, top_k=top_k, top_p=top_p)
+    learner = build_learner(tiny_model, temperature=0.7, top_k=top_k, top_p=top_p)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for v in learner.adapters.values():
@@ -60,7 +59,7 @@ def test_truncated_logprobs_and_gradient_equal_vllms_masked_softmax(tiny_model, 
     for g, w in zip(got_grads, want_grads):  # fp32 summation order differs: 1e-4 of the tensor's largest entry
         assert w.abs().max() > 0 and (g - w).abs().max() <= 1e-4 * w.abs().max()
     # the truncation does something here: the full softmax gives clearly higher-entropy logprobs
-    full = Learner(tiny_model, target_modules=ALL_LINEAR, temperature=0.7)
+    full = build_learner(tiny_model, temperature=0.7)
     with torch.no_grad():
         for name, v in full.adapters.items():
             v.lora_B.copy_(learner.adapters[name].lora_B)
@@ -71,8 +70,8 @@ def test_full_finetune_path_truncates_the_same(tiny_model):
     """Full fine-tuning scores through the recomputed-logits path (the output layer trains): the same values as
     the frozen-head path and the no-grad path."""
     samples = _samples(2)
-    lora = Learner(tiny_model, target_modules=ALL_LINEAR, temperature=0.7, top_k=50, top_p=0.7)  # B = 0: the base
-    full = Learner(tiny_model, target_modules=ALL_LINEAR, temperature=0.7, top_k=50, top_p=0.7, full_finetune=True)
+    lora = build_learner(tiny_model, temperature=0.7, top_k=50, top_p=0.7)  # B = 0: the base
+    full = build_full_learner(tiny_model, temperature=0.7, top_k=50, top_p=0.7)
     want = _reference_logprobs(lora, samples, 0.7, 50, 0.7).detach()
     torch.testing.assert_close(full.token_logprobs(samples).detach(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor([x for lp in lora.score(samples) for x in lp]), want, rtol=0, atol=1e-5)

@@ -15,8 +15,9 @@ from rl_lora.learner import Learner
 from rl_lora.lora import PEFT_PREFIX
 from rl_lora.rollout import Completion
 from rl_lora.sampler import AdapterRef
-from rl_lora.policy import policy_of
+from rl_lora.policy import Adapters
 from rl_lora.sync import Run, RunError
+from sample_builders import build_learner
 
 
 class FakeFleet(_Fleet):
@@ -97,13 +98,13 @@ def _run(tmp_path, make_config, tiny_model, *, engines: int, noise: float, tol: 
     specs = adapter_specs(cfg)
 
     def learner():
-        return Learner(tiny_model, target_modules=cfg.lora.target_modules, specs=specs, temperature=0.7)
+        return build_learner(tiny_model, *specs, temperature=0.7)
 
     engine_model = learner()
     K = len(specs)
     engine_model.slot_of_version = lambda v: (v - 1) % K
     trained = learner()
-    return Run(cfg, FakeFleet(engine_model, engines, noise), trained, policy_of(trained),
+    return Run(cfg, FakeFleet(engine_model, engines, noise), trained, Adapters(trained),
                probe_ids=[1, 40, 41, 42, 43, 2, 1, 60])
 
 
