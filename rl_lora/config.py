@@ -112,6 +112,7 @@ class AdapterSpec:
     rewards: list = field(default_factory=list)  # this adapter's [{name, weight, kwargs}]; [] = reward.rewards
     data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
     expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/moe.py); "auto" = rank / active experts
+    sample_seed: int = 0  # prompt order and request seeds: same sample_seed + same data = same prompts and seeds
 
 
 @dataclass
@@ -320,6 +321,10 @@ class AdapterEntry:
     # Same seed + same targets = same init of A, whatever the other adapters.
     seed: int | None = setting(None, "seed of this adapter's init; default train.seed",
                                check=(lambda v: v >= 0, "must be an integer >= 0"))
+    # Adapters with the same sample_seed and data are paired (same prompts, same request seeds); another
+    # sample_seed is an independent replicate of the run's randomness (`rl-lora grid` seeds).
+    sample_seed: int | None = setting(None, "seed of this adapter's training-prompt order and request seeds; "
+                                      "default train.seed", check=(lambda v: v >= 0, "must be an integer >= 0"))
     rewards: list | None = setting(None, "this adapter's own reward list (replaces reward.rewards for its "
                                    "completions); default reward.rewards")
     data: dict | None = setting(None, "data.* keys put on top of the run's data for this adapter (tenants on "
@@ -389,11 +394,11 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     """The run's adapters, each key resolved (its own, else lora.* / optim.lr / train.seed)."""
     if is_full_finetune(cfg):
         return [AdapterSpec("full-ft", 1, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr, 1.0,
-                            cfg.train.seed, list(cfg.reward.rewards), cfg.data)]
+                            cfg.train.seed, list(cfg.reward.rewards), cfg.data, sample_seed=cfg.train.seed)]
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
                             cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data,
-                            cfg.lora.expert_rank)]
+                            cfg.lora.expert_rank, sample_seed=cfg.train.seed)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
         default_name = f"lr={entry.lr:g}" if isinstance(entry.lr, float) else f"adapter{i}"
@@ -404,7 +409,8 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
                                           f"adapters[{i}].target_modules"),
             lr=_own(entry.lr, cfg.optim.lr), lora_plus_ratio=_own(entry.lora_plus_ratio, cfg.lora.lora_plus_ratio),
             seed=_own(entry.seed, cfg.train.seed), rewards=list(_own(entry.rewards, cfg.reward.rewards)),
-            data=_adapter_data(cfg, entry, i), expert_rank=_own(entry.expert_rank, cfg.lora.expert_rank)))
+            data=_adapter_data(cfg, entry, i), expert_rank=_own(entry.expert_rank, cfg.lora.expert_rank),
+            sample_seed=_own(entry.sample_seed, cfg.train.seed)))
     return specs
 
 
@@ -525,6 +531,11 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML at `path` (optional), apply dotted overrides, type-check and validate. Never loads a model."""
+    return config_from_data(read_config_data(path, overrides))
+
+
+def read_config_data(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """The YAML at `path` (optional) as plain data, with the dotted overrides applied; not yet checked."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -535,10 +546,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
         data = loaded or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    cfg = _build(Config, _normalise_numbers(data), "")
+    return data
+
+
+def config_from_data(data: dict) -> Config:
+    """Type-check and validate plain config data (as read by `read_config_data`). Never loads a model."""
+    cfg = _build(Config, _normalise_numbers(copy.deepcopy(data)), "")
     cfg.lora.target_modules = expand_targets(cfg.lora.target_modules, "lora.target_modules")
     validate(cfg)
     return cfg

@@ -210,12 +210,12 @@ def evaluate_all(run, tasks: list, K: int, scorer, cfg: Config) -> list[dict]:
     from rl_lora.eval.runner import eval_live
 
     out_K = [{} for _ in range(K)]
-    for t in tasks:
+    for t, k_ in by_dataset(tasks):
         if t.held_out:
-            outs = eval_live(run.fleet, [run.refs[k] for k in t.adapters], t.eval_prompts, t.held_out, scorer,
+            outs = eval_live(run.fleet, [run.refs[k] for k in k_], t.eval_prompts, t.held_out, scorer,
                              k=cfg.train.eval_samples, temperature=cfg.sampler.temperature,
                              max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
-            for k, res in zip(t.adapters, outs):
+            for k, res in zip(k_, outs):
                 out_K[k] = res
     return out_K
 
@@ -247,7 +247,8 @@ def follow(cfg: Config, resume: bool) -> dict:
 
 @dataclasses.dataclass
 class Task:
-    """A dataset of the run, with the adapters that train on it (one Task unless adapters bring their own data)."""
+    """A prompt stream of the run: a dataset and a sample seed, with the adapters that train on it (one Task unless
+    adapters bring their own data or sample seed). Streams of one dataset share its problems and held-out set."""
 
     name: str
     data: object  # DataConfig
@@ -257,26 +258,40 @@ class Task:
     train_prompts: list = None
     eval_prompts: list = None
     stream: PromptStream = None
-    prefix: str = ""  # "<name>/" before its metrics and table, "" when it is the run's only dataset
-    eval_dir: str = "eval"  # where its final table goes in the run folder
+    prefix: str = ""  # "<name>/" before its dataset's metrics and table, "" when it is the run's only dataset
+    eval_dir: str = "eval"  # where its dataset's final table goes in the run folder
+    seed: int = 0  # the sample seed: training-prompt order (with `dataset`) and request seeds
+    dataset: int = 0  # index of its dataset among the run's datasets (the run's own first)
 
 
 def load_tasks(cfg: Config, specs: list[AdapterSpec]) -> tuple[list[Task], list[int]]:
-    """The run's datasets (the run's own first) and each adapter's index among them; data errors surface here,
-    before any model loads."""
-    tasks, keys, task_of = [], [], []
+    """The run's prompt streams, one per (dataset, sample seed) of its adapters (the run's own first), and each
+    adapter's index among them; data errors surface here, before any model loads."""
+    tasks, keys, datasets, task_of = [], [], {}, []
     for k, spec in enumerate(specs):
-        key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
-        if key not in keys:
-            keys.append(key)
+        data_key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
+        if data_key not in datasets:
             name = "data" if spec.data == cfg.data else f"{spec.name}-data"
-            tasks.append(Task(name, spec.data, [], *load_problems(spec.data)))
-        task_of.append(keys.index(key))
+            datasets[data_key] = (len(datasets), name, load_problems(spec.data))
+        if (data_key, spec.sample_seed) not in keys:
+            keys.append((data_key, spec.sample_seed))
+            d, name, (train, held_out) = datasets[data_key]
+            tasks.append(Task(name, spec.data, [], train, held_out, seed=spec.sample_seed, dataset=d))
+        task_of.append(keys.index((data_key, spec.sample_seed)))
         tasks[task_of[-1]].adapters.append(k)
-    if len(tasks) > 1:
+    if len(datasets) > 1:
         for t in tasks:
             t.prefix, t.eval_dir = f"{t.name}/", f"eval/{t.name}"
     return tasks, task_of
+
+
+def by_dataset(tasks: list[Task]) -> list[tuple[Task, list[int]]]:
+    """Each dataset of the run once (its first stream), with every adapter that trains on it, in adapter order:
+    evaluations are per dataset (one held-out set, one table, one base row), training is per stream."""
+    first = {}
+    for t in tasks:
+        first.setdefault(t.dataset, (t, []))[1].extend(t.adapters)
+    return [(t, sorted(k_)) for t, k_ in first.values()]
 
 
 class Session:
@@ -293,8 +308,11 @@ class Session:
         self.tasks, self.task_of = load_tasks(cfg, self.specs)  # data errors before any model loads
         self.model_path = model_path = resolve_model_path(cfg.model.path)
         check_model(cfg, model_path)  # output layer, target_modules, sampler settings: before any model loads
-        for t in self.tasks:
-            t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
+        for t, _ in by_dataset(self.tasks):  # once per dataset; its streams share the token ids
+            prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
+            for same in self.tasks:
+                if same.dataset == t.dataset:
+                    same.train_prompts, same.eval_prompts = prompts
         cfg, notes = apply_science(cfg, model_path)
         self.cfg = cfg
         if torch.cuda.is_available():  # the GPU memory plan (`rl-lora plan`): refuse what cannot fit, before any model
@@ -356,8 +374,8 @@ class Session:
             self.leader = distributed.Leader(learner)
             self.learn_step = self.leader.train_step
         self.first_step = state["step"]
-        for d, (t, position) in enumerate(zip(tasks, loaded_position(state["data_position"]))):
-            t.stream = PromptStream(len(t.train), cfg.train.seed + d, position)
+        for t, position in zip(tasks, loaded_position(state["data_position"])):
+            t.stream = PromptStream(len(t.train), t.seed + t.dataset, position)
         self.logger = MetricsLogger(self.run_dir, cfg.train.wandb_project, to_dict(cfg),
                                     resume_step=self.first_step if self.start else None)
         probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
@@ -393,7 +411,7 @@ class Session:
             if ahead not in self.run.in_flight:
                 idx_D = [t.stream.next(cfg.train.prompts_per_step) for t in tasks]
                 self.run.submit(ahead, idx_D, [[tasks[d].train_prompts[i] for i in idx_D[d]] for d in self.task_of],
-                                [t.stream.position for t in tasks])
+                                [t.stream.position for t in tasks], [tasks[d].seed for d in self.task_of])
         sub, completions = self.run.collect(step)
         return sub, assemble_groups(completions, sub.idx_D, tasks, self.task_of)
 
@@ -429,12 +447,12 @@ class Session:
             atomic.fsync_tree(run_dir / top)
         atomic.fsync_path(run_dir)
         base_D, trained_K, tables, rows = [], [{} for _ in range(self.K)], [], []
-        for t in self.tasks:
+        for t, k_ in by_dataset(self.tasks):
             if not t.held_out:
                 continue
-            final = final_table(self, t.adapters, t, run_dir / t.eval_dir)
+            final = final_table(self, k_, t, run_dir / t.eval_dir)
             base_D.append({f"{t.prefix}eval/base_accuracy": final["rows"][0]["avg_at_k"]})
-            for k, trained in zip(t.adapters, final["rows"][1:]):
+            for k, trained in zip(k_, final["rows"][1:]):
                 trained_K[k] = {"eval/accuracy": trained["avg_at_k"],
                                 "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
                                 "eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]}

@@ -1,0 +1,157 @@
+"""`rl-lora grid`: expansion into runs and cells, the seeds' pairing, the summary math, refused specs (fast, no
+model), and one tiny-model grid end to end (slow)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rl_lora.config import adapter_specs, config_from_data
+from rl_lora.errors import ConfigError
+from rl_lora.grid import LORA_RUN, cell_name, expand
+from rl_lora.grid_summary import best_per_variant, group_cells, mean_ci, summarise, t975, write
+from runhelpers import ROOT, TESTS
+
+GRID = {"lrs": [1e-3, 3e-3], "seeds": [0, 1, 2],
+        "variants": [{"name": "r1"}, {"name": "attn", "target_modules": "attention", "rank": 2},
+                     {"name": "full", "rank": "full", "lrs": [1e-4]}]}
+
+
+def _grid_file(tmp_path, grid=GRID, **sections):
+    data = {"model": {"path": "some/model"}, "data": {"train_size": 50, "eval_size": 4, "max_operand": 20},
+            "train": {"steps": 2, "output_dir": str(tmp_path / "g")}, "grid": grid, **sections}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_grid_expands_into_one_lora_run_and_one_run_per_full_finetuning_cell(tmp_path):
+    g = expand(str(_grid_file(tmp_path)), [])
+    assert list(g.runs) == [LORA_RUN, "full-lr=0.0001-s0", "full-lr=0.0001-s1", "full-lr=0.0001-s2"]
+    assert len(g.cells) == 2 * 2 * 3 + 3
+    lora = config_from_data(g.runs[LORA_RUN])
+    specs = adapter_specs(lora)
+    assert [s.name for s in specs][:3] == ["r1-lr=0.001-s0", "r1-lr=0.001-s1", "r1-lr=0.001-s2"]
+    assert all(s.seed == s.sample_seed == int(s.name[-1]) for s in specs)
+    attn = [s for s in specs if s.name.startswith("attn")]
+    assert len(attn) == 6 and all(s.rank == 2 and s.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+                                  for s in attn)
+    assert lora.train.output_dir == str(tmp_path / "g" / LORA_RUN)
+    full = config_from_data(g.runs["full-lr=0.0001-s2"])
+    assert (full.lora.rank, full.optim.lr, full.train.seed, full.adapters) == ("full", 1e-4, 2, [])
+    assert full.train.output_dir == str(tmp_path / "g" / "full-lr=0.0001-s2")
+    assert cell_name("r1", 3e-3, 1) == "r1-lr=0.003-s1"
+
+
+def test_cells_of_a_seed_share_prompt_order_and_request_seeds_and_seeds_differ(tmp_path):
+    """The pairing, from the code the loop uses: a LoRA cell's prompt stream is (dataset, sample seed); a full
+    fine-tuning run of seed s has the same stream as the LoRA cells of seed s; request seeds derive from it."""
+    from rl_lora.data import PromptStream
+    from rl_lora.seeds import step_seed
+    from rl_lora.train import load_tasks
+
+    g = expand(str(_grid_file(tmp_path)), [])
+    lora = config_from_data(g.runs[LORA_RUN])
+    specs = adapter_specs(lora)
+    tasks, task_of = load_tasks(lora, specs)
+    assert len(tasks) == 3  # one stream per seed, one dataset
+    assert len({id(t.train) for t in tasks}) == 1 and all(t.prefix == "" and t.eval_dir == "eval" for t in tasks)
+    for k, spec in enumerate(specs):
+        assert tasks[task_of[k]].seed == spec.sample_seed
+    orders = {}
+    for seed in (0, 1, 2):
+        full = config_from_data(g.runs[f"full-lr=0.0001-s{seed}"])
+        (ft,), _ = load_tasks(full, adapter_specs(full))
+        mine = [t for t in tasks if t.seed == seed]
+        assert len(mine) == 1 and (ft.seed, ft.dataset) == (mine[0].seed, mine[0].dataset)
+        assert [p.question for p in ft.train] == [p.question for p in mine[0].train]
+        orders[seed] = PromptStream(len(ft.train), ft.seed + ft.dataset).next(8)
+        assert step_seed(ft.seed, 3) == step_seed(mine[0].seed, 3)
+    assert len({tuple(o) for o in orders.values()}) == 3  # seeds differ in data order
+    assert len({step_seed(s, 1) for s in (0, 1, 2)}) == 3  # and in request seeds
+
+
+def test_a_run_without_sample_seeds_keeps_its_streams():
+    """Tenants and plain K-adapter runs: one stream per dataset, seeded train.seed + dataset index, as before."""
+    from rl_lora.train import load_tasks
+
+    cfg = config_from_data({"data": {"train_size": 30, "eval_size": 2}, "train": {"seed": 5},
+                            "adapters": [{"name": "a"}, {"name": "b", "seed": 3},
+                                         {"name": "c", "data": {"operations": "*"}}]})
+    tasks, task_of = load_tasks(cfg, adapter_specs(cfg))
+    assert task_of == [0, 0, 1] and [(t.seed, t.dataset) for t in tasks] == [(5, 0), (5, 1)]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"lrs": []}, "grid.lrs: must be a non-empty list of distinct numbers > 0"),
+    ({"lrs": [1e-3, 1e-3]}, "grid.lrs: must be a non-empty list of distinct numbers > 0"),
+    ({"lrs": [0.0]}, "grid.lrs"),
+    ({"lrs": [1e-3], "seeds": [0, 0]}, "grid.seeds: must be a non-empty list of distinct integers >= 0"),
+    ({"lrs": [1e-3], "sedes": [0]}, "unknown config key 'grid.sedes'"),
+    ({"lrs": [1e-3], "variants": [{"lr": 1e-3}]}, "grid.variants[0].lr: set per cell by the grid"),
+    ({"lrs": [1e-3], "variants": [{"rank": 0}]}, "grid.variants[0].rank: must be an integer >= 1"),
+    ({"lrs": [1e-3], "variants": [{"rnak": 2}]}, "unknown config key 'grid.variants[0].rnak'"),
+    ({"lrs": [1e-3], "variants": [{"rank": "full", "target_modules": "mlp"}]}, "takes only name and lrs"),
+    ({"lrs": [1e-3], "variants": [{"name": "a"}, {"name": "a", "rank": 2}]}, "'a' is used twice"),
+    ({"lrs": [1e-3], "variants": [{"name": "a/b"}]}, "must be a non-empty file name"),
+    ({"lrs": [1e-3], "variants": [{"target_modules": "everything"}]}, "unknown preset 'everything'"),
+])
+def test_bad_grid_specs_are_refused_in_one_line_before_anything_runs(tmp_path, grid, message):
+    path = _grid_file(tmp_path, grid)
+    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "rl_lora.cli", "grid", str(path)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, env=env)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
+    assert not (tmp_path / "g").exists()
+
+
+def test_grid_refuses_a_config_without_a_grid_or_with_its_own_adapters(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 1}}))
+    with pytest.raises(ConfigError, match="no grid section"):
+        expand(str(path), [])
+    with pytest.raises(ConfigError, match="must not list adapters"):
+        expand(str(_grid_file(tmp_path, adapters=[{"name": "x"}])), [])
+    with pytest.raises(ConfigError, match="grid run lora: sampler.max_loras"):  # each run's own checks, named
+        expand(str(_grid_file(tmp_path, sampler={"max_loras": 3})), [])
+
+
+def test_t_quantiles_and_the_interval_over_seeds():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(30) == 2.042
+    assert abs(t975(40) - 2.021) < 1e-3 and abs(t975(120) - 1.980) < 1e-3
+    mean, ci, sd = mean_ci([0.5, 0.6, 0.7])
+    assert math.isclose(mean, 0.6) and math.isclose(sd, 0.1)
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert math.isclose(ci[0], 0.6 - half) and math.isclose(ci[1], 0.6 + half)
+    assert mean_ci([0.4]) == (0.4, None, None)
+
+
+def _cells():
+    acc = {("r1", 1e-3): [0.30, 0.34, 0.32], ("r1", 1e-2): [0.60, 0.64, 0.62], ("r1", 1e-1): [0.1, 0.5, 0.9],
+           ("full", 1e-4): [0.50, 0.56, 0.53], ("full", 1e-3): [0.20, 0.22, None]}
+    return [{"variant": v, "lr": lr, "seed": s, "accuracy": a, "accuracy_given_answer": a and a + 0.1}
+            for (v, lr), values in acc.items() for s, a in enumerate(values)]
+
+
+def test_summary_groups_seeds_picks_the_best_lr_and_the_ratio_to_full_finetuning(tmp_path):
+    groups = group_cells(_cells())
+    g = next(x for x in groups if (x["variant"], x["lr"]) == ("r1", 1e-2))
+    assert g["seeds"] == [0, 1, 2] and math.isclose(g["mean"], 0.62) and math.isclose(g["mean_given_answer"], 0.72)
+    partial = next(x for x in groups if (x["variant"], x["lr"]) == ("full", 1e-3))
+    assert partial["seeds"] == [0, 1] and partial["missing_seeds"] == [2]
+    best = best_per_variant(groups)
+    assert best["r1"]["lr"] == 1e-2 and best["r1"]["resolved"] is False  # 1e-1's wide interval overlaps it
+    assert best["full"]["lr"] == 1e-4 and best["full"]["resolved"] is True
+    result = summarise(_cells(), {"avg_at_k": 0.2, "accuracy_given_answer": 0.3, "no_answer": 0.1},
+                       {"full_variants": ["full"], "steps": 2, "model": "m"})
+    assert math.isclose(result["lr_ratio_vs_full"]["r1"], 100.0) and "full" not in result["lr_ratio_vs_full"]
+    assert result["best_cells_overlap"] is True  # r1's best [0.570, 0.670] and full's [0.456, 0.605]
+    out = write(result, tmp_path)
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "grid.json").read_text())["best"]["r1"]["lr"] == 1e-2
+    md = (tmp_path / "grid.md").read_text()
+    assert "| r1 | 0.01 | 3 | 0.620 [" in md and "LR ratio r1 / full fine-tuning: 100x" in md and out["table"] in md
