@@ -107,6 +107,12 @@ def _lr_suggest(args) -> int:
 
         print(f"adapter       {adapter_parameters(shape, args.rank, targets):,} parameters at rank {args.rank} "
               f"on {', '.join(targets)}")
+    from rl_lora.science import measured_lrs
+
+    measured = measured_lrs(shape)
+    for i, line in enumerate(measured or ["no committed grid for this model family yet (experiments/*/results.json, "
+                                          "written by `rl-lora grid`)"]):
+        print(f"{'measured' if i == 0 else '':<14}{line}")
     print(f"config        optim.lr: {s.lora_lr:.3g}   (or optim.lr: auto)")
     return 0
 

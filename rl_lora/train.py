@@ -146,7 +146,7 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data) ->
 
 def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     """Resolve `optim.lr: auto` with the paper's rule and check the adapter's capacity for the planned run."""
-    from rl_lora.science import capacity_check, read_shape, suggest_lr
+    from rl_lora.science import capacity_check, measured_lrs, read_shape, suggest_lr
 
     shape = read_shape(model_path)
     notes = []
@@ -157,6 +157,7 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
         lr = s.lora_lr if cfg.optim.lr == "auto" else cfg.optim.lr
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
         notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
+        notes += [f"lr: measured here, {line}" for line in measured_lrs(shape)]
     episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
     if is_full_finetune(cfg):
         notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
@@ -456,6 +457,8 @@ class Session:
                 trained_K[k] = {"eval/accuracy": trained["avg_at_k"],
                                 "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
                                 "eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]}
+                if trained["accuracy_given_answer"] is not None:
+                    trained_K[k]["eval/accuracy_given_answer"] = trained["accuracy_given_answer"]
             tables.append(f"[{t.name}: {t.data.source}]\n{final['table']}" if t.prefix else final["table"])
             rows += final["rows"]
         if tables:

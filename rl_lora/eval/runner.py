@@ -70,6 +70,8 @@ def eval_live(sampler, refs_K: list, prompts_P: list[list[int]], problems, score
         out[f"eval/maj@{n}"] = s["maj_at_k"]
         out.update({"eval/length_mean": s["length_mean"], "eval/truncated": s["truncated"],
                     "eval/no_answer": s["no_answer"], "eval/timeouts": float(s["timeouts"])})
+        if s["accuracy_given_answer"] is not None:
+            out["eval/accuracy_given_answer"] = s["accuracy_given_answer"]
         outs.append(out)
     return outs
 
