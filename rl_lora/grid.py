@@ -1,6 +1,7 @@
 """`rl-lora grid CONFIG`: learning rates x seeds x variants, as adapters of ONE run, plus full fine-tuning.
 
-A grid config is a run config with a `grid:` section (GridConfig below). Every LoRA cell (variant, LR, seed)
+A grid config is a run config with a `grid:` section (GridConfig below), or a few sections on top of a run
+config named by `grid.base` (experiments/ use this: one run config, one grid file per question). Every LoRA cell (variant, LR, seed)
 becomes one adapter of a single run: one base, one sampler, one learner, each adapter its own optimizer. Full
 fine-tuning (a variant with `rank: full`) cannot share the base, so each of its (LR, seed) cells is its own run,
 driven by the same command, one after another.
@@ -46,6 +47,8 @@ def _positive_lrs(v) -> bool:
 
 @dataclass
 class GridConfig:
+    base: str = setting("", "a run config under this file's sections (path relative to this file); empty = this "
+                        "file is the whole run config")
     lrs: list = setting([], "learning rates of every variant without its own `lrs` (finite, > 0, distinct; the plot's "
                         "log axis)", check=(_positive_lrs, "must be a non-empty list of distinct numbers > 0"))
     seeds: list = setting([0, 1, 2], "independent replicates: each sets init, prompt order and request seeds; >= 2 "
@@ -140,6 +143,12 @@ def expand(path: str | None, overrides: list[str]) -> Grid:
         raise ConfigError("grid: the config has no grid section (grid: {lrs: [...], seeds: [...], variants: [...]})")
     grid = _build(GridConfig, data.pop("grid") or {}, "grid.")
     check_fields(grid, "grid.")
+    if grid.base:
+        under = read_config_data(Path(path).parent / grid.base if path else grid.base, [])
+        if "grid" in under:
+            raise ConfigError(f"grid.base: {grid.base} has a grid section itself; name a run config")
+        data = {**under, **{k: {**under.get(k, {}), **v} if isinstance(v, dict) and isinstance(under.get(k), dict)
+                            else v for k, v in data.items()}}
     if data.get("adapters"):
         raise ConfigError("adapters: a grid config must not list adapters itself (grid.variants makes them)")
     if str(data.get("lora", {}).get("rank", 1)) == "full":

@@ -109,6 +109,25 @@ def test_bad_grid_specs_are_refused_in_one_line_before_anything_runs(tmp_path, g
     assert not (tmp_path / "g").exists()
 
 
+def test_a_grid_file_can_sit_on_top_of_a_run_config(tmp_path):
+    base = _grid_file(tmp_path)
+    (tmp_path / "q").mkdir()
+    top = tmp_path / "q" / "grid.yaml"
+    top.write_text(yaml.safe_dump({"grid": {"base": "../grid.yaml", "lrs": [1e-2]}}))
+    with pytest.raises(ConfigError, match="has a grid section itself"):
+        expand(str(top), [])
+    base.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(base.read_text()).items() if k != "grid"}))
+    top.write_text(yaml.safe_dump({"grid": {"base": "../grid.yaml", "lrs": [1e-2], "seeds": [4]},
+                                   "train": {"steps": 5}}))
+    g = expand(str(top), ["train.prompts_per_step=3"])
+    run = config_from_data(g.runs[LORA_RUN])
+    assert (run.train.steps, run.train.prompts_per_step, run.data.train_size) == (5, 3, 50)
+    assert run.train.output_dir == str(tmp_path / "g" / LORA_RUN) and [c.seed for c in g.cells] == [4]
+    top.write_text(yaml.safe_dump({"grid": {"base": "missing.yaml", "lrs": [1e-2]}}))
+    with pytest.raises(ConfigError, match="config file not found"):
+        expand(str(top), [])
+
+
 def test_grid_refuses_a_config_without_a_grid_or_with_its_own_adapters(tmp_path):
     path = tmp_path / "plain.yaml"
     path.write_text(yaml.safe_dump({"train": {"steps": 1}}))
@@ -155,3 +174,49 @@ def test_summary_groups_seeds_picks_the_best_lr_and_the_ratio_to_full_finetuning
     assert json.loads((tmp_path / "grid.json").read_text())["best"]["r1"]["lr"] == 1e-2
     md = (tmp_path / "grid.md").read_text()
     assert "| r1 | 0.01 | 3 | 0.620 [" in md and "LR ratio r1 / full fine-tuning: 100x" in md and out["table"] in md
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_runs_end_to_end_with_paired_seeds(tmp_path, tiny_model):
+    """2 LoRA variants x 2 LRs x 2 seeds as 8 adapters of one run, and a full fine-tuning variant (1 LR x 2 seeds,
+    2 runs), 2 steps each: every cell has a result, the summary groups the seeds, and the pairing holds in the
+    runs themselves: at step 1 every adapter is still the base (B = 0), so adapters of the same seed (same prompts,
+    same request seeds) sample the same completions; the full fine-tuning run of seed 0 trains on the prompts of
+    the LoRA run's seed-0 cells, and seed 1 on others."""
+    from runhelpers import metrics, write_config
+
+    cfg = yaml.safe_load(write_config(tmp_path, tiny_model, train={"steps": 2, "save_every": 0, "eval_samples": 2,
+                                                                   "prompts_per_step": 2},
+                                      data={"eval_size": 4}).read_text())
+    cfg["train"]["output_dir"] = str(tmp_path / "g")
+    cfg["grid"] = {"lrs": [1e-3, 5e-3], "seeds": [0, 1],
+                   "variants": [{"name": "r1"}, {"name": "attn", "target_modules": "attention"},
+                                {"name": "full", "rank": "full", "lrs": [1e-4]}]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {"PYTHONPATH": f"{TESTS}:{ROOT}", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "rl_lora.cli", "grid", str(path), "--quiet"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=1500, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    g = tmp_path / "g"
+    result = json.loads((g / "grid.json").read_text())
+    assert len(result["cells"]) == 10 and all(c["accuracy"] is not None for c in result["cells"])
+    assert [(x["variant"], x["lr"], x["seeds"]) for x in result["groups"]] == [
+        ("r1", 1e-3, [0, 1]), ("r1", 5e-3, [0, 1]), ("attn", 1e-3, [0, 1]), ("attn", 5e-3, [0, 1]),
+        ("full", 1e-4, [0, 1])]
+    assert all(x["ci95"][0] <= x["mean"] <= x["ci95"][1] for x in result["groups"])
+    assert set(result["best"]) == {"r1", "attn", "full"} and set(result["lr_ratio_vs_full"]) == {"r1", "attn"}
+    assert set(result["run_time_s"]) == {"lora", "full-lr=0.0001-s0", "full-lr=0.0001-s1"}
+    assert (g / "grid.png").stat().st_size > 1000 and "| r1 | 0.001 | 2 |" in (g / "grid.md").read_text()
+    first = next(r for r in metrics(g / "lora") if r.get("step") == 1 and "reward/mean" in r)
+    names = [c["model"] for c in result["cells"] if c["run"] == "lora"]
+    for seed in (0, 1):
+        same = {first[f"{n}/reward/mean"] for n in names if n.endswith(f"-s{seed}")}
+        assert len(same) == 1, same  # 4 cells of one seed, one policy (the base), the same samples
+
+    def prompts(run):
+        return [json.loads(line)["prompt"] for line in (run / "samples.jsonl").read_text().splitlines()]
+
+    assert prompts(g / "full-lr=0.0001-s0") == prompts(g / "lora")  # the LoRA run logs its first adapter (seed 0)
+    assert prompts(g / "full-lr=0.0001-s1") != prompts(g / "lora")
+    assert "best LR per variant" in res.stdout
