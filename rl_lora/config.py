@@ -159,8 +159,9 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    source: str = setting("arithmetic", "'arithmetic' (seeded procedural task), a local .jsonl/.parquet file, or "
-                          "hf:<dataset> (e.g. hf:openai/gsm8k); rows need a question and an answer")
+    source: str = setting("arithmetic", "'arithmetic' (seeded procedural task), 'multidigit' (seeded multi-digit "
+                          "arithmetic: the capability task), a local .jsonl/.parquet file, or hf:<dataset> (e.g. "
+                          "hf:openai/gsm8k); rows need a question and an answer")
     question_key: str = setting("question", "column holding the problem text (files / HF datasets)")
     answer_key: str = setting("answer", "column holding the reference answer (files / HF datasets)")
     hf_config: str = setting("", "HF dataset config name, if it has several ('main' for gsm8k); empty = none")
@@ -168,16 +169,27 @@ class DataConfig:
     eval_size: int = setting(64, "held-out problems for evaluation, taken disjoint from training", check=_GE0)
     train_size: int = setting(2000, "arithmetic only: number of training problems generated", check=_GE1)
     max_operand: int = setting(99, "arithmetic only: operands are drawn from [0, max_operand]", check=_GE1)
-    operations: str = setting("+-*", "arithmetic only: operators to draw from, any of + - * (products use a "
-                              "one-digit second factor)",
+    operations: str = setting("+-*", "arithmetic / multidigit: operators to draw from, any of + - * (arithmetic's "
+                              "products use a one-digit second factor)",
                               check=(lambda v: bool(v) and set(v) <= set("+-*"), "must be a non-empty string of + - *"))
+    digits: int = setting(3, "multidigit only: digits of each operand", check=(lambda v: 1 <= v <= 12,
+                                                                                  "must be in [1, 12]"))
+    shots: int = setting(0, "arithmetic / multidigit: worked examples shown before every question (the same ones "
+                         "for every prompt, disjoint from training and held-out problems)", check=_GE0)
     seed: int = setting(1234, "seed of the data generator and of the held-out split")
     system_prompt: str = setting("", "system message for the chat template; empty = the model's default")
     instruction: str = setting("Put the final answer in \\boxed{}.", "appended to every question; asks for the "
                                "final answer in \\boxed{}")
+    # SmolLM2-135M-Instruct in chat format mostly rambles past the cap (demo: 29% truncated, 43% no answer); as a
+    # plain few-shot completion it answers a number (experiments/capability_base.json).
+    chat_template: bool = setting(True, "wrap the prompt in the model's chat template; false = plain text for the "
+                                  "model to continue (worked examples one per line, then the question)")
 
     def check(self, prefix: str = "data.") -> None:
         check_fields(self, prefix)
+        if self.shots and self.source not in ("arithmetic", "multidigit"):
+            raise ConfigError(f"{prefix}shots: worked examples are drawn from the procedural sources (arithmetic, "
+                              f"multidigit) only, not {self.source!r}; leave it at 0")
 
 
 @dataclass
@@ -198,6 +210,11 @@ class SamplerConfig:
     top_k: int = setting(-1, "top-k sampling, replayed in the learner like top_p; -1 = off",
                          check=(lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"))
     max_tokens: int = setting(256, "maximum completion length in tokens", check=_GE1)
+    # The capability task's plain few-shot prompt is continued line by line: its answer ends at the newline.
+    stop: list = setting([], "stop strings: a completion ends at the first one (left out of its text, its tokens are "
+                         "kept and trained); [] = only end of sequence or max_tokens",
+                         check=(lambda v: all(isinstance(x, str) and x for x in v), "must be a list of non-empty "
+                                "strings"))
     cpu_kvcache_gib: int = setting(1, "vLLM KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)", check=_GE1)
     gpu_memory_utilization: float = setting(0.5, "fraction of GPU memory vLLM may use (GPU only)", check=_UNIT)
     max_loras: int = setting(0, "adapters resident in the engine (each live version plus the one being replaced); "

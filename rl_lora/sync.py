@@ -200,7 +200,8 @@ class Run:
         request = self.fleet.submit([p for prompts_P in prompts_KP for p in prompts_P], n=n,
                                     adapters=[r for r in refs for _ in range(P)],
                                     seeds=seeds, temperature=cfg.sampler.temperature,
-                                    max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
+                                    max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
+                                    stop=cfg.sampler.stop)
         self.in_flight[step] = Submitted(step, idx_D, request, self.version, data_position)
 
     def collect(self, step: int):

@@ -190,7 +190,8 @@ def final_table(session, k_: list[int], task, out_dir: Path) -> dict:
 
     def evaluate(models):
         return evaluate_models(run.fleet, models, [evalset], data, session.eval_scorer, k=k, temperature=temperature,
-                               max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED)
+                               max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED,
+                               stop=cfg.sampler.stop)
 
     rows, sample_rows = policy.final_rows(run.fleet, session.model_path, labels, [run.refs[j] for j in k_],
                                           evaluate, k)
@@ -215,7 +216,7 @@ def evaluate_all(run, tasks: list, K: int, scorer, cfg: Config) -> list[dict]:
         if t.held_out:
             outs = eval_live(run.fleet, [run.refs[k] for k in k_], t.eval_prompts, t.held_out, scorer,
                              k=cfg.train.eval_samples, temperature=cfg.sampler.temperature,
-                             max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
+                             max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, stop=cfg.sampler.stop)
             for k, res in zip(k_, outs):
                 out_K[k] = res
     return out_K
