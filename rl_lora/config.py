@@ -159,9 +159,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    source: str = setting("arithmetic", "'arithmetic' (seeded procedural task), 'multidigit' (seeded multi-digit "
-                          "arithmetic: the capability task), a local .jsonl/.parquet file, or hf:<dataset> (e.g. "
-                          "hf:openai/gsm8k); rows need a question and an answer")
+    source: str = setting("arithmetic", "'arithmetic' (seeded small arithmetic), 'multidigit' (seeded multi-digit "
+                          "arithmetic), a local .jsonl/.parquet file, or hf:<dataset>; rows need a question and answer")
     question_key: str = setting("question", "column holding the problem text (files / HF datasets)")
     answer_key: str = setting("answer", "column holding the reference answer (files / HF datasets)")
     hf_config: str = setting("", "HF dataset config name, if it has several ('main' for gsm8k); empty = none")
