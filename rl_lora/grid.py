@@ -213,6 +213,9 @@ def run_all(g: Grid, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
     (g.dir / "configs").mkdir(parents=True, exist_ok=True)
     times = {}
     for name, data in g.runs.items():
+        if resume and finished(g.dir / name, data):
+            print(f"grid: run {name} is finished (--resume), kept as it is", flush=True)
+            continue
         path = g.dir / "configs" / f"{name}.yaml"
         path.write_text(dump_yaml(config_from_data(data)))
         flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
@@ -226,6 +229,16 @@ def run_all(g: Grid, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
             raise RunError(f"grid run {name} failed (exit {res.returncode}); the runs before it are kept; fix it and "
                            "continue with --resume")
     return times
+
+
+def finished(run_dir: Path, data: dict) -> bool:
+    """The run has its final table and its last checkpoint is at train.steps (nothing left to train)."""
+    from rl_lora import checkpoint
+
+    latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    steps = config_from_data(data).train.steps
+    return (run_dir / "eval" / "eval_results.json").is_file() and latest is not None and \
+        checkpoint.step_of(latest) == steps
 
 
 def cell_results(g: Grid) -> tuple[list[dict], dict | None]:
