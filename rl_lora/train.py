@@ -26,11 +26,12 @@ Algorithmic choices (and where they come from):
   learner is data-parallel, one all-reduce of the adapter gradients per step (rl_lora/distributed.py).
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
-- K adapters (`adapters:`, `rl-lora sweep`): adapters on the same data get the same prompts with the same
-  request seeds (paired); all K x P groups are sampled in one generate call (multi-LoRA), learned in one
-  forward/backward per micro-batch (each adapter its own optimizer and LR), and all K are pushed as new versions
-  each step. Tenants: an adapter may bring its own `data` (its own prompt stream, held-out set and eval table)
-  and `rewards` (its completions scored by its own reward runner).
+- K adapters (`adapters:`, `rl-lora sweep`, `rl-lora grid`): adapters on the same data and sample seed share a
+  prompt stream and request seeds (paired); another `sample_seed` is an independent replicate (its own prompt
+  order and request seeds; rl_lora/grid.py). All K x P groups are sampled in one generate call (multi-LoRA),
+  learned in one forward/backward per micro-batch (each adapter its own optimizer and LR), and all K are pushed as
+  new versions each step. Tenants: an adapter may bring its own `data` (its own prompt stream, held-out set and
+  eval table) and `rewards` (its completions scored by its own reward runner).
 
 Reliability (each behaviour has a test in tests/faults/):
 - After every push, every engine's logprobs on a fixed probe must match the learner's for the new version

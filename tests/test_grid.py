@@ -220,3 +220,13 @@ def test_a_tiny_grid_runs_end_to_end_with_paired_seeds(tmp_path, tiny_model):
     assert prompts(g / "full-lr=0.0001-s0") == prompts(g / "lora")  # the LoRA run logs its first adapter (seed 0)
     assert prompts(g / "full-lr=0.0001-s1") != prompts(g / "lora")
     assert "best LR per variant" in res.stdout
+
+
+def test_grid_list_prints_the_runs_and_writes_nothing(tmp_path, capsys):
+    from rl_lora import cli
+
+    assert cli.main(["grid", str(_grid_file(tmp_path)), "--list", "train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "15 cells = 3 variants x LRs x 3 seeds (seeds 0, 1, 2), in 4 runs" in out
+    assert "full: LRs 0.0001; full fine-tuning, one run per cell" in out and "attn: LRs 0.001, 0.003" in out
+    assert not (tmp_path / "g").exists()
