@@ -32,8 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl_lora.config import (AdapterEntry, ConfigError, _build, check_fields, config_from_data, dump_yaml,
-                            read_config_data, setting)
+from rl_lora.config import (AdapterEntry, ConfigError, _build, _normalise_numbers, check_fields, config_from_data,
+                            dump_yaml, read_config_data, setting)
 
 LORA_RUN = "lora"  # the LoRA run's folder inside the grid folder
 # Adapter keys a variant may not set: the grid sets them per cell, or they would break the pairing.
@@ -41,8 +41,8 @@ CELL_KEYS = ("name", "lr", "seed", "sample_seed", "data", "rewards")
 
 
 def _positive_lrs(v) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, (int, float)) and x > 0 and math.isfinite(x)
-                                                  for x in v) and len(set(v)) == len(v)
+    return isinstance(v, list) and bool(v) and len(set(v)) == len(v) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and math.isfinite(x) for x in v)
 
 
 @dataclass
@@ -141,7 +141,7 @@ def expand(path: str | None, overrides: list[str]) -> Grid:
     data = read_config_data(path, overrides)
     if "grid" not in data:
         raise ConfigError("grid: the config has no grid section (grid: {lrs: [...], seeds: [...], variants: [...]})")
-    grid = _build(GridConfig, data.pop("grid") or {}, "grid.")
+    grid = _build(GridConfig, _normalise_numbers(data.pop("grid") or {}), "grid.")  # YAML 1.1 reads 1e-3 as text
     check_fields(grid, "grid.")
     if grid.base:
         under = read_config_data(Path(path).parent / grid.base if path else grid.base, [])
@@ -190,9 +190,10 @@ def _with(data: dict, sections: dict, adapters: list | None = None) -> dict:
 def describe(g: Grid) -> str:
     """What the grid will run, in a few lines (`rl-lora grid CONFIG --list`)."""
     lines = [f"grid: {len(g.cells)} cells = {len(g.variants)} variants x LRs x {len(g.grid.seeds)} seeds "
-             f"(seeds {', '.join(map(str, g.grid.seeds))}), in {len(g.runs)} runs under {g.dir}/"]
+             f"(seeds {', '.join(map(str, g.grid.seeds))}), in {len(g.runs)} run{'s' * (len(g.runs) > 1)} under {g.dir}/"]
     for v in g.variants:
-        what = "full fine-tuning, one run per cell" if v.full else f"adapters of {LORA_RUN}/ ({v.settings or 'lora.*'})"
+        keys = ", ".join(f"{k}={val}" for k, val in v.settings.items()) or "lora.*"
+        what = "full fine-tuning, one run per cell" if v.full else f"adapters of {LORA_RUN}/ ({keys})"
         lines.append(f"  {v.name}: LRs {', '.join(f'{x:g}' for x in v.lrs)}; {what}")
     return "\n".join(lines)
 

@@ -119,7 +119,7 @@ def test_a_grid_file_can_sit_on_top_of_a_run_config(tmp_path):
     base.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(base.read_text()).items() if k != "grid"}))
     top.write_text(yaml.safe_dump({"grid": {"base": "../grid.yaml", "lrs": [1e-2], "seeds": [4]},
                                    "train": {"steps": 5}}))
-    g = expand(str(top), ["train.prompts_per_step=3"])
+    g = expand(str(top), ["train.prompts_per_step=3", "grid.lrs=[1e-2]"])  # 1e-2: text to YAML 1.1, a number here
     run = config_from_data(g.runs[LORA_RUN])
     assert (run.train.steps, run.train.prompts_per_step, run.data.train_size) == (5, 3, 50)
     assert run.train.output_dir == str(tmp_path / "g" / LORA_RUN) and [c.seed for c in g.cells] == [4]
