@@ -50,7 +50,7 @@ def main():
             stop = ["\n"] if fmt == "plain" else None
             for temp, n in ((0.7, 4), (0.0, 1)):
                 t0 = time.perf_counter()
-                sp = [SamplingParams(n=n, temperature=temp, max_tokens=8, stop=stop, seed=1000 + 10 * i, logprobs=0)
+                sp = [SamplingParams(n=n, temperature=temp, max_tokens=12, stop=stop, seed=1000 + 10 * i, logprobs=0)
                       for i in range(len(prompts))]
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
                 answered = correct = total = trunc = misaligned = tokens = 0

@@ -97,7 +97,7 @@ def _fmt_ci(ci) -> str:
 
 
 def format_markdown(result: dict) -> str:
-    lines = [f"held-out accuracy (avg@k) after {result.get('steps')} steps, mean over seeds with its "
+    lines = [f"held-out accuracy (avg@k) after {result.get('steps')} steps: mean over seeds; interval: "
              f"{result['interval']}", ""]
     if result.get("base"):
         b = result["base"]
