@@ -213,14 +213,14 @@ def run_all(g: Grid, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
     check_folders(g, resume, overwrite)
     (g.dir / "configs").mkdir(parents=True, exist_ok=True)
     times = {}
-    for name, data in g.runs.items():
+    for i, (name, data) in enumerate(g.runs.items(), 1):
         if resume and finished(g.dir / name, data):
             print(f"grid: run {name} is finished (--resume), kept as it is", flush=True)
             continue
         path = g.dir / "configs" / f"{name}.yaml"
         path.write_text(dump_yaml(config_from_data(data)))
         flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
-        print(f"grid: run {name} ({len(times) + 1}/{len(g.runs)})", flush=True)
+        print(f"grid: run {name} ({i}/{len(g.runs)})", flush=True)
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "rl_lora.cli", "train", str(path), *flags])
         times[name] = round(time.perf_counter() - t0, 1)

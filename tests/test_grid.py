@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -230,3 +231,31 @@ def test_grid_list_prints_the_runs_and_writes_nothing(tmp_path, capsys):
     assert "15 cells = 3 variants x LRs x 3 seeds (seeds 0, 1, 2), in 4 runs" in out
     assert "full: LRs 0.0001; full fine-tuning, one run per cell" in out and "attn: LRs 0.001, 0.003" in out
     assert not (tmp_path / "g").exists()
+
+
+def test_resume_keeps_finished_runs_and_the_summary_reads_what_is_there(tmp_path, monkeypatch):
+    """A run with its final table and its last checkpoint at train.steps is not trained again by --resume; a
+    summary of a partly run grid marks the missing cells instead of failing."""
+    from rl_lora import grid
+
+    g = expand(str(_grid_file(tmp_path)), [])
+    done = g.dir / "full-lr=0.0001-s0"
+    (done / "eval").mkdir(parents=True)
+    rows = [{"model": "base", "avg_at_k": 0.1, "no_answer": 0.5, "accuracy_given_answer": 0.2},
+            {"model": "full-ft@2", "avg_at_k": 0.4, "no_answer": 0.1, "accuracy_given_answer": 0.45}]
+    (done / "eval" / "eval_results.json").write_text(json.dumps({"results": rows}))
+    (done / "checkpoints" / "step_000002").mkdir(parents=True)
+    for f in ("state.json", "trainer_state.pt"):
+        (done / "checkpoints" / "step_000002" / f).write_text("{}")
+    (done / "checkpoints" / "latest").write_text("step_000002")
+    assert grid.finished(done, g.runs["full-lr=0.0001-s0"])
+    assert not grid.finished(done, {**g.runs["full-lr=0.0001-s0"], "train": {**g.runs["full-lr=0.0001-s0"]["train"],
+                                                                             "steps": 3}})
+    started = []
+    monkeypatch.setattr(grid.subprocess, "run", lambda cmd, **kw: started.append(cmd[cmd.index("train") + 1]) or
+                        subprocess.CompletedProcess(cmd, 0))
+    grid.run_all(g, resume=True, overwrite=False, quiet=True)
+    assert [Path(c).stem for c in started] == ["lora", "full-lr=0.0001-s1", "full-lr=0.0001-s2"]
+    cells, base = grid.cell_results(g)
+    assert base["avg_at_k"] == 0.1 and [c["accuracy"] for c in cells if c["run"] == done.name] == [0.4]
+    assert sum(c["accuracy"] is None for c in cells) == len(cells) - 1
