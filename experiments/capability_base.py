@@ -1,7 +1,7 @@
 """Measure the base model on candidate capability tasks, to choose one where it answers in the asked format
 (> 90% of samples) but computes poorly (accuracy well below ceiling). The prompts are the training prompts
 (rl_lora.data, data.source: multidigit); vLLM with per-request seeds; the held-out problems x 4 samples at
-T = 0.7 (the configs' temperature) and greedy.
+T = 0.7 (the configs' temperature) and at T = 0.01 (vLLM's lowest: ~greedy).
 
     python experiments/capability_base.py [--problems 64] [--out experiments/capability_base.json]
 
@@ -20,7 +20,7 @@ from reward.math_answer import score
 from rl_lora.config import DataConfig
 from rl_lora.data import load_problems, prompt_token_ids
 
-TASKS = {"add2": ("+", 2), "add3": ("+", 3), "add4": ("+", 4), "mul2": ("*", 2), "sub3": ("-", 3)}
+TASKS = {"add1": ("+", 1), "add2": ("+", 2), "add3": ("+", 3), "add4": ("+", 4), "mul2": ("*", 2), "sub3": ("-", 3)}
 
 
 def main():
@@ -29,16 +29,14 @@ def main():
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--formats", default="plain,chat")
+    ap.add_argument("--temperatures", default="0.7,0.01", help="0.01: vLLM's lowest temperature, ~greedy")
     ap.add_argument("--out", default="experiments/capability_base.json")
     args = ap.parse_args()
-    from vllm import LLM, SamplingParams
-
     from rl_lora.models import resolve_model_path
+    from rl_lora.sampler import Sampler
+    from rl_lora.seeds import request_seeds
 
-    path = resolve_model_path("smollm2-135m-gguf")
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, enable_chunked_prefill=False, max_model_len=512,
-              seed=0)
-    tok = llm.get_tokenizer()
+    sampler = Sampler(resolve_model_path("smollm2-135m-gguf"), max_model_len=512)  # the training engine's settings
     results = []
     for task in args.tasks.split(","):
         op, digits = TASKS[task]
@@ -46,17 +44,17 @@ def main():
             data = DataConfig(source="multidigit", digits=digits, operations=op, shots=args.shots, train_size=10,
                               eval_size=args.problems, instruction="", chat_template=fmt == "chat")
             _, held_out = load_problems(data)
-            prompts = [prompt_token_ids(tok, p, data) for p in held_out]
+            prompts = [prompt_token_ids(sampler.tokenizer, p, data) for p in held_out]
             stop = ["\n"] if fmt == "plain" else None
-            for temp, n in ((0.7, 4), (0.0, 1)):
+            for temp in map(float, args.temperatures.split(",")):
+                n = 4 if temp > 0.05 else 1
                 t0 = time.perf_counter()
-                sp = [SamplingParams(n=n, temperature=temp, max_tokens=12, stop=stop, seed=1000 + 10 * i, logprobs=0)
-                      for i in range(len(prompts))]
-                outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+                groups = sampler.generate(prompts, n=n, adapters=[None] * len(prompts), seed=0, temperature=temp,
+                                          max_tokens=12, seeds=request_seeds(1000, len(prompts), n), stop=stop)
                 answered = correct = total = trunc = misaligned = tokens = 0
                 examples = []
-                for p, o in zip(held_out, outs):
-                    for c in o.outputs:
+                for p, g in zip(held_out, groups):
+                    for c in g:
                         total += 1
                         answered += extract(c.text) is not None
                         correct += score(c.text, p.answer) > 0
@@ -73,9 +71,10 @@ def main():
                        "examples": examples}
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"model": "smollm2-135m-gguf", "shots": args.shots, "problems": args.problems,
-                   "date": time.strftime("%Y-%m-%d", time.gmtime()), "results": results}, f, indent=1)
+                with open(args.out, "w") as f:  # after every row: a stopped run keeps what it measured
+                    json.dump({"model": "smollm2-135m-gguf", "shots": args.shots, "problems": args.problems,
+                               "date": time.strftime("%Y-%m-%d", time.gmtime()), "results": results}, f, indent=1)
+    sampler.close()
 
 
 if __name__ == "__main__":
