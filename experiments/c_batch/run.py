@@ -10,7 +10,7 @@ from page import ROOT, best, parse_args, run_grid, write_page
 
 HERE = Path(__file__).resolve().parent
 PROMPTS_IN_ALL = 128
-BATCHES = (4, 8, 16, 32)  # prompts per step; steps = 128 / batch
+BATCHES = (4, 16, 64)  # prompts per step; steps = 128 / batch
 VARIANTS = ("rank1", "full")
 
 
