@@ -112,6 +112,7 @@ class AdapterSpec:
     rewards: list = field(default_factory=list)  # this adapter's [{name, weight, kwargs}]; [] = reward.rewards
     data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
     expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/moe.py); "auto" = rank / active experts
+    sample_seed: int = 0  # prompt order and request seeds: same sample_seed + same data = same prompts and seeds
 
 
 @dataclass
@@ -123,6 +124,7 @@ class FullModelSpec:
     rewards: list
     data: object  # the run's DataConfig
     name: str = "full-ft"
+    sample_seed: int = 0  # prompt order and request seeds (train.seed), as AdapterSpec.sample_seed
 
 
 @dataclass
@@ -169,8 +171,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    source: str = setting("arithmetic", "'arithmetic' (seeded procedural task), a local .jsonl/.parquet file, or "
-                          "hf:<dataset> (e.g. hf:openai/gsm8k); rows need a question and an answer")
+    source: str = setting("arithmetic", "'arithmetic' (seeded small arithmetic), 'multidigit' (seeded multi-digit "
+                          "arithmetic), a local .jsonl/.parquet file, or hf:<dataset>; rows need a question and answer")
     question_key: str = setting("question", "column holding the problem text (files / HF datasets)")
     answer_key: str = setting("answer", "column holding the reference answer (files / HF datasets)")
     hf_config: str = setting("", "HF dataset config name, if it has several ('main' for gsm8k); empty = none")
@@ -178,16 +180,27 @@ class DataConfig:
     eval_size: int = setting(64, "held-out problems for evaluation, taken disjoint from training", check=_GE0)
     train_size: int = setting(2000, "arithmetic only: number of training problems generated", check=_GE1)
     max_operand: int = setting(99, "arithmetic only: operands are drawn from [0, max_operand]", check=_GE1)
-    operations: str = setting("+-*", "arithmetic only: operators to draw from, any of + - * (products use a "
-                              "one-digit second factor)",
+    operations: str = setting("+-*", "arithmetic / multidigit: operators to draw from, any of + - * (arithmetic's "
+                              "products use a one-digit second factor)",
                               check=(lambda v: bool(v) and set(v) <= set("+-*"), "must be a non-empty string of + - *"))
+    digits: int = setting(3, "multidigit only: digits of each operand", check=(lambda v: 1 <= v <= 12,
+                                                                                  "must be in [1, 12]"))
+    shots: int = setting(0, "arithmetic / multidigit: worked examples shown before every question (the same ones "
+                         "for every prompt, disjoint from training and held-out problems)", check=_GE0)
     seed: int = setting(1234, "seed of the data generator and of the held-out split")
     system_prompt: str = setting("", "system message for the chat template; empty = the model's default")
     instruction: str = setting("Put the final answer in \\boxed{}.", "appended to every question; asks for the "
                                "final answer in \\boxed{}")
+    # SmolLM2-135M-Instruct in chat format mostly rambles past the cap (demo: 29% truncated, 43% no answer); as a
+    # plain few-shot completion it answers a number (experiments/capability_base.json).
+    chat_template: bool = setting(True, "wrap the prompt in the model's chat template; false = plain text for the "
+                                  "model to continue (worked examples one per line, then the question)")
 
     def check(self, prefix: str = "data.") -> None:
         check_fields(self, prefix)
+        if self.shots and self.source not in ("arithmetic", "multidigit"):
+            raise ConfigError(f"{prefix}shots: worked examples are drawn from the procedural sources (arithmetic, "
+                              f"multidigit) only, not {self.source!r}; leave it at 0")
 
 
 @dataclass
@@ -208,6 +221,11 @@ class SamplerConfig:
     top_k: int = setting(-1, "top-k sampling, replayed in the learner like top_p; -1 = off",
                          check=(lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"))
     max_tokens: int = setting(256, "maximum completion length in tokens", check=_GE1)
+    # The capability task's plain few-shot prompt is continued line by line: its answer ends at the newline.
+    stop: list = setting([], "stop strings: a completion ends at the first one (left out of its text, its tokens are "
+                         "kept and trained); [] = only end of sequence or max_tokens",
+                         check=(lambda v: all(isinstance(x, str) and x for x in v), "must be a list of non-empty "
+                                "strings"))
     cpu_kvcache_gib: int = setting(1, "vLLM KV-cache size on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)", check=_GE1)
     gpu_memory_utilization: float = setting(0.5, "fraction of GPU memory vLLM may use (GPU only)", check=_UNIT)
     max_loras: int = setting(0, "adapters resident in the engine (each live version plus the one being replaced); "
@@ -331,6 +349,10 @@ class AdapterEntry:
     # Same seed + same targets = same init of A, whatever the other adapters.
     seed: int | None = setting(None, "seed of this adapter's init; default train.seed",
                                check=(lambda v: v >= 0, "must be an integer >= 0"))
+    # Adapters with the same sample_seed and data are paired (same prompts, same request seeds); another
+    # sample_seed is an independent replicate of the run's randomness (`rl-lora grid` seeds).
+    sample_seed: int | None = setting(None, "seed of this adapter's training-prompt order and request seeds; "
+                                      "default train.seed", check=(lambda v: v >= 0, "must be an integer >= 0"))
     rewards: list | None = setting(None, "this adapter's own reward list (replaces reward.rewards for its "
                                    "completions); default reward.rewards")
     data: dict | None = setting(None, "data.* keys put on top of the run's data for this adapter (tenants on "
@@ -400,7 +422,7 @@ def run_specs(cfg: "Config") -> list[AdapterSpec] | list[FullModelSpec]:
     """What each model the run trains is called and learns from (name, LR, rewards, data): its K adapters, or
     under full fine-tuning the model itself."""
     if is_full_finetune(cfg):
-        return [FullModelSpec(cfg.optim.lr, list(cfg.reward.rewards), cfg.data)]
+        return [FullModelSpec(cfg.optim.lr, list(cfg.reward.rewards), cfg.data, sample_seed=cfg.train.seed)]
     return adapter_specs(cfg)
 
 
@@ -412,7 +434,7 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     if not cfg.adapters:
         return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
                             cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data,
-                            cfg.lora.expert_rank)]
+                            cfg.lora.expert_rank, sample_seed=cfg.train.seed)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
         default_name = f"lr={entry.lr:g}" if isinstance(entry.lr, float) else f"adapter{i}"
@@ -423,7 +445,8 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
                                           f"adapters[{i}].target_modules"),
             lr=_own(entry.lr, cfg.optim.lr), lora_plus_ratio=_own(entry.lora_plus_ratio, cfg.lora.lora_plus_ratio),
             seed=_own(entry.seed, cfg.train.seed), rewards=list(_own(entry.rewards, cfg.reward.rewards)),
-            data=_adapter_data(cfg, entry, i), expert_rank=_own(entry.expert_rank, cfg.lora.expert_rank)))
+            data=_adapter_data(cfg, entry, i), expert_rank=_own(entry.expert_rank, cfg.lora.expert_rank),
+            sample_seed=_own(entry.sample_seed, cfg.train.seed)))
     return specs
 
 
@@ -544,6 +567,11 @@ def parse_override(text: str) -> tuple[str, object]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML at `path` (optional), apply dotted overrides, type-check and validate. Never loads a model."""
+    return config_from_data(read_config_data(path, overrides))
+
+
+def read_config_data(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """The YAML at `path` (optional) as plain data, with the dotted overrides applied; not yet checked."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -554,10 +582,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
         data = loaded or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    cfg = _build(Config, _normalise_numbers(data), "")
+    return data
+
+
+def config_from_data(data: dict) -> Config:
+    """Type-check and validate plain config data (as read by `read_config_data`). Never loads a model."""
+    cfg = _build(Config, _normalise_numbers(copy.deepcopy(data)), "")
     cfg.lora.target_modules = expand_targets(cfg.lora.target_modules, "lora.target_modules")
     validate(cfg)
     return cfg

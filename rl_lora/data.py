@@ -1,7 +1,10 @@
-"""Problems and prompts: a seeded arithmetic task, local jsonl/parquet files, or HF datasets.
+"""Problems and prompts: seeded procedural tasks (small arithmetic; multi-digit arithmetic), local jsonl/parquet
+files, or HF datasets.
 
 Every problem is a question plus a reference answer (and any extra columns, passed to reward functions).
-Prompts use the model's chat template and ask for the final answer in \\boxed{}.
+Prompts use the model's chat template and ask for the final answer in \\boxed{} (the demo), or, with
+`data.chat_template: false`, are plain text for the model to continue: `data.shots` worked examples, one per
+line ("123 + 456 = 579"), then the question (the capability task, configs/capability_cpu.yaml).
 """
 
 from __future__ import annotations
@@ -47,6 +50,44 @@ def arithmetic_problems(count: int, seed: int, max_operand: int, exclude: set[st
         value = a + b if op == "+" else a - b if op == "-" else a * b
         out.append(Problem(question, str(value)))
     return out
+
+
+def multidigit_problems(count: int, seed: int, digits: int, operations: str, exclude: set[str] = frozenset()
+                        ) -> list[Problem]:
+    """`count` distinct problems 'a + b =' / 'a - b =' / 'a * b =' with `digits`-digit operands, none in
+    `exclude`. A capability task: the asked format is trivial (a number), the computation is not."""
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+    space = len(set(operations)) * (hi - lo + 1) ** 2
+    if count > space - len(exclude):
+        raise ConfigError(f"data.train_size: only {space - len(exclude)} distinct {digits}-digit problems")
+    seen, out = set(exclude), []
+    while len(out) < count:
+        a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(operations)
+        question = f"{a} {op} {b} ="
+        if question in seen:
+            continue
+        seen.add(question)
+        out.append(Problem(question, str(a + b if op == "+" else a - b if op == "-" else a * b)))
+    return out
+
+
+def procedural(cfg: DataConfig, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Problem]:
+    """`count` problems of the procedural source `cfg.source` drawn with `seed`, none in `exclude`."""
+    if cfg.source == "multidigit":
+        return multidigit_problems(count, seed, cfg.digits, cfg.operations, exclude)
+    return arithmetic_problems(count, seed, cfg.max_operand, exclude, cfg.operations)
+
+
+PROCEDURAL = ("arithmetic", "multidigit")
+
+
+def worked_examples(cfg: DataConfig) -> list[Problem]:
+    """The `data.shots` worked examples shown before every question: drawn with data.seed + 2, so they are the
+    same for every prompt and disjoint from the training and held-out problems (load_problems excludes them)."""
+    if not cfg.shots:
+        return []
+    return procedural(cfg, cfg.shots, cfg.seed + 2)
 
 
 def _rows_to_problems(rows, cfg: DataConfig, origin: str) -> list[Problem]:
@@ -96,10 +137,10 @@ def load_hf_rows(name: str, config: str, split: str) -> list[dict]:
 
 def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, held_out): disjoint by question text."""
-    if cfg.source == "arithmetic":
-        held_out = arithmetic_problems(cfg.eval_size, cfg.seed + 1, cfg.max_operand, operations=cfg.operations)
-        train = arithmetic_problems(cfg.train_size, cfg.seed, cfg.max_operand, {p.question for p in held_out},
-                                    cfg.operations)
+    if cfg.source in PROCEDURAL:
+        shown = {p.question for p in worked_examples(cfg)}
+        held_out = procedural(cfg, cfg.eval_size, cfg.seed + 1, shown)
+        train = procedural(cfg, cfg.train_size, cfg.seed, shown | {p.question for p in held_out})
         return train, held_out
     if cfg.source.startswith("hf:"):
         rows = load_hf_rows(cfg.source[3:], cfg.hf_config, cfg.split)
@@ -125,16 +166,33 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
 # Prompts
 
 
+def _asked(problem: Problem, cfg: DataConfig) -> str:
+    return problem.question if not cfg.instruction else f"{problem.question} {cfg.instruction}"
+
+
 def prompt_messages(problem: Problem, cfg: DataConfig) -> list[dict]:
+    """Chat messages: the system prompt, each worked example as a user turn and a bare-answer assistant turn, the
+    question."""
     messages = []
     if cfg.system_prompt:
         messages.append({"role": "system", "content": cfg.system_prompt})
-    text = problem.question if not cfg.instruction else f"{problem.question} {cfg.instruction}"
-    messages.append({"role": "user", "content": text})
+    for shot in worked_examples(cfg):
+        messages += [{"role": "user", "content": _asked(shot, cfg)}, {"role": "assistant", "content": shot.answer}]
+    messages.append({"role": "user", "content": _asked(problem, cfg)})
     return messages
 
 
+def prompt_text(problem: Problem, cfg: DataConfig) -> str:
+    """A plain-completion prompt (`data.chat_template: false`): the system prompt, one line per worked example
+    ("question answer"), then the question, for the model to continue (stop at the newline: sampler.stop)."""
+    lines = ([cfg.system_prompt] if cfg.system_prompt else []) + [f"{_asked(p, cfg)} {p.answer}"
+                                                                   for p in worked_examples(cfg)]
+    return "".join(f"{line}\n" for line in lines) + _asked(problem, cfg)
+
+
 def prompt_token_ids(tokenizer, problem: Problem, cfg: DataConfig) -> list[int]:
+    if not cfg.chat_template:
+        return tokenizer(prompt_text(problem, cfg), add_special_tokens=True)["input_ids"]
     messages = prompt_messages(problem, cfg)
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -201,10 +201,12 @@ class Sampler:
 
     def generate(self, prompt_ids_P: list[list[int]], *, n: int, adapters: list[AdapterRef | None],
                  seed: int, temperature: float, max_tokens: int, top_p: float = 1.0, top_k: int = -1,
-                 use_tqdm: bool = False, seeds: list[int] | None = None) -> list[list[Completion]]:
+                 use_tqdm: bool = False, seeds: list[int] | None = None, stop: list[str] | None = None
+                 ) -> list[list[Completion]]:
         """For each prompt, `n` completions with the sampled tokens' logprobs. `adapters`: one ref (None = the
         base) per prompt (multi-LoRA batching: prompts under different adapters share a call).
-        Request seeds are seed + i*n for prompt i, or `seeds` (one per prompt, spaced >= n apart)."""
+        Request seeds are seed + i*n for prompt i, or `seeds` (one per prompt, spaced >= n apart). `stop`: stop
+        strings (vLLM keeps the token that completed one, and its logprob)."""
         if seeds is None:
             seeds = request_seeds(seed, len(prompt_ids_P), n)
         if len(seeds) != len(prompt_ids_P):
@@ -226,20 +228,22 @@ class Sampler:
             for idx in (base_idx, lora_idx):
                 for i, g in zip(idx, self._generate_seeded([prompt_ids_P[i] for i in idx], [adapters[i] for i in idx],
                                                            [seeds[i] for i in idx], n, temperature, max_tokens,
-                                                           top_p, top_k, use_tqdm)):
+                                                           top_p, top_k, use_tqdm, stop)):
                     out[i] = g
             return out
-        return self._generate_seeded(prompt_ids_P, adapters, seeds, n, temperature, max_tokens, top_p, top_k, use_tqdm)
+        return self._generate_seeded(prompt_ids_P, adapters, seeds, n, temperature, max_tokens, top_p, top_k, use_tqdm,
+                                     stop)
 
     @engine_call
-    def _generate_seeded(self, prompt_ids_P, adapters, seeds_P, n, temperature, max_tokens, top_p, top_k, use_tqdm):
+    def _generate_seeded(self, prompt_ids_P, adapters, seeds_P, n, temperature, max_tokens, top_p, top_k, use_tqdm,
+                         stop=None):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         # Per-request seeds are reproducible (the engine-level seed is not); vLLM gives the n children of a
         # request seeds seed..seed+n-1, so requests are spaced n apart.
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                 logprobs=0, seed=s) for s in seeds_P]
+                                 logprobs=0, seed=s, stop=stop or None) for s in seeds_P]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids_P]
         outputs = self.llm.generate(prompts, params, lora_request=[self.request_for(a) for a in adapters],
                                     use_tqdm=use_tqdm)

@@ -192,3 +192,29 @@ def capacity_check(shape: ModelShape, rank: int, target_modules: list[str], epis
     params = adapter_parameters(shape, rank, target_modules, expert_rank)
     return Capacity(params, episodes, episodes * BITS_PER_EPISODE, params * BITS_PER_PARAMETER,
                     expert_ratio_note(shape, rank, target_modules, expert_rank))
+
+
+# Committed grids (`rl-lora grid` summaries under experiments/<question>/results.json) that lr-suggest and
+# `lr: auto` report beside the fitted rule.
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def measured_lrs(shape: ModelShape, root: Path | None = None) -> list[str]:
+    """One line per committed grid measured on this model family (the same family, else the same model_type):
+    its best LR per variant with the interval over seeds, and the LoRA / full fine-tuning LR ratio. [] if none."""
+    lines = []
+    for path in sorted(Path(root or EXPERIMENTS).glob("*/results.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        same = r.get("family") == shape.family if shape.family else r.get("model_type") == shape.model_type
+        if not (same and r.get("best")):
+            continue
+        best = "; ".join(f"{v} {b['lr']:.3g} ({b['mean']:.2f}" + (f" [{b['ci95'][0]:.2f}, {b['ci95'][1]:.2f}])"
+                                                                   if b.get("ci95") else ")")
+                         for v, b in r["best"].items())
+        ratio = "".join(f"; {v}/full FT {x:.3g}x" for v, x in r.get("lr_ratio_vs_full", {}).items())
+        lines.append(f"{path.parent.name}/ ({r.get('model')}, hidden {r.get('hidden_size')}, {r.get('data')}, "
+                     f"{r.get('steps')} steps, {len(r.get('seeds', []))} seeds): best LR {best}{ratio}")
+    return lines

@@ -2,7 +2,8 @@
 
 vLLM's per-request seeds are reproducible (its engine-level seed is not), and it gives the n children of a
 request the seeds seed..seed+n-1, so the requests of one call are spaced n apart. A training step's base seed
-is a function of the run's seed and the step only, so a resumed or redone step samples the same random numbers.
+is a function of the sample seed (`train.seed`, or an adapter's `sample_seed`) and the step only, so a resumed or
+redone step samples the same random numbers, and adapters with the same sample seed are paired.
 """
 
 
@@ -12,5 +13,5 @@ def request_seeds(base: int, num_prompts: int, n: int) -> list[int]:
 
 
 def step_seed(run_seed: int, step: int) -> int:
-    """The base request seed of training step `step` of a run seeded `run_seed` (10_000 seeds apart per step)."""
+    """The base request seed of training step `step` under sample seed `run_seed` (10_000 seeds apart per step)."""
     return (run_seed * 1_000_003 + step) * 10_000

@@ -184,13 +184,14 @@ class Run:
 
     # -- sampling: requests submitted ahead (async) or just in time (sync) ------------------------------------
 
-    def submit(self, step: int, idx_D: list[list[int]], prompts_KP: list[list], data_position: list[int]) -> None:
-        """G completions of each adapter's P prompts under that adapter (adapter-major: K x P groups), the same
-        request seeds for every adapter (paired: adapters on the same data see the same prompts and seeds), under
-        the version live now."""
-        cfg, K = self.cfg, len(self.refs)
+    def submit(self, step: int, idx_D: list[list[int]], prompts_KP: list[list], data_position: list[int],
+               sample_seeds_K: list[int]) -> None:
+        """G completions of each adapter's P prompts under that adapter (adapter-major: K x P groups), under the
+        version live now. Request seeds come from each adapter's sample seed and the step: adapters with the same
+        sample seed get the same ones (paired, with the same prompts where they share data)."""
+        cfg = self.cfg
         P, n = len(prompts_KP[0]), cfg.sampler.samples_per_prompt
-        seed = step_seed(cfg.train.seed, step)
+        seeds = [s for sample_seed in sample_seeds_K for s in request_seeds(step_seed(sample_seed, step), P, n)]
         refs = self.refs
         if faults.fire("stale_request", step):  # a pipeline bug: the previous version, reloaded
             refs = self.policy.push_previous(self.fleet, self.version) or refs
@@ -198,8 +199,9 @@ class Run:
             self.fleet.kill_one()  # for real; async: just before this request runs
         request = self.fleet.submit([p for prompts_P in prompts_KP for p in prompts_P], n=n,
                                     adapters=[r for r in refs for _ in range(P)],
-                                    seeds=request_seeds(seed, P, n) * K, temperature=cfg.sampler.temperature,
-                                    max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k)
+                                    seeds=seeds, temperature=cfg.sampler.temperature,
+                                    max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
+                                    stop=cfg.sampler.stop)
         self.in_flight[step] = Submitted(step, idx_D, request, self.version, data_position)
 
     def collect(self, step: int):

@@ -26,11 +26,12 @@ Algorithmic choices (and where they come from):
   learner is data-parallel, one all-reduce of the adapter gradients per step (rl_lora/distributed.py).
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
-- K adapters (`adapters:`, `rl-lora sweep`): adapters on the same data get the same prompts with the same
-  request seeds (paired); all K x P groups are sampled in one generate call (multi-LoRA), learned in one
-  forward/backward per micro-batch (each adapter its own optimizer and LR), and all K are pushed as new versions
-  each step. Tenants: an adapter may bring its own `data` (its own prompt stream, held-out set and eval table)
-  and `rewards` (its completions scored by its own reward runner).
+- K adapters (`adapters:`, `rl-lora sweep`, `rl-lora grid`): adapters on the same data and sample seed share a
+  prompt stream and request seeds (paired); another `sample_seed` is an independent replicate (its own prompt
+  order and request seeds; rl_lora/grid.py). All K x P groups are sampled in one generate call (multi-LoRA),
+  learned in one forward/backward per micro-batch (each adapter its own optimizer and LR), and all K are pushed as
+  new versions each step. Tenants: an adapter may bring its own `data` (its own prompt stream, held-out set and
+  eval table) and `rewards` (its completions scored by its own reward runner).
 
 Reliability (each behaviour has a test in tests/faults/):
 - After every push, every engine's logprobs on a fixed probe must match the learner's for the new version
@@ -146,7 +147,7 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data) ->
 
 def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     """Resolve `optim.lr: auto` with the paper's rule and check the adapter's capacity for the planned run."""
-    from rl_lora.science import capacity_check, read_shape, suggest_lr
+    from rl_lora.science import capacity_check, measured_lrs, read_shape, suggest_lr
 
     shape = read_shape(model_path)
     notes = []
@@ -157,6 +158,7 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
         lr = s.lora_lr if cfg.optim.lr == "auto" else cfg.optim.lr
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
         notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
+        notes += [f"lr: measured here, {line}" for line in measured_lrs(shape)]
     episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
     if is_full_finetune(cfg):
         notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
@@ -188,7 +190,8 @@ def final_table(session, k_: list[int], task, out_dir: Path) -> dict:
 
     def evaluate(models):
         return evaluate_models(run.fleet, models, [evalset], data, session.eval_scorer, k=k, temperature=temperature,
-                               max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED)
+                               max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, seed=LIVE_EVAL_SEED,
+                               stop=cfg.sampler.stop)
 
     rows, sample_rows = policy.final_rows(run.fleet, session.model_path, labels, [run.refs[j] for j in k_],
                                           evaluate, k)
@@ -209,12 +212,12 @@ def evaluate_all(run, tasks: list, K: int, scorer, cfg: Config) -> list[dict]:
     from rl_lora.eval.runner import eval_live
 
     out_K = [{} for _ in range(K)]
-    for t in tasks:
+    for t, k_ in by_dataset(tasks):
         if t.held_out:
-            outs = eval_live(run.fleet, [run.refs[k] for k in t.adapters], t.eval_prompts, t.held_out, scorer,
+            outs = eval_live(run.fleet, [run.refs[k] for k in k_], t.eval_prompts, t.held_out, scorer,
                              k=cfg.train.eval_samples, temperature=cfg.sampler.temperature,
-                             max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p)
-            for k, res in zip(t.adapters, outs):
+                             max_tokens=cfg.sampler.max_tokens, top_p=cfg.sampler.top_p, stop=cfg.sampler.stop)
+            for k, res in zip(k_, outs):
                 out_K[k] = res
     return out_K
 
@@ -250,7 +253,8 @@ def follow(cfg: Config, resume: bool) -> dict:
 
 @dataclasses.dataclass
 class Task:
-    """A dataset of the run, with the adapters that train on it (one Task unless adapters bring their own data)."""
+    """A prompt stream of the run: a dataset and a sample seed, with the adapters that train on it (one Task unless
+    adapters bring their own data or sample seed). Streams of one dataset share its problems and held-out set."""
 
     name: str
     data: object  # DataConfig
@@ -260,26 +264,40 @@ class Task:
     train_prompts: list = None
     eval_prompts: list = None
     stream: PromptStream = None
-    prefix: str = ""  # "<name>/" before its metrics and table, "" when it is the run's only dataset
-    eval_dir: str = "eval"  # where its final table goes in the run folder
+    prefix: str = ""  # "<name>/" before its dataset's metrics and table, "" when it is the run's only dataset
+    eval_dir: str = "eval"  # where its dataset's final table goes in the run folder
+    seed: int = 0  # the sample seed: training-prompt order (with `dataset`) and request seeds
+    dataset: int = 0  # index of its dataset among the run's datasets (the run's own first)
 
 
 def load_tasks(cfg: Config, specs: list) -> tuple[list[Task], list[int]]:
-    """The run's datasets (the run's own first) and each adapter's index among them; data errors surface here,
-    before any model loads."""
-    tasks, keys, task_of = [], [], []
+    """The run's prompt streams, one per (dataset, sample seed) of its adapters (the run's own first), and each
+    adapter's index among them; data errors surface here, before any model loads."""
+    tasks, keys, datasets, task_of = [], [], {}, []
     for k, spec in enumerate(specs):
-        key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
-        if key not in keys:
-            keys.append(key)
+        data_key = json.dumps(dataclasses.asdict(spec.data), sort_keys=True)
+        if data_key not in datasets:
             name = "data" if spec.data == cfg.data else f"{spec.name}-data"
-            tasks.append(Task(name, spec.data, [], *load_problems(spec.data)))
-        task_of.append(keys.index(key))
+            datasets[data_key] = (len(datasets), name, load_problems(spec.data))
+        if (data_key, spec.sample_seed) not in keys:
+            keys.append((data_key, spec.sample_seed))
+            d, name, (train, held_out) = datasets[data_key]
+            tasks.append(Task(name, spec.data, [], train, held_out, seed=spec.sample_seed, dataset=d))
+        task_of.append(keys.index((data_key, spec.sample_seed)))
         tasks[task_of[-1]].adapters.append(k)
-    if len(tasks) > 1:
+    if len(datasets) > 1:
         for t in tasks:
             t.prefix, t.eval_dir = f"{t.name}/", f"eval/{t.name}"
     return tasks, task_of
+
+
+def by_dataset(tasks: list[Task]) -> list[tuple[Task, list[int]]]:
+    """Each dataset of the run once (its first stream), with every adapter that trains on it, in adapter order:
+    evaluations are per dataset (one held-out set, one table, one base row), training is per stream."""
+    first = {}
+    for t in tasks:
+        first.setdefault(t.dataset, (t, []))[1].extend(t.adapters)
+    return [(t, sorted(k_)) for t, k_ in first.values()]
 
 
 class Session:
@@ -296,8 +314,11 @@ class Session:
         self.tasks, self.task_of = load_tasks(cfg, self.specs)  # data errors before any model loads
         self.model_path = model_path = resolve_model_path(cfg.model.path)
         check_model(cfg, model_path)  # output layer, target_modules, sampler settings: before any model loads
-        for t in self.tasks:
-            t.train_prompts, t.eval_prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
+        for t, _ in by_dataset(self.tasks):  # once per dataset; its streams share the token ids
+            prompts = tokenize_prompts(cfg, model_path, t.train, t.held_out, t.data)
+            for same in self.tasks:
+                if same.dataset == t.dataset:
+                    same.train_prompts, same.eval_prompts = prompts
         cfg, notes = apply_science(cfg, model_path)
         self.cfg = cfg
         if torch.cuda.is_available():  # the GPU memory plan (`rl-lora plan`): refuse what cannot fit, before any model
@@ -359,8 +380,8 @@ class Session:
             self.leader = distributed.Leader(learner)
             self.learn_step = self.leader.train_step
         self.first_step = state["step"]
-        for d, (t, position) in enumerate(zip(tasks, loaded_position(state["data_position"]))):
-            t.stream = PromptStream(len(t.train), cfg.train.seed + d, position)
+        for t, position in zip(tasks, loaded_position(state["data_position"])):
+            t.stream = PromptStream(len(t.train), t.seed + t.dataset, position)
         self.logger = MetricsLogger(self.run_dir, cfg.train.wandb_project, to_dict(cfg),
                                     resume_step=self.first_step if self.start else None)
         probe_ids = (tasks[0].eval_prompts or tasks[0].train_prompts)[0]
@@ -396,7 +417,7 @@ class Session:
             if ahead not in self.run.in_flight:
                 idx_D = [t.stream.next(cfg.train.prompts_per_step) for t in tasks]
                 self.run.submit(ahead, idx_D, [[tasks[d].train_prompts[i] for i in idx_D[d]] for d in self.task_of],
-                                [t.stream.position for t in tasks])
+                                [t.stream.position for t in tasks], [tasks[d].seed for d in self.task_of])
         sub, completions = self.run.collect(step)
         return sub, assemble_groups(completions, sub.idx_D, tasks, self.task_of)
 
@@ -432,15 +453,17 @@ class Session:
             atomic.fsync_tree(run_dir / top)
         atomic.fsync_path(run_dir)
         base_D, trained_K, tables, rows = [], [{} for _ in range(self.K)], [], []
-        for t in self.tasks:
+        for t, k_ in by_dataset(self.tasks):
             if not t.held_out:
                 continue
-            final = final_table(self, t.adapters, t, run_dir / t.eval_dir)
+            final = final_table(self, k_, t, run_dir / t.eval_dir)
             base_D.append({f"{t.prefix}eval/base_accuracy": final["rows"][0]["avg_at_k"]})
-            for k, trained in zip(t.adapters, final["rows"][1:]):
+            for k, trained in zip(k_, final["rows"][1:]):
                 trained_K[k] = {"eval/accuracy": trained["avg_at_k"],
                                 "eval/accuracy_ci95_lo": trained["avg_at_k_ci95"][0],
                                 "eval/accuracy_ci95_hi": trained["avg_at_k_ci95"][1]}
+                if trained["accuracy_given_answer"] is not None:
+                    trained_K[k]["eval/accuracy_given_answer"] = trained["accuracy_given_answer"]
             tables.append(f"[{t.name}: {t.data.source}]\n{final['table']}" if t.prefix else final["table"])
             rows += final["rows"]
         if tables:

@@ -130,6 +130,8 @@ def test_summarise_and_paired_delta():
     assert s["maj_at_k"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert s["length_mean"] == 25 and s["truncated"] == 0.25 and s["no_answer"] == pytest.approx(1 / 12)
     assert s["timeouts"] == 1 and s["correct_per_problem"] == [2, 0, 4]
+    assert s["accuracy_given_answer"] == pytest.approx(6 / 11)  # one sample gave no answer
+    assert summarise([[0]], [[None]], [[1]], [[True]])["accuracy_given_answer"] is None
     lo, hi = s["avg_at_k_ci95"]
     assert lo <= s["avg_at_k"] <= hi
     delta, (dlo, dhi) = paired_delta([4, 2, 4], s["correct_per_problem"], 4, seed=0)

@@ -48,3 +48,36 @@ def test_capacity_warning():
 
 def test_lr_auto_is_a_valid_config_value():
     assert load_config(None, ["optim.lr=auto"]).optim.lr == "auto"
+
+
+def _grid_result(family, model_type):
+    from rl_lora.grid_summary import summarise
+
+    cells = [{"variant": v, "lr": lr, "seed": s, "accuracy": acc + 0.01 * s, "accuracy_given_answer": None}
+             for v, lr, acc in (("r1", 1e-3, 0.3), ("r1", 1e-2, 0.6), ("full", 1e-4, 0.5), ("full", 1e-3, 0.2))
+             for s in range(3)]
+    return summarise(cells, None, {"model": "m", "family": family, "model_type": model_type, "hidden_size": 576,
+                                   "data": "arithmetic", "steps": 8, "seeds": [0, 1, 2], "full_variants": ["full"]})
+
+
+def test_lr_suggest_prints_what_committed_grids_measured_for_the_family(tmp_path, tiny_model, capsys, monkeypatch):
+    import json
+
+    from rl_lora import cli, science
+
+    for name, family, model_type in (("a_rank", "llama", "llama"), ("other", "qwen", "qwen3")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_grid_result(family, model_type)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{")
+    lines = science.measured_lrs(_shape("llama"), tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("a_rank/ (m, hidden 576, arithmetic, 8 steps, 3 seeds)")
+    assert "r1 0.01 (0.61 [" in lines[0] and "full 0.0001" in lines[0] and "r1/full FT 100x" in lines[0]
+    assert science.measured_lrs(_shape("gpt2"), tmp_path) == []
+    monkeypatch.setattr(science, "EXPERIMENTS", tmp_path)
+    assert cli.main(["lr-suggest", "--model", tiny_model]) == 0
+    out = capsys.readouterr().out
+    assert "measured      a_rank/" in out and "qwen" not in out
+    monkeypatch.setattr(science, "EXPERIMENTS", tmp_path / "none")
+    assert cli.main(["lr-suggest", "--model", tiny_model]) == 0
+    assert "no committed grid for this model family yet" in capsys.readouterr().out

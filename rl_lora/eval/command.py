@@ -274,7 +274,7 @@ def run_eval(cfg: EvalConfig, *, sampler=None, progress: bool = True, log=print)
         s = cfg.sampler
         rows, sample_rows = evaluate_models(sampler, models, evalsets, data_cfg, scorer, k=cfg.k,
                                             temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
-                                            seed=cfg.seed, progress=progress, log=log)
+                                            seed=cfg.seed, progress=progress, log=log, stop=s.stop)
         elapsed = time.perf_counter() - t0
     finally:
         scorer.close()

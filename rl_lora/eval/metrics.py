@@ -15,6 +15,9 @@ All from the same k samples per problem:
   delta_avg is the paired difference to the base model on the same problems, with a paired bootstrap interval.
 - length_mean (completion tokens), truncated (share that hit max_tokens), no_answer (share with no extractable
   answer), timeouts / errors (verifier calls that hit the wall-clock limit or failed; they score 0).
+- accuracy_given_answer: accuracy over the samples that gave an answer (None if none did). Beside avg@k it
+  separates computing from answering in the asked format: a model that learns only the format raises avg@k and
+  leaves this unchanged.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ def summarise(correct_PK: list[list[float]], answers_PK: list[list[str | None]],
     pass_PJ = [[pass_at_k(k, c, j) for j in range(1, k + 1)] for c in num_correct_P]
     maj_P = [majority_vote(a, c) for a, c in zip(answers_PK, correct_PK)]
     samples = num_problems * k
+    answered = [c for row_c, row_a in zip(correct_PK, answers_PK) for c, a in zip(row_c, row_a) if a is not None]
     return {
         "problems": num_problems,
         "k": k,
@@ -112,6 +116,7 @@ def summarise(correct_PK: list[list[float]], answers_PK: list[list[str | None]],
         "length_mean": sum(map(sum, lengths_PK)) / samples,
         "truncated": sum(map(sum, truncated_PK)) / samples,
         "no_answer": sum(a is None for row in answers_PK for a in row) / samples,
+        "accuracy_given_answer": sum(1 for c in answered if c > 0) / len(answered) if answered else None,
         "timeouts": int(timeouts),
         "errors": int(errors),
         "correct_per_problem": num_correct_P,  # for paired comparisons between models

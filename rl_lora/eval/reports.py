@@ -15,11 +15,16 @@ def _ci(row: dict, key: str) -> str:
     return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _given(row: dict) -> str:
+    value = row.get("accuracy_given_answer")  # absent in results written before it existed
+    return "—" if value is None else f"{value:.3f}"
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table, one line per (eval set, model); readable in a terminal too."""
     k = rows[0]["k"] if rows else 0
     head = ["data", "model", "n", f"avg@{k} [95% CI]", "pass@1", f"pass@{k} [95% CI]", f"maj@{k} [95% CI]",
-            "Δavg vs base [95% CI]", "mean len", "truncated", "no answer", "timeouts"]
+            "Δavg vs base [95% CI]", "acc. given an answer", "mean len", "truncated", "no answer", "timeouts"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in sorted(rows, key=lambda r: r["dataset"]):  # stable: models keep their order within a set
         delta = "—"
@@ -28,7 +33,7 @@ def format_table(rows: list[dict]) -> str:
             delta = f"{r['delta_avg_vs_base']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         cells = [r["dataset"], r["model"], str(r["problems"]), _ci(r, "avg_at_k"), f"{r['pass_at_k'][0]:.3f}",
                  f"{r['pass_at_k'][-1]:.3f} [{r['pass_at_k_ci95'][0]:.3f}, {r['pass_at_k_ci95'][1]:.3f}]",
-                 _ci(r, "maj_at_k"), delta, f"{r['length_mean']:.1f}", f"{r['truncated']:.3f}",
+                 _ci(r, "maj_at_k"), delta, _given(r), f"{r['length_mean']:.1f}", f"{r['truncated']:.3f}",
                  f"{r['no_answer']:.3f}", str(r["timeouts"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

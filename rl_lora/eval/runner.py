@@ -43,7 +43,7 @@ def live_ks(k: int) -> list[int]:
 
 
 def eval_live(sampler, refs_K: list, prompts_P: list[list[int]], problems, scorer, k: int, temperature: float,
-              max_tokens: int, *, seed: int = LIVE_EVAL_SEED, top_p: float = 1.0):
+              max_tokens: int, *, seed: int = LIVE_EVAL_SEED, top_p: float = 1.0, stop: list[str] | None = None):
     """Held-out metrics of each live adapter in `refs_K` through the running sampler: one dict of `eval/...`
     scalars per adapter.
 
@@ -60,7 +60,7 @@ def eval_live(sampler, refs_K: list, prompts_P: list[list[int]], problems, score
     P = len(prompts_P)
     groups = sampler.generate(prompts_P * len(refs), n=n, adapters=[r for r in refs for _ in range(P)], seed=seed,
                               temperature=temperature if k else 0.0, max_tokens=max_tokens, top_p=top_p,
-                              seeds=request_seeds(seed, P, n) * len(refs))
+                              seeds=request_seeds(seed, P, n) * len(refs), stop=stop)
     outs = []
     for j in range(len(refs)):
         s, _, _ = score_groups(groups[j * P:(j + 1) * P], problems, scorer, seed=seed)
@@ -70,13 +70,15 @@ def eval_live(sampler, refs_K: list, prompts_P: list[list[int]], problems, score
         out[f"eval/maj@{n}"] = s["maj_at_k"]
         out.update({"eval/length_mean": s["length_mean"], "eval/truncated": s["truncated"],
                     "eval/no_answer": s["no_answer"], "eval/timeouts": float(s["timeouts"])})
+        if s["accuracy_given_answer"] is not None:
+            out["eval/accuracy_given_answer"] = s["accuracy_given_answer"]
         outs.append(out)
     return outs
 
 
 def evaluate_models(sampler, models: list[tuple[str, object]], evalsets, data_cfg: DataConfig, scorer, *, k: int,
                     temperature: float, max_tokens: int, top_p: float = 1.0, seed: int = 0,
-                    progress: bool = False, log=None) -> tuple[list[dict], list[dict]]:
+                    progress: bool = False, log=None, stop: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Every (model, eval set) pair from ONE generate call: prompts under different adapters are batched
     together (multi-LoRA). `models` are (label, AdapterRef or None for the base). Returns (result rows,
     sample rows)."""
@@ -91,7 +93,7 @@ def evaluate_models(sampler, models: list[tuple[str, object]], evalsets, data_cf
     t0 = time.perf_counter()
     groups = sampler.generate([ids for _, _, ids in requests], n=k, adapters=[models[m][1] for m, _, _ in requests],
                               seed=seed, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
-                              use_tqdm=progress)
+                              use_tqdm=progress, stop=stop)
     t1 = time.perf_counter()
     rows, sample_rows, start = [], [], 0
     for label, _ in models:

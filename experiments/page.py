@@ -1,0 +1,114 @@
+"""Shared by the experiments' run.py scripts: run a question's grid (`rl-lora grid`), then write its page into the
+question's folder: results.json (the grid summary + the compute it took), plot.png and README.md, which ends with
+the script's one-paragraph finding.
+
+    python experiments/<question>/run.py            # the full experiment (hours: see experiments/README.md)
+    python experiments/<question>/run.py --smoke    # 2 steps, 1 seed, into runs/experiments-smoke/: proves the
+                                                    # pipeline in minutes and writes its page there, not here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rl_lora.grid import expand  # noqa: E402
+from rl_lora.grid_summary import format_markdown  # noqa: E402
+
+SMOKE = ["train.steps=2", "grid.seeds=[0]", "train.eval_every=0"]
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, outputs under runs/experiments-smoke/")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every grid, e.g. train.steps=8")
+    return ap.parse_args()
+
+
+def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "") -> tuple[dict, float, list[str]]:
+    """Train the question's grid (`--overwrite`: an earlier run is moved aside, never deleted); its summary, the
+    wall time, and the command."""
+    grid_file = question / "grid.yaml"
+    out = expand(str(grid_file), overrides).dir
+    if smoke:
+        out = ROOT / "runs" / "experiments-smoke" / question.name / name
+    overrides = [*overrides, *(SMOKE if smoke else []), f"train.output_dir={out}"]
+    cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides, "--overwrite",
+           "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads((out / "grid.json").read_text()), time.perf_counter() - t0, cmd
+
+
+def setup_line(r: dict) -> str:
+    return (f"{r['model']} ({r.get('model_type')}, hidden {r.get('hidden_size')}), data `{r['data']}`, {r['steps']} "
+            f"steps x {r['prompts_per_step']} prompts x {r['samples_per_prompt']} samples; held-out "
+            f"{r['eval_problems']} problems x {r['eval_samples']} samples; seeds {r['seeds']}")
+
+
+def write_page(question: Path, title: str, asks: str, paper: str, sections: list[tuple[str, dict]],
+               finding: str, compute_s: float, commands: list[list[str]], smoke: bool, extra: dict | None = None,
+               plot: Path | None = None) -> Path:
+    """results.json + plot.png + README.md for the question (under runs/experiments-smoke/ with --smoke)."""
+    dest = ROOT / "runs" / "experiments-smoke" / question.name if smoke else question
+    dest.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    first = sections[0][1]
+    results = {**first, "sections": {k: v for k, v in sections} if len(sections) > 1 else None,
+               "compute_s": round(compute_s), "date": stamp, "machine": machine, "smoke": smoke,
+               "commands": [" ".join(c) for c in commands], **(extra or {})}
+    (dest / "results.json").write_text(json.dumps(results, indent=1))
+    source = plot or Path(first["dir"]) / "grid.png"
+    shutil.copy(source, dest / "plot.png")
+    lines = [f"# {title}", "", f"**Question.** {asks}", "", f"**The paper.** {paper}", "",
+             f"**Setup.** {setup_line(first)}. 95% intervals: {first['interval']}.", "",
+             f"**Compute.** {compute_s / 60:.0f} min wall on {machine} ({stamp}"
+             + (", SMOKE RUN: 2 steps, 1 seed, not a result" if smoke else "") + ").", "",
+             "```", *(" ".join(c) for c in commands), "```", "", "![held-out accuracy vs LR](plot.png)", ""]
+    for name, r in sections:
+        lines += ([f"## {name}", ""] if name else []) + [format_markdown(r), ""]
+    lines += ["## Finding", "", finding, ""]
+    (dest / "README.md").write_text("\n".join(lines))
+    print(f"page: {dest / 'README.md'}")
+    return dest
+
+
+def best(r: dict, variant: str) -> dict | None:
+    return r["best"].get(variant)
+
+
+def fmt_best(r: dict, variant: str) -> str:
+    b = best(r, variant)
+    if b is None:
+        return f"{variant}: no result"
+    ci = f" [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]" if b["ci95"] else ""
+    return f"{variant} {b['mean']:.3f}{ci} at LR {b['lr']:g}"
+
+
+def overlap(r: dict, a: str, b: str) -> bool | None:
+    """Do the best cells of variants a and b overlap (95% intervals)? None without intervals."""
+    x, y = best(r, a), best(r, b)
+    if not (x and y and x["ci95"] and y["ci95"]):
+        return None
+    return x["ci95"][0] <= y["ci95"][1] and y["ci95"][0] <= x["ci95"][1]
+
+
+def edge_note(r: dict, variant: str) -> str:
+    """A best LR at the end of its sweep is a bound, not an optimum: say so."""
+    b = best(r, variant)
+    lrs = r["variants"][variant]["lrs"]
+    if b and b["lr"] in (min(lrs), max(lrs)) and len(lrs) > 1:
+        return f" ({variant}'s best LR is at the {'low' if b['lr'] == min(lrs) else 'high'} end of its sweep: the " \
+               "optimum may lie beyond it)"
+    return ""
