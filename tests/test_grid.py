@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl_lora.config import adapter_specs, config_from_data
+from rl_lora.config import adapter_specs, config_from_data, run_specs
 from rl_lora.errors import ConfigError
 from rl_lora.grid import LORA_RUN, cell_name, expand
 from rl_lora.grid_summary import best_per_variant, group_cells, mean_ci, summarise, t975, write
@@ -65,7 +65,7 @@ def test_cells_of_a_seed_share_prompt_order_and_request_seeds_and_seeds_differ(t
     orders = {}
     for seed in (0, 1, 2):
         full = config_from_data(g.runs[f"full-lr=0.0001-s{seed}"])
-        (ft,), _ = load_tasks(full, adapter_specs(full))
+        (ft,), _ = load_tasks(full, run_specs(full))
         mine = [t for t in tasks if t.seed == seed]
         assert len(mine) == 1 and (ft.seed, ft.dataset) == (mine[0].seed, mine[0].dataset)
         assert [p.question for p in ft.train] == [p.question for p in mine[0].train]
