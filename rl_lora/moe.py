@@ -37,6 +37,12 @@ import torch
 from torch import nn
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Families whose checkpoints name the experts otherwise than transformers 5's modules (`mlp.experts`, gate_proj /
+# up_proj / down_proj): their adapter files use the checkpoint's names, (block, {projection: name}). vLLM builds
+# the layer under the checkpoint's names and matches LoRA keys against them (a Mixtral file under `mlp.experts`
+# loaded without error and served no expert delta: push-check gap 0.21 nats/token), and PEFT's conversion onto the
+# fused parameters starts from them (peft/utils/transformers_weight_conversion.py: mixtral w1 + w3 -> gate_up_proj).
+FILE_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})}
 _LINEAR_EXPERT = re.compile(r"\.experts\.\d+\.")  # a Linear inside a per-expert MLP (older layouts)
 
 
@@ -90,10 +96,11 @@ class ExpertLoRA(nn.Module):
     """A fused experts module with per-expert adapters on gate_proj / up_proj / down_proj; same call signature
     (hidden_states [N, H], top_k_index [N, k], top_k_weights [N, k]) -> [N, H]."""
 
-    def __init__(self, base: nn.Module, routing):
+    def __init__(self, base: nn.Module, routing, model_type: str = ""):
         super().__init__()
         self.base = base
         self.routing = routing
+        self.file_names = FILE_NAMES.get(model_type, ("", {}))  # the names its adapter files use (FILE_NAMES)
         self.num_experts = base.gate_up_proj.shape[0]
         self.lora = nn.ParameterDict()  # f"{slot}_{projection}_A" / _B
         self.projections: list[tuple[str, ...]] = []  # per slot: the projections it adapts
@@ -220,10 +227,15 @@ class ExpertView:
         return self.module.scales[self.slot]
 
     def peft_keys(self, name: str, prefix: str):
-        """[(expert, A key, B key)] of this view, `name` being its path ("...mlp.experts.gate_proj")."""
+        """[(expert, A key, B key)] of this view, `name` being its path ("...mlp.experts.gate_proj"), in the names
+        of the family's checkpoints (FILE_NAMES)."""
         experts = name.rpartition(".")[0]
-        return [(i, f"{prefix}{experts}.{i}.{self.projection}.lora_A.weight",
-                 f"{prefix}{experts}.{i}.{self.projection}.lora_B.weight") for i in range(self.module.num_experts)]
+        block, names = self.module.file_names
+        if block:
+            experts = experts.replace(".mlp.experts", f".{block}.experts")
+        projection = names.get(self.projection, self.projection)
+        return [(i, f"{prefix}{experts}.{i}.{projection}.lora_A.weight",
+                 f"{prefix}{experts}.{i}.{projection}.lora_B.weight") for i in range(self.module.num_experts)]
 
 
 def inject_experts(model: nn.Module, index: int, target_modules: list[str], rank: int, alpha: float,
@@ -239,12 +251,22 @@ def inject_experts(model: nn.Module, index: int, target_modules: list[str], rank
         parent = model.get_submodule(parent_name)
         layer = getattr(parent, child)
         if not isinstance(layer, ExpertLoRA):
-            layer = ExpertLoRA(layer, routing)
+            layer = ExpertLoRA(layer, routing, getattr(model.config, "model_type", ""))
             setattr(parent, child, layer)
         layer.add_adapter(index, projections, rank, alpha, generator)
         for p in projections:
             views[f"{name}.{p}"] = ExpertView(layer, index, p)
     return views
+
+
+def _file_names(views: dict) -> dict[str, str]:
+    return next((v.module.file_names[1] for v in views.values() if isinstance(v, ExpertView)), {})
+
+
+def file_target_modules(target_modules: list[str], views: dict) -> list[str]:
+    """adapter_config.json's target_modules: the expert projections in the names of the family's files."""
+    names = _file_names(views)
+    return sorted({names.get(t, t) for t in target_modules})
 
 
 def peft_patterns(views: dict, rank: int, alpha: float) -> tuple[dict, dict]:
@@ -258,8 +280,10 @@ def peft_patterns(views: dict, rank: int, alpha: float) -> tuple[dict, dict]:
         return {}, {}
     (e,) = ranks
     ranks_, alphas = {}, {}
-    ranks_[r"experts\.\d+\.(gate_proj|up_proj|down_proj)"] = e
-    alphas[r"experts\.\d+\.(gate_proj|up_proj|down_proj)"] = alpha
+    names = _file_names(views)
+    per_expert = r"experts\.\d+\.(" + "|".join(names.get(p, p) for p in EXPERT_PROJECTIONS) + ")"
+    ranks_[per_expert] = e
+    alphas[per_expert] = alpha
     ranks_[r"experts\.gate_up_proj"] = 2 * e
     alphas[r"experts\.gate_up_proj"] = 2 * alpha
     ranks_[r"experts\.down_proj"] = e

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,25 @@ def _configure_cpu_env(kvcache_gib: int) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # Otherwise the in-process engine drops torch to 1 thread, halving the learner's speed.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+def _add_expert_parallel_group() -> None:
+    """vLLM's model-parallel groups are process globals, made once by the first engine whose worker runs in this
+    process (the in-process engine core, rl-lora's CPU default), for that engine's model: a dense model gets no
+    expert-parallel group, and an MoE engine started later in the same process finds the groups made and fails
+    building its experts ("expert parallel group is not initialized"; measured: tests/test_moe_sampler.py after a
+    tiny-Llama engine). Where that is the case, add the group as vLLM makes it for a one-process world. A no-op
+    before the first in-process engine, or where the workers run elsewhere (their groups are theirs)."""
+    from vllm.distributed import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps._EP is not None:
+        return
+    world = ps.get_world_group()
+    if world.world_size == 1:
+        import torch.distributed as dist
+
+        ps._EP = ps.init_model_parallel_group([[0]], world.local_rank, dist.get_backend(world.device_group),
+                                              group_name="ep")
 
 
 def _ram_dir() -> Path:
@@ -114,6 +134,7 @@ class Sampler:
 
             # before the engine builds its LoRA layers: here, and (entry point) in an engine-core process
             vllm_plugin.request(_vllm_rank(max_lora_rank))
+        _add_expert_parallel_group()
         self.llm = LLM(**engine_kwargs(model_path, on_cpu=self.on_cpu, dtype=dtype, max_model_len=max_model_len,
                                        max_lora_rank=max_lora_rank, max_loras=max_loras,
                                        gpu_memory_utilization=gpu_memory_utilization,
@@ -123,6 +144,8 @@ class Sampler:
 
             wrappers = [name for worker in self.llm.collective_rpc("rl_lora_punica") for name, _ in worker]
             self.rank1_path = bool(wrappers) and all(name == QUALNAME for name in wrappers)
+        if type(self.llm.llm_engine.engine_core).__name__ == "InprocClient":
+            _IN_PROCESS.add(self)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._dir = _ram_dir()
@@ -260,10 +283,33 @@ class Sampler:
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+        core = self.llm.llm_engine.engine_core
+        _IN_PROCESS.discard(self)
         try:
-            self.llm.llm_engine.engine_core.shutdown()
+            if type(core).__name__ == "InprocClient" and _IN_PROCESS:
+                _shutdown_keeping_parallel_state(core)
+            else:
+                core.shutdown()
         except Exception:  # best effort: the process is ending anyway
             pass
+
+
+_IN_PROCESS: weakref.WeakSet = weakref.WeakSet()  # Samplers open in this process whose engine core runs here
+
+
+def _shutdown_keeping_parallel_state(core) -> None:
+    """Shut an in-process engine core down without the teardown of vLLM's process-global parallel groups and
+    torch.distributed that ends its shutdown (vllm/v1/engine/core.py: cleanup_dist_env_and_memory): another engine
+    of this process still uses them (measured: closing an MoE Sampler left the open tiny-Llama one failing with
+    "pipeline model parallel group is not initialized")."""
+    from vllm.v1.engine import core as engine_core
+
+    teardown = engine_core.cleanup_dist_env_and_memory
+    engine_core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+    try:
+        core.shutdown()
+    finally:
+        engine_core.cleanup_dist_env_and_memory = teardown
 
 
 def _vllm_rank(rank: int) -> int:

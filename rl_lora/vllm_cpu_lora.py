@@ -39,8 +39,10 @@ from typing import Any
 import torch
 
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vllm.platforms.cpu import CpuPlatform
 
 QUALNAME = f"{__name__}.PunicaWrapperCPURank1"
+_VLLM_WRAPPER_NAME = CpuPlatform.__dict__["get_punica_wrapper"]  # vLLM's, before apply() replaces it
 ENABLED = True  # False: every call goes to vLLM's own path (for side-by-side benchmarks in one engine)
 
 
@@ -176,6 +178,17 @@ def apply() -> bool:
     if getattr(cls.get_punica_wrapper, "__func__", None) is not _rank1_wrapper_name:
         cls.get_punica_wrapper = classmethod(_rank1_wrapper_name)
     return True
+
+
+def remove() -> None:
+    """Undo `apply()` in this process, so that an engine built next (at a rank above 1) gets vLLM's own wrapper:
+    the rank-1 wrapper would serve it through vLLM's ops anyway, but the Sampler would believe its base rows safe
+    to batch with adapter rows (rl_lora.sampler)."""
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if getattr(cls.get_punica_wrapper, "__func__", None) is _rank1_wrapper_name:
+        cls.get_punica_wrapper = _VLLM_WRAPPER_NAME
 
 
 def report(worker) -> list[tuple[str, int]]:

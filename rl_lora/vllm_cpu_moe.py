@@ -9,13 +9,19 @@ Triton (`module 'triton.language' has no attribute 'float32'`). Its LoRA steps c
 
 What it fills (only where the platform is CPU; a GPU engine keeps vLLM's own Triton/FlashInfer kernels):
 
-- `TorchLoRAExperts`, a `TritonExperts` subclass whose `apply` is torch ops: the expert GEMMs grouped by expert
-  (a loop over the experts the batch routes to, never over tokens), vLLM's own activation op, the LoRA steps at
-  the same two points as `TritonExperts.apply` (w13 LoRA on the gate/up output before the activation, w2 LoRA on
-  the down output before the top-k sum, through the same `LoRAExpertsMixin` helpers), the routing weights and
-  the top-k sum. `select_unquantized_moe_backend` is wrapped (where the oracle module and
-  `unquantized_fused_moe_method` bind it) to return this class instead of `TritonExperts` on CPU; the backend
-  stays TRITON, so the weights keep the layout the Triton path loads them in ([E, 2F, H] and [E, H, F]).
+- `TorchLoRAExperts`, a `TritonExperts` subclass whose `apply` serves each row one of two ways. Rows with an
+  expert adapter (a slot whose MoE LoRA is loaded: `adapter_enabled`) take torch ops: the expert GEMMs grouped by
+  expert (a loop over the experts the batch routes to, never over tokens), vLLM's own activation op, the LoRA steps
+  at the same two points as `TritonExperts.apply` (w13 LoRA on the gate/up output before the activation, w2 LoRA
+  on the down output before the top-k sum, through the same `LoRAExpertsMixin` helpers), the routing weights and
+  the top-k sum. The other rows (base rows, attention-only adapters) take vLLM-CPU's own experts, the ones its
+  oracle picks with LoRA off (`cpu_fused_moe`, on a packed copy of the expert weights made at the first forward:
+  the experts' memory twice over). Adapter rows cannot use that kernel for their base part: it fuses both GEMMs
+  and the activation and exposes no intermediate, and the w13 delta enters before the activation.
+  `select_unquantized_moe_backend` is wrapped (where the oracle module and `unquantized_fused_moe_method` bind
+  it) to return this class instead of `TritonExperts` on CPU; the backend stays TRITON, so the weights keep the
+  layout the Triton path loads them in ([E, 2F, H] and [E, H, F]). Layers vLLM-CPU has no kernel for (an
+  intermediate size its kernel would pad) run every row in torch ops.
 - `PunicaWrapperCPU.add_lora_w13` and `.add_lora_w2` (so also rl_lora.vllm_cpu_lora's subclass): each
   (token, top-k) pair is grouped by (adapter slot, expert); per group one shrink GEMM with the slices' A rows
   stacked and one expand GEMM per slice; w2's delta is multiplied by the routing weight (vLLM's GPU path:
@@ -43,6 +49,8 @@ the in-process engine core); it is idempotent and needs nothing else, so a vLLM 
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -118,11 +126,32 @@ def add_lora_w2(self, y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted
         y_P[rows] += (delta * weight_P[rows, None]).to(y.dtype)
 
 
-def _torch_experts_class():
+def _fused_cpu_experts(select, moe_config, quant_config):
+    """vLLM-CPU's own experts for this layer as vLLM builds them without LoRA (its fused CPU kernel,
+    `cpu_fused_moe`), or None where it has none for this layer (then every row takes the torch loop)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    try:
+        _, cls = select(dataclasses.replace(moe_config, is_lora_enabled=False))
+    except ValueError:  # no CPU kernel supports this layer's shapes
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, CPUUnquantizedExperts)):
+        return None
+    if cls._padded_intermediate_size(moe_config) != moe_config.intermediate_size_per_partition:
+        return None  # its kernel would need zero-padded weights; not worth a third layout
+    return cls(moe_config, quant_config)
+
+
+def _torch_experts_class(select):
+    from vllm._custom_ops import cpu_prepack_moe_weight
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
     class TorchLoRAExperts(TritonExperts):
-        """TritonExperts.apply in torch ops (see the module docstring): the same steps in the same order."""
+        """TritonExperts.apply in torch ops for the rows with an expert adapter (see the module docstring), vLLM-CPU's
+        fused kernel for the others."""
+
+        _fused = False  # vLLM-CPU's experts (built on first use), None where it has none
+        _packed = None  # (storage and versions of w13, w2), w13 and w2 in the fused kernel's packed layout
 
         def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
                   expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
@@ -131,9 +160,57 @@ def _torch_experts_class():
                 raise NotImplementedError("rl_lora's CPU MoE LoRA does not support expert parallelism")
             if self.quant_dtype is not None:
                 raise NotImplementedError("rl_lora's CPU MoE LoRA serves unquantized experts only")
+            ctx = self._lora_context
+            num_tokens = topk_ids.shape[0]
+            if ctx is None:
+                slot_T = None
+                lora_rows = torch.zeros(num_tokens, dtype=torch.bool, device=topk_ids.device)
+            else:
+                slot_T = ctx.local_token_lora_mapping
+                if slot_T is None:
+                    slot_T = ctx.punica_wrapper.token_lora_indices[:num_tokens]
+                lora_rows = (slot_T >= 0) & ctx.adapter_enabled[slot_T.clamp(min=0)].to(torch.bool)
+            fused = self._fused_weights(w1, w2)
+            if fused is None or bool(lora_rows.all()):
+                return self._torch(output, hidden_states, w1, w2, topk_weights, topk_ids, activation, ctx,
+                                   apply_router_weight_on_input)
+            if not bool(lora_rows.any()):
+                return self._run_fused(output, hidden_states, fused, topk_weights, topk_ids, activation,
+                                       apply_router_weight_on_input)
+            base, adapted = (~lora_rows).nonzero().squeeze(1), lora_rows.nonzero().squeeze(1)
+            out = output.new_empty(base.numel(), output.shape[1])
+            self._run_fused(out, hidden_states[base], fused, topk_weights[base], topk_ids[base], activation,
+                            apply_router_weight_on_input)
+            output[base] = out
+            out = output.new_empty(adapted.numel(), output.shape[1])
+            sub = dataclasses.replace(ctx, local_token_lora_mapping=slot_T[adapted], original_hidden_states=None)
+            self._torch(out, hidden_states[adapted], w1, w2, topk_weights[adapted], topk_ids[adapted], activation, sub,
+                        apply_router_weight_on_input)
+            output[adapted] = out
+
+        def _run_fused(self, output, x, packed, topk_weights, topk_ids, activation, apply_router_weight_on_input):
+            """vLLM-CPU's own experts (cpu_fused_moe, which reads contiguous float32 weights and int32 ids)."""
+            self._fused.apply(output, x, *packed, topk_weights.float().contiguous(),
+                              topk_ids.to(torch.int32).contiguous(), activation, packed[0].shape[0], None, None, None,
+                              None, None, None, apply_router_weight_on_input)
+
+        def _fused_weights(self, w1, w2):
+            """w1 and w2 packed for vLLM-CPU's fused kernel (a second copy of the experts' weights; repacked if they
+            change in place), or None where vLLM-CPU has no kernel for this layer."""
+            if self._fused is False:
+                self._fused = _fused_cpu_experts(select, self.moe_config, self.quant_config)
+            if self._fused is None:
+                return None
+            key = (w1.data_ptr(), w2.data_ptr(), w1._version, w2._version)
+            if self._packed is None or self._packed[0] != key:
+                isa = self._fused.isa
+                self._packed = (key, cpu_prepack_moe_weight(w1, isa), cpu_prepack_moe_weight(w2, isa))
+            return self._packed[1], self._packed[2]
+
+        def _torch(self, output, x, w1, w2, topk_weights, topk_ids, activation, ctx, apply_router_weight_on_input):
+            """The experts in torch ops, grouped by expert, with the LoRA steps where TritonExperts.apply has them."""
             num_tokens, top_k = topk_ids.shape
             n = w1.shape[1]
-            x = hidden_states
             expert_P = topk_ids.reshape(-1).long()
             order = torch.argsort(expert_P, stable=True)
             counts = torch.bincount(expert_P, minlength=w1.shape[0]).tolist()
@@ -144,7 +221,6 @@ def _torch_experts_class():
                 cache1[rows] = x[rows // top_k] @ w1[e].t()
             if self.w1_bias is not None:
                 cache1 += self.w1_bias[expert_P]
-            ctx = self._lora_context
             routing = None
             if ctx is not None:
                 lora_x = ctx.original_hidden_states
@@ -179,7 +255,7 @@ def _torch_experts_class():
 def _wrap_select(select):
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    torch_experts = _torch_experts_class()
+    torch_experts = _torch_experts_class(select)
 
     def select_unquantized_moe_backend(moe_config):
         backend, experts_cls = select(moe_config)

@@ -42,9 +42,16 @@ def wanted(max_lora_rank: int) -> list[str]:
 
 def request(max_lora_rank: int) -> list[str]:
     """Called by the Sampler before its engine starts: ask the engine's processes for the CPU patches (via the
-    environment, read by `register()`) and install them in this process too. Returns the names asked for."""
+    environment, read by `register()`) and install them in this process too; a patch an earlier engine of this
+    process asked for and this one does not (the rank-1 path, for an engine at a higher rank) is removed first.
+    Returns the names asked for."""
     names = wanted(max_lora_rank)
     os.environ[ENV] = ",".join(names)
+    for name in [n for n in _installed if n not in names]:
+        module = importlib.import_module(INSTALLERS[name][0])
+        if hasattr(module, "remove"):
+            module.remove()
+            del _installed[name]
     install(names)
     return names
 

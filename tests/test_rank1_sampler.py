@@ -253,6 +253,20 @@ def test_plugin_installs_only_what_rl_lora_asked_for(fresh_plugin, monkeypatch):
     assert platform.get_punica_wrapper() == vllm_cpu_lora.QUALNAME
 
 
+def test_a_later_engine_at_a_higher_rank_gets_vllms_own_wrapper(fresh_plugin):
+    """Two Samplers in one process: the first (rank 1) installs the rank-1 wrapper; the second (rank 8) must not
+    inherit it (its base rows would then be batched with adapter rows through vLLM's own ops, which give them the
+    last slot's adapter), and a third at rank 1 gets it back."""
+    vllm_plugin, platform = fresh_plugin
+    assert "lora_rank1" in vllm_plugin.request(1)
+    assert platform.get_punica_wrapper() == vllm_cpu_lora.QUALNAME
+    assert "lora_rank1" not in vllm_plugin.request(8)
+    assert platform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+    assert "moe" in vllm_plugin.request(8) and vllm_plugin.install(["moe"]) == {"moe": True}
+    vllm_plugin.request(1)
+    assert platform.get_punica_wrapper() == vllm_cpu_lora.QUALNAME
+
+
 def test_plugin_declared_as_vllm_entry_point():
     import tomllib
     from pathlib import Path

@@ -155,3 +155,12 @@ def build_tiny_qwen3_moe(target, seed: int = 0) -> Path:
     return _build(target, Qwen3MoeConfig, Qwen3MoeForCausalLM, seed=seed, num_experts=4, num_experts_per_tok=2,
                   moe_intermediate_size=HIDDEN, decoder_sparse_step=1, norm_topk_prob=True,
                   tie_word_embeddings=False)
+
+
+def build_tiny_mixtral(target, seed: int = 0) -> Path:
+    """Mixtral with 4 experts, top-2 routing (transformers 5: `mlp.experts.gate_up_proj` like Qwen3-MoE; its
+    checkpoints, and vLLM: `block_sparse_moe.experts.<i>.w1` (gate), `w3` (up), `w2` (down))."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return _build(target, MixtralConfig, MixtralForCausalLM, seed=seed, num_local_experts=4, num_experts_per_tok=2,
+                  tie_word_embeddings=False)
