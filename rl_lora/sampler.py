@@ -157,6 +157,30 @@ class Sampler:
         return ref
 
     @engine_call
+    def push_many(self, items: list[tuple[int, dict, dict]], evict: list[int]) -> list[AdapterRef]:
+        """Evict the versions in `evict`, then load every (version, PEFT tensors, adapter config) of `items`: a
+        training run's push of all K adapters, one call into the sampler."""
+        from vllm.lora.request import LoRARequest
+
+        from rl_lora.lora import write_peft_adapter
+
+        for version, _, _ in items:
+            if version < 1 or version in self.live:
+                raise ValueError(f"adapter version {version} must be new and >= 1")
+        t0 = time.perf_counter()
+        for version in evict:
+            self.evict(version)
+        refs = []
+        for version, tensors, config in items:
+            ref = AdapterRef(version, str(self._dir / f"v{version}"))
+            write_peft_adapter(ref.path, tensors, config)
+            self.llm.llm_engine.add_lora(LoRARequest(ref.name, version, ref.path))
+            self.live[version] = ref
+            refs.append(ref)
+        self.last_push_s = time.perf_counter() - t0
+        return refs
+
+    @engine_call
     def load_weights(self, hf_state: dict) -> None:
         """Overwrite the engine's base weights in place with `hf_state` (HF parameter names; full fine-tuning),
         and drop the prefix cache (its KV was computed with the old weights). Llama-family layouts: vLLM fuses
