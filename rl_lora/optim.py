@@ -82,7 +82,9 @@ class FusedAdamW:
     def reload_state(self) -> None:
         """After `load_state_dict` on the optimizers (a checkpoint, in torch's AdamW format, of this code or of
         the per-adapter AdamW before it): copy the loaded moments and step counts into the flat buffers and
-        re-point the state at them. A parameter without state (an adapter that never stepped) starts fresh."""
+        re-point the state at them. A parameter without state (an adapter that never stepped) starts fresh. The
+        groups are read again: torch's load_state_dict replaces them (checkpoint.load then sets their LRs)."""
+        self.segments = [(k, g) for k, opt in enumerate(self.optimizers) for g in opt.param_groups]
         with torch.no_grad():
             for s, (k, g) in enumerate(self.segments):
                 state = self.optimizers[k].state

@@ -102,6 +102,9 @@ def test_state_dicts_resume_both_ways():
     opts3 = _optimizers(params3, 0.01)
     for opt, src in zip(opts3, fused_o):
         opt.load_state_dict(copy.deepcopy(src.state_dict()))
+    for opts in (ref_o, opts2, opts3):  # settings changed after the load (checkpoint.load restores the config's)
+        for opt in opts:
+            opt.param_groups[1]["lr"] *= 0.5
     active = [True] * 4
     for step in range(3, 5):
         grads = _grads(4, step)
