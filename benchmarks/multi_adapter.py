@@ -1,8 +1,14 @@
-"""K concurrent adapters on one base vs one adapter, with the same per-adapter batch (issue 6).
+"""K concurrent adapters on one base vs one adapter (issues 6 and 18).
 
-Two measurements, each configuration in its own process, one after the other in one invocation:
-
-1. learner: one train_step of K = 1, 2, 4 rank-1 adapters (SmolLM2-135M fp32 by default), each adapter with
+1. loop (the default): `rl-lora train` steps with K = 1, 8, 64 rank-1 adapters at EQUAL completions per step
+   (`--loop-prompts` prompts per step shared by the K adapters: K = 64 gets 1 prompt each), each configuration
+   in its own process, `--rounds` interleaved rounds with the order rotated (the machine is shared: drift hits
+   every K alike). Per K: median over steps 2.. of sample / learn / push / push-check / whole-step time, the
+   process's peak RSS (learner + in-process vLLM engine, whose LoRA slots are sized K + 1) and its growth per
+   extra adapter, and what one adapter's learner state is (params, grads, AdamW moments: 4x its fp32 tensors).
+   `--model tiny` is the tests' tiny random Llama (built under /tmp, no download), where fixed costs show.
+   Goal (issue 18): K = 64 <= 1.25x K = 1.
+2. learner: one train_step of K = 1, 2, 4 rank-1 adapters (SmolLM2-135M fp32 by default), each adapter with
    the same per-adapter batch (default 4 sequences x 128 tokens). Two micro-batch settings:
    - `packed`: the whole K-adapter batch in one micro-batch (the fastest; activations grow with K);
    - `bounded`: optim.tokens_per_microbatch = one adapter's batch (activations fixed, so peak memory grows only
@@ -12,12 +18,10 @@ Two measurements, each configuration in its own process, one after the other in 
    The `bounded` workers run with MALLOC_MMAP_THRESHOLD_=65536, so that freed activations return to the OS and
    peak RSS measures live memory, not glibc's retained heap (it also makes them ~2x slower: compare their times
    only with each other).
-2. loop: `rl-lora train` steps of the CPU demo task with K = 1 vs K = 4 adapters (same prompts per adapter):
-   sampling, learning and whole-step time per step (median of the steps after the first).
 
-K separate runs would cost K x the step time (and K copies of the base); the goal is K = 4 <= 1.5x K = 1.
-
-    python benchmarks/multi_adapter.py [--model smollm2-135m-gguf] [--parts learner,loop]
+    python benchmarks/multi_adapter.py --model tiny            # K = 1, 8, 64 loop steps, tiny model
+    python benchmarks/multi_adapter.py                         # the same on SmolLM2-135M (demo task)
+    python benchmarks/multi_adapter.py --parts learner         # the learner-only table (K = 1, 2, 4)
 """
 
 import argparse

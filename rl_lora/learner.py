@@ -17,7 +17,8 @@ Built for small adapters on small machines:
 - full fine-tuning of a bf16/fp16 model steps fp32 master weights (fp32 AdamW state) and copies them back;
 - a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
 - K adapters on one base (`specs`) train in the same micro-batches: each sample names its adapter, the rows of
-  an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip.
+  an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip; the K
+  AdamW steps run as one fused update over flat buffers (rl_lora/optim.py), exact to torch's per adapter.
 """
 
 from __future__ import annotations
