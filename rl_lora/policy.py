@@ -35,7 +35,7 @@ class Adapters:
     def __init__(self, learner):
         self.learner = learner
         self.K = learner.num_adapters
-        self.configs_K = [learner.peft_config(k) for k in range(self.K)]  # fixed for the run
+        self._configs_K: list[dict] | None = None  # each adapter's adapter_config.json, fixed for the run
         # the live version and the one before it, as pushed: (snapshot of every adapter, each one's PEFT tensors)
         self.pushed: tuple | None = None
         self.previous: tuple | None = None
@@ -49,6 +49,12 @@ class Adapters:
     def weight_dirs(self) -> list[str]:
         """Where each trained model lives in a run or checkpoint directory."""
         return [self.learner.adapter_dirname(k) for k in range(self.K)]
+
+    @property
+    def configs_K(self) -> list[dict]:
+        if self._configs_K is None:
+            self._configs_K = [self.learner.peft_config(k) for k in range(self.K)]
+        return self._configs_K
 
     def push(self, fleet, version: int, live_refs: list, stale: bool) -> list:
         """Every adapter as LoRA id `lora_id(version, K, k)`, each one's previous version evicted, in one fleet
