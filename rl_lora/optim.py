@@ -112,6 +112,10 @@ class FusedAdamW:
     def clip_grad_norms(self, max_norm: float, active_K: list[bool]) -> torch.Tensor:
         """[K] gradient norm of each adapter (0 where inactive), each active adapter's gradient scaled by
         min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does. Stays on the device."""
+        for p, view in (self.grads[0], self.grads[-1]):  # backward added into the flat buffer, in place
+            if p.grad is not view:
+                raise RuntimeError("FusedAdamW: a gradient was replaced instead of accumulated in place "
+                                   "(zero_grad(set_to_none=True) on an adapter optimizer? use Learner.stepper's)")
         norms_K = torch.stack(torch._foreach_norm(self._views(self.flat_g, self.spans_K)))
         norms_K = torch.where(torch.tensor(active_K, device=norms_K.device), norms_K, torch.zeros_like(norms_K))
         if math.isfinite(max_norm):
