@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2, help="timed learner steps after a warm-up (min reported)")
-    ap.add_argument("--parts-k", default="1,8,64", help="adapter counts of the loop part")
+    ap.add_argument("--ks", default="1,8,64", help="adapter counts of the loop part")
     ap.add_argument("--rounds", type=int, default=2, help="loop part: rounds of every K, the order rotated")
     ap.add_argument("--loop-steps", type=int, default=4, help="loop steps per K (the first is not counted)")
     ap.add_argument("--loop-prompts", type=int, default=64,
@@ -199,7 +199,7 @@ def main():
                   f"{ref['step_s']:.2f} s, peak {ref['peak_gib']:.3f} GiB"
                   + (f"; 4 adapters cost {four['step_s'] / ref['step_s']:.2f}x of it (the routing overhead)" if four else ""))
     if "loop" in parts:
-        ks = [int(k) for k in args.parts_k.split(",")]
+        ks = [int(k) for k in args.ks.split(",")]
         runs: dict[int, list[dict]] = {k: [] for k in ks}
         loads = []
         for r in range(args.rounds):  # interleaved, the order rotated: drift on a shared machine hits every K

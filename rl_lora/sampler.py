@@ -168,15 +168,17 @@ class Sampler:
             if version < 1 or version in self.live:
                 raise ValueError(f"adapter version {version} must be new and >= 1")
         t0 = time.perf_counter()
-        for version in evict:
-            self.evict(version)
-        refs = []
-        for version, tensors, config in items:
-            ref = AdapterRef(version, str(self._dir / f"v{version}"))
+        gone = [self.live.pop(v) for v in evict if v in self.live]
+        if gone:  # one engine call for all of them (WeightLoader), then their files
+            self.llm.collective_rpc("rl_lora_remove_loras", args=([r.version for r in gone],))
+            for ref in gone:
+                shutil.rmtree(ref.path, ignore_errors=True)
+        refs = [AdapterRef(version, str(self._dir / f"v{version}")) for version, _, _ in items]
+        for ref, (_, tensors, config) in zip(refs, items):
             write_peft_adapter(ref.path, tensors, config)
-            self.llm.llm_engine.add_lora(LoRARequest(ref.name, version, ref.path))
-            self.live[version] = ref
-            refs.append(ref)
+        # one engine call loads all K (vLLM's own loader and LRU cache, in the worker): not K add_lora round trips
+        self.llm.collective_rpc("rl_lora_add_loras", args=([LoRARequest(r.name, r.version, r.path) for r in refs],))
+        self.live.update((r.version, r) for r in refs)
         self.last_push_s = time.perf_counter() - t0
         return refs
 
@@ -301,6 +303,13 @@ class WeightLoader:
         from safetensors.torch import load_file
 
         return _copy_hf_weights(self.get_model(), load_file(path))
+
+    def rl_lora_add_loras(self, requests: list) -> list[bool]:
+        """Several LoRARequests loaded in one call (the worker's own add_lora for each)."""
+        return [self.add_lora(r) for r in requests]
+
+    def rl_lora_remove_loras(self, lora_ids: list[int]) -> list[bool]:
+        return [self.remove_lora(i) for i in lora_ids]
 
     def rl_lora_punica(self) -> list[tuple[str, int]]:
         from rl_lora.vllm_cpu_lora import report
