@@ -191,7 +191,7 @@ class RewardRunner:
         workers, returned as each part's own RewardResult (its metrics over its own completions and groups; the
         latencies are the whole round's)."""
         full = self.score(prompts, completions, examples, group_ids=group_ids)
-        latency = {key: [full.metrics[f"reward/{key}/latency_p50_ms"]] for key in self.keys}
+        latency = {key: [] for key in self.keys}  # the round's latencies are copied in below
         parts, a = [], 0
         for size in sizes:
             b = a + size
@@ -200,7 +200,7 @@ class RewardRunner:
             status = {key: v[a:b] for key, v in full.lost_status.items()}
             groups = group_indices(size, prompts[a:b], group_ids=group_ids[a:b])
             metrics = self._metrics(per, lost, latency, groups)
-            for key in self.keys:  # the round's own latencies, not recomputed from one number
+            for key in self.keys:
                 for q in ("p50", "p99"):
                     metrics[f"reward/{key}/latency_{q}_ms"] = full.metrics[f"reward/{key}/latency_{q}_ms"]
             parts.append(RewardResult(full.rewards[a:b], per, sum(x == "timeout" for v in status.values() for x in v),
