@@ -81,7 +81,7 @@ def learner_worker(args) -> dict:
 
 
 TINY_RUN = {  # the tiny random Llama of the tests, where the loop's fixed costs show
-    "data": {"source": "arithmetic", "max_operand": 20, "train_size": 2000, "eval_size": 0},
+    "data": {"source": "arithmetic", "max_operand": 20, "train_size": 1000, "eval_size": 0},
     "sampler": {"samples_per_prompt": 8, "temperature": 1.0, "max_tokens": 16},
     "optim": {"lr": 5e-3},
     "reward": {"rewards": [{"name": "reward_fixtures:ascii_start"}], "num_workers": 1},

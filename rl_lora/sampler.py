@@ -331,6 +331,9 @@ class WeightLoader:
 
         def load(req):
             tensors, config = given[req.lora_int_id]
+            # copies: vLLM scales lora_b in place (LoRALayerWeights.optimize), which would change the learner's
+            # snapshot of this version (the push check's previous version) under it
+            tensors = {name: t.clone() for name, t in tensors.items()}
             peft = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": manager.max_position_embeddings})
             peft.validate_legal(manager.lora_config)
             model = manager._adapter_manager.model
