@@ -97,47 +97,12 @@ class LoRALinear(nn.Module):
         segments = self.routing.segments
         if not any(k in self.slots for k, _, _ in segments):
             return out
-        if _dense_cheaper(x, out, len(segments)):
-            return _routed_dense(self, x, out, segments)
         # split/cat, not per-segment indexing: their backward is one cat/split, where indexing would materialise a
         # full-size zero gradient per segment (measured 1.5x slower at K = 4).
         rows = x.split([e - s for _, s, e in segments])
         lows = [self._low(k, xs) if k in self.slots else out.new_zeros(xs.shape[:-1] + out.shape[-1:])
                 for (k, _, _), xs in zip(segments, rows)]
         return out + torch.cat(lows)
-
-
-# Tokens x (d_in + d_out) per segment below which a mixed batch runs every adapter densely (_routed_dense)
-# rather than one small GEMM pair per segment. 0 = never.
-DENSE_MAX_WORK = float(__import__("os").environ.get("RL_LORA_DENSE_MAX_WORK", "0"))
-
-
-def _dense_cheaper(x: torch.Tensor, out: torch.Tensor, segments: int) -> bool:
-    tokens = x.numel() // x.shape[-1]
-    return segments > 1 and tokens * (x.shape[-1] + out.shape[-1]) <= DENSE_MAX_WORK * segments
-
-
-def _routed_dense(layer: "LoRALinear", x: torch.Tensor, out: torch.Tensor, segments) -> torch.Tensor:
-    """A batch that mixes adapters in two GEMMs whatever their number (as rl_lora/vllm_cpu_lora.py does for the
-    sampler): S = x A^T with every present adapter's A stacked, each row keeping only its own adapter's columns
-    (a 0/scale mask), then out + S B. Costs the sum of their ranks x (d_in + d_out) per token, so it is chosen
-    only where that beats one small GEMM pair per segment (_dense_cheaper)."""
-    present = [k for k in dict.fromkeys(k for k, _, _ in segments) if k in layer.slots]
-    slots = [layer.slots[k] for k in present]
-    A = torch.cat([layer.lora_A[i] for i in slots]).to(x.dtype)  # [R, d_in]
-    B = torch.cat([layer.lora_B[i] for i in slots], dim=1).to(x.dtype)  # [d_out, R]
-    col = {k: j for j, k in enumerate(present)}
-    ranks = [layer.lora_A[i].shape[0] for i in slots]
-    # per batch row: which present adapter (or none: -1); per column of S: its adapter and scale
-    row_of = torch.repeat_interleave(torch.tensor([col.get(k, -1) for k, _, _ in segments]),
-                                     torch.tensor([e - s for _, s, e in segments]))
-    col_of = torch.repeat_interleave(torch.arange(len(present)), torch.tensor(ranks))
-    scale_of = torch.repeat_interleave(torch.tensor([layer.scales[i] for i in slots], dtype=x.dtype),
-                                       torch.tensor(ranks))
-    mask = ((row_of[:, None] == col_of[None, :]) * scale_of).to(x.device)  # [rows, R]
-    mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-    s = F.linear(x, A) * mask
-    return _add_low_rank(out, s, B, 1.0)
 
 
 def _add_low_rank(out: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
