@@ -1,8 +1,14 @@
-"""K concurrent adapters on one base vs one adapter, with the same per-adapter batch (issue 6).
+"""K concurrent adapters on one base vs one adapter (issues 6 and 18).
 
-Two measurements, each configuration in its own process, one after the other in one invocation:
-
-1. learner: one train_step of K = 1, 2, 4 rank-1 adapters (SmolLM2-135M fp32 by default), each adapter with
+1. loop (the default): `rl-lora train` steps with K = 1, 8, 64 rank-1 adapters at EQUAL completions per step
+   (`--loop-prompts` prompts per step shared by the K adapters: K = 64 gets 1 prompt each), each configuration
+   in its own process, `--rounds` interleaved rounds with the order rotated (the machine is shared: drift hits
+   every K alike). Per K: median over steps 2.. of sample / learn / push / push-check / whole-step time, the
+   process's peak RSS (learner + in-process vLLM engine, whose LoRA slots are sized K + 1) and its growth per
+   extra adapter, and what one adapter's learner state is (params, grads, AdamW moments: 4x its fp32 tensors).
+   `--model tiny` is the tests' tiny random Llama (built under /tmp, no download), where fixed costs show.
+   Goal (issue 18): K = 64 <= 1.25x K = 1.
+2. learner: one train_step of K = 1, 2, 4 rank-1 adapters (SmolLM2-135M fp32 by default), each adapter with
    the same per-adapter batch (default 4 sequences x 128 tokens). Two micro-batch settings:
    - `packed`: the whole K-adapter batch in one micro-batch (the fastest; activations grow with K);
    - `bounded`: optim.tokens_per_microbatch = one adapter's batch (activations fixed, so peak memory grows only
@@ -12,12 +18,10 @@ Two measurements, each configuration in its own process, one after the other in 
    The `bounded` workers run with MALLOC_MMAP_THRESHOLD_=65536, so that freed activations return to the OS and
    peak RSS measures live memory, not glibc's retained heap (it also makes them ~2x slower: compare their times
    only with each other).
-2. loop: `rl-lora train` steps of the CPU demo task with K = 1 vs K = 4 adapters (same prompts per adapter):
-   sampling, learning and whole-step time per step (median of the steps after the first).
 
-K separate runs would cost K x the step time (and K copies of the base); the goal is K = 4 <= 1.5x K = 1.
-
-    python benchmarks/multi_adapter.py [--model smollm2-135m-gguf] [--parts learner,loop]
+    python benchmarks/multi_adapter.py --model tiny            # K = 1, 8, 64 loop steps, tiny model
+    python benchmarks/multi_adapter.py                         # the same on SmolLM2-135M (demo task)
+    python benchmarks/multi_adapter.py --parts learner         # the learner-only table (K = 1, 2, 4)
 """
 
 import argparse
@@ -75,35 +79,74 @@ def learner_worker(args) -> dict:
             "adapter_bytes": params * 2 + state, "trainable": learner.num_trainable()}
 
 
+TINY_RUN = {  # the tiny random Llama of the tests, where the loop's fixed costs show
+    "data": {"source": "arithmetic", "max_operand": 20, "train_size": 1000, "eval_size": 0},
+    "sampler": {"samples_per_prompt": 8, "temperature": 1.0, "max_tokens": 16},
+    "optim": {"lr": 5e-3},
+    "reward": {"rewards": [{"name": "reward_fixtures:ascii_start"}], "num_workers": 1},
+}
+
+
+def _model_path(model: str) -> str:
+    """`tiny`: the tests' tiny random Llama, built once under /tmp (no download)."""
+    if model != "tiny":
+        return model
+    from tests.tiny_models import build_tiny_llama
+
+    target = Path(tempfile.gettempdir()) / "rl-lora-bench-tiny-llama"
+    if not (target / "config.json").exists():
+        build_tiny_llama(target)
+    return str(target)
+
+
 def loop_worker(args) -> dict:
+    """`rl-lora train` steps with K adapters x (total prompts / K) prompts each: equal completions per step."""
+    import yaml
+
     from rl_lora.config import load_config
     from rl_lora.metrics import read_metrics
     from rl_lora.train import train
 
-    lrs = [1e-4, 3e-4, 1e-3, 3e-3][: args.k]
+    K, prompts = args.k, args.loop_prompts // args.k
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"model.path={args.model}", f"train.steps={args.loop_steps}", "train.save_every=0",
-                     "train.eval_every=0", "data.eval_size=0", f"train.output_dir={tmp}/run", "train.wandb_project=",
-                     f"train.prompts_per_step={args.loop_prompts}", f"sampler.max_loras={args.k + 1}"]
-        if args.k > 1:
-            overrides.append("adapters=[" + ", ".join(f"{{lr: {lr}}}" for lr in lrs) + "]")
-        train(load_config(ROOT / "configs" / "demo_cpu.yaml", overrides), quiet=True)
+        if args.model == "tiny":
+            cfg_path = Path(tmp) / "tiny.yaml"
+            cfg_path.write_text(yaml.safe_dump({"model": {"path": _model_path("tiny"), "max_model_len": 256},
+                                                **TINY_RUN}))
+        else:
+            cfg_path = ROOT / "configs" / "demo_cpu.yaml"
+        overrides = [f"train.steps={args.loop_steps}", "train.save_every=0", "train.eval_every=0", "data.eval_size=0",
+                     f"train.output_dir={tmp}/run", "train.wandb_project=", f"train.prompts_per_step={prompts}"]
+        if args.model != "tiny":
+            overrides += [f"model.path={args.model}", f"sampler.samples_per_prompt={args.loop_samples}",
+                          f"sampler.max_tokens={args.loop_tokens}"]
+        if K > 1:  # K learning rates around the demo's, on the same data (paired prompts and seeds)
+            overrides.append("adapters=[" + ", ".join(f"{{lr: {1e-4 * 1.1 ** k:.6g}}}" for k in range(K)) + "]")
+        train(load_config(cfg_path, overrides), quiet=True)
         rows = [r for r in read_metrics(Path(tmp) / "run") if "time/step" in r][1:]
-    med = {key: statistics.median(r[key] for r in rows) for key in ("time/sample", "time/learn", "time/push", "time/push_check",
-                                                                 "time/step")}
-    return {"k": args.k, **med, "completions": args.k * args.loop_prompts * 8,
-            "tokens": statistics.median(r["learn/tokens"] for r in rows)}
+        # what each adapter is: its exported fp32 tensors; the learner holds 4x that (params, grads, 2 moments)
+        files = list((Path(tmp) / "run").glob("adapter*/**/adapter_model.safetensors"))
+        adapter_bytes = sum(f.stat().st_size for f in files) / max(len(files), 1)
+    med = {key: statistics.median(r[key] for r in rows)
+           for key in ("time/sample", "time/learn", "time/push", "time/push_check", "time/step")}
+    return {"k": K, **med, "completions": statistics.median(r["groups/total"] for r in rows) * (
+            args.loop_samples if args.model != "tiny" else TINY_RUN["sampler"]["samples_per_prompt"]),
+            "tokens": statistics.median(r["learn/tokens"] for r in rows), "peak_gib": _rss_gib(),
+            "adapter_state_mib": 4 * adapter_bytes / 2**20}
 
 
 def _sub(args, **kw) -> dict | None:
     cmd = [sys.executable, __file__, "--model", args.model, "--seqs", str(args.seqs), "--prompt", str(args.prompt),
            "--completion", str(args.completion), "--steps", str(args.steps), "--loop-steps", str(args.loop_steps),
-           "--loop-prompts", str(args.loop_prompts)]
+           "--loop-prompts", str(args.loop_prompts), "--loop-samples", str(args.loop_samples),
+           "--loop-tokens", str(args.loop_tokens)]
     for key, value in kw.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     # The memory rows: a fixed mmap threshold returns freed activation buffers to the OS, so peak RSS measures
     # what is live rather than what glibc's heap kept from earlier micro-batches.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if kw.get("packing") == "bounded" else None
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    if kw.get("packing") == "bounded":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(f"{kw}: failed\n{out.stderr[-2000:]}")
@@ -114,13 +157,18 @@ def _sub(args, **kw) -> dict | None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-gguf")
-    ap.add_argument("--parts", default="learner,loop")
+    ap.add_argument("--parts", default="loop", help="loop (K = 1, 8, 64 steps), learner (K = 1, 2, 4 steps)")
     ap.add_argument("--seqs", type=int, default=4, help="sequences per adapter (learner part)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2, help="timed learner steps after a warm-up (min reported)")
+    ap.add_argument("--ks", default="1,8,64", help="adapter counts of the loop part")
+    ap.add_argument("--rounds", type=int, default=2, help="loop part: rounds of every K, the order rotated")
     ap.add_argument("--loop-steps", type=int, default=4, help="loop steps per K (the first is not counted)")
-    ap.add_argument("--loop-prompts", type=int, default=8, help="prompts per step per adapter (loop part)")
+    ap.add_argument("--loop-prompts", type=int, default=64,
+                    help="prompts per step over all adapters (loop part): each of K adapters gets this / K")
+    ap.add_argument("--loop-samples", type=int, default=2, help="samples per prompt (loop part, not tiny)")
+    ap.add_argument("--loop-tokens", type=int, default=16, help="max completion tokens (loop part, not tiny)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--packing", default="packed", help=argparse.SUPPRESS)
@@ -150,15 +198,30 @@ def main():
                   f"{ref['step_s']:.2f} s, peak {ref['peak_gib']:.3f} GiB"
                   + (f"; 4 adapters cost {four['step_s'] / ref['step_s']:.2f}x of it (the routing overhead)" if four else ""))
     if "loop" in parts:
-        res = [r for k in (1, 4) if (r := _sub(args, worker="loop", k=k))]
-        print(f"\nRL step (demo task, {args.loop_prompts} prompts x 8 samples per adapter), median of steps 2..{args.loop_steps}")
-        print(f"{'K':>3}{'completions':>13}{'sample s':>10}{'learn s':>9}{'push ms':>9}{'check ms':>10}{'step s':>8}{'vs K=1':>8}"
-              f"{'vs K runs':>11}")
-        one = next((r for r in res if r["k"] == 1), None)
-        for r in res:
+        ks = [int(k) for k in args.ks.split(",")]
+        runs: dict[int, list[dict]] = {k: [] for k in ks}
+        loads = []
+        for r in range(args.rounds):  # interleaved, the order rotated: drift on a shared machine hits every K
+            for k in ks[r % len(ks):] + ks[: r % len(ks)]:
+                loads.append(os.getloadavg()[0])
+                if (res := _sub(args, worker="loop", k=k)):
+                    runs[k].append(res)
+        loads.append(os.getloadavg()[0])
+        med = {k: {key: statistics.median(x[key] for x in rs) for key in rs[0]} for k, rs in runs.items() if rs}
+        one = med.get(1)
+        print(f"\nRL step, {args.model}, {args.loop_prompts} prompts per step shared by K adapters (equal completions), "
+              f"median of steps 2..{args.loop_steps}, median of {args.rounds} interleaved rounds; "
+              f"1-min load {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs")
+        print(f"{'K':>3}{'completions':>13}{'sample s':>10}{'learn s':>9}{'push ms':>9}{'check ms':>10}{'step s':>8}"
+              f"{'vs K=1':>8}{'peak GiB':>10}{'MiB/extra':>11}{'state MiB':>11}")
+        for k, r in med.items():
             ratio = r["time/step"] / one["time/step"] if one else float("nan")
-            print(f"{r['k']:>3}{r['completions']:>13}{r['time/sample']:>10.1f}{r['time/learn']:>9.1f}"
-                  f"{1000 * r['time/push']:>9.0f}{1000 * r['time/push_check']:>10.0f}{r['time/step']:>8.1f}{ratio:>7.2f}x{ratio / r['k']:>10.2f}x")
+            extra = (r["peak_gib"] - one["peak_gib"]) * 1024 / (k - 1) if one and k > 1 else float("nan")
+            print(f"{k:>3}{r['completions']:>13.0f}{r['time/sample']:>10.2f}{r['time/learn']:>9.2f}"
+                  f"{1000 * r['time/push']:>9.0f}{1000 * r['time/push_check']:>10.0f}{r['time/step']:>8.2f}"
+                  f"{ratio:>7.2f}x{r['peak_gib']:>10.3f}{extra:>11.2f}{r['adapter_state_mib']:>11.3f}")
+        print("per round, step s: " + "; ".join(f"K={k}: " + ", ".join(f"{x['time/step']:.2f}" for x in rs)
+                                                 for k, rs in runs.items()))
 
 
 if __name__ == "__main__":

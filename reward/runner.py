@@ -34,6 +34,8 @@ class RewardResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # per reward: a bool per completion, True where that reward's score was lost
     failed_per_reward: dict[str, list[bool]] = field(default_factory=dict)
+    # per reward: per completion, "timeout" or "error" where its score was lost, else None (to split a result)
+    lost_status: dict[str, list] = field(default_factory=dict)
 
 
 _RESERVED = ("prompt", "completion")
@@ -183,9 +185,34 @@ class RewardRunner:
             results = [call_inline(c[0], c[1], c[2], self.timeout_s, c[3] if len(c) > 3 else None) for c in calls]
         return self._collect(results, plan, n, groups)
 
+    def score_parts(self, prompts: list[str], completions: list[str], examples: list[dict], group_ids: list,
+                    sizes: list[int]) -> list[RewardResult]:
+        """`score` of consecutive parts of the batch (e.g. K adapters' completions) in ONE round of calls to the
+        workers, returned as each part's own RewardResult (its metrics over its own completions and groups; the
+        latencies are the whole round's)."""
+        full = self.score(prompts, completions, examples, group_ids=group_ids)
+        latency = {key: [] for key in self.keys}  # the round's latencies are copied in below
+        parts, a = [], 0
+        for size in sizes:
+            b = a + size
+            per = {key: v[a:b] for key, v in full.per_reward.items()}
+            lost = {key: v[a:b] for key, v in full.failed_per_reward.items()}
+            status = {key: v[a:b] for key, v in full.lost_status.items()}
+            groups = group_indices(size, prompts[a:b], group_ids=group_ids[a:b])
+            metrics = self._metrics(per, lost, latency, groups)
+            for key in self.keys:
+                for q in ("p50", "p99"):
+                    metrics[f"reward/{key}/latency_{q}_ms"] = full.metrics[f"reward/{key}/latency_{q}_ms"]
+            parts.append(RewardResult(full.rewards[a:b], per, sum(x == "timeout" for v in status.values() for x in v),
+                                      sum(x == "error" for v in status.values() for x in v), full.failed[a:b],
+                                      metrics, lost, status))
+            a = b
+        return parts
+
     def _collect(self, results: list[CallResult], plan, n: int, groups) -> RewardResult:
         per = {key: [0.0] * n for key in self.keys}
         lost = {key: [False] * n for key in self.keys}
+        status = {key: [None] * n for key in self.keys}
         latency: dict[str, list[float]] = {key: [] for key in self.keys}
         rewards = [0.0] * n
         failed = [False] * n
@@ -214,13 +241,14 @@ class RewardRunner:
                         timeouts += 1
                     else:
                         errors += 1
+                    status[key][i] = "timeout" if out.status == "timeout" else "error"
                     lost[key][i] = True
                     failed[i] = failed[i] or weight != 0
                     failures.setdefault(key, []).append(out.error or "no result")
         for key, errs in failures.items():
             log.warning("reward '%s': %d of %d scores failed and count as 0 (first: %s)", key, len(errs), n, errs[0])
         return RewardResult(rewards, per, timeouts, errors, failed, self._metrics(per, lost, latency, groups),
-                            lost)
+                            lost, status)
 
     def _metrics(self, per, lost, latency, groups) -> dict[str, float]:
         m = {}

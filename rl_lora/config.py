@@ -406,7 +406,9 @@ def expand_targets(value, key: str) -> list:
 
 
 def resident_loras(cfg: "Config") -> int:
-    """Adapter slots the engine needs: `sampler.max_loras`, or K + 1 for K adapters when it is 0 (auto)."""
+    """Adapter slots the engine needs: `sampler.max_loras`, or K + 1 for K adapters when it is 0 (auto). Not more
+    with `train.max_staleness` > 0: a push first drains every request submitted under the older versions
+    (sync.Run.push), so one generate call never mixes versions and K live adapters plus one spare suffice."""
     return cfg.sampler.max_loras or max(len(cfg.adapters), 1) + 1
 
 

@@ -73,12 +73,22 @@ class _Fleet:
         self._submit(req)
         return req
 
-    def _record_push(self, version: int, slot: int, tensors, config):
+    def push_adapters(self, items: list[tuple[int, int, dict, dict]], evict: list[int]) -> list[AdapterRef]:
+        """Push several adapter versions, each (version, slot, tensors, config), then evict the versions in
+        `evict`. The tensors must not change afterwards (a snapshot: kept as they are for a rebuild). This
+        default pushes one by one; LocalFleet and RayFleet make it one call per engine."""
+        refs = [self.push_adapter(v, slot, tensors, config) for v, slot, tensors, config in items]
+        for version in evict:
+            self.evict(version)
+        return refs
+
+    def _record_push(self, version: int, slot: int, tensors, config, copy: bool = True):
         """Keep what a rebuilt engine must load for `version`: a copy of `tensors` (they may be the learner's live
-        parameters, which the next step changes in place; an ObjectRef is already a copy). Returns what is kept."""
+        parameters, which the next step changes in place; an ObjectRef is already a copy; `copy=False`: a
+        snapshot, kept as it is). Returns what is kept."""
         if version < 1 or version in self.adapters:
             raise ValueError(f"adapter version {version} must be new and >= 1")
-        if isinstance(tensors, dict):
+        if isinstance(tensors, dict) and copy:
             tensors = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
         self.adapters[version] = (slot, tensors, config)
         self.latest_in_slot[slot] = version
@@ -180,6 +190,14 @@ class LocalFleet(_Fleet):
         tensors = self._record_push(version, slot, tensors, config)
         self._call(lambda: self.sampler.push(version, _writer(tensors, config), evict_older=False))
         return AdapterRef(version, "")  # requests name the version; the engine of the moment knows its files
+
+    def push_adapters(self, items: list[tuple[int, int, dict, dict]], evict: list[int]) -> list[AdapterRef]:
+        for version, slot, tensors, config in items:
+            self._record_push(version, slot, tensors, config, copy=False)
+        for version in evict:
+            self.adapters.pop(version, None)
+        self._call(lambda: self.sampler.push_many([(v, tensors, config) for v, _, tensors, config in items], evict))
+        return [AdapterRef(v, "") for v, _, _, _ in items]
 
     def evict(self, version: int) -> None:
         self.adapters.pop(version, None)
@@ -300,6 +318,12 @@ class _Engine:
 
     def push(self, version: int, tensors: dict, config: dict) -> None:
         self.sampler.push(version, _writer(tensors, config), evict_older=False)
+
+    def push_many(self, items: list, evict: list[int]) -> None:
+        import ray
+
+        # ObjectRefs nested in a list are not resolved by Ray: fetch them here
+        self.sampler.push_many([(v, ray.get(t) if isinstance(t, ray.ObjectRef) else t, c) for v, t, c in items], evict)
 
     def evict(self, version: int) -> None:
         self.sampler.evict(version)
@@ -546,6 +570,16 @@ class RayFleet(_Fleet):
     def evict(self, version: int) -> None:
         if self.adapters.pop(version, None) is not None:
             self._each("evict", version)
+
+    def push_adapters(self, items: list[tuple[int, int, dict, dict]], evict: list[int]) -> list[AdapterRef]:
+        import ray
+
+        refs = [ray.put(tensors) for _, _, tensors, _ in items]  # once each; every engine reads the object store
+        for (version, slot, _, config), ref in zip(items, refs):
+            self._record_push(version, slot, ref, config)
+        evict = [v for v in evict if self.adapters.pop(v, None) is not None]
+        self._each("push_many", [(v, ref, config) for (v, _, _, config), ref in zip(items, refs)], evict)
+        return [AdapterRef(v, "") for v, _, _, _ in items]
 
     def load_weights(self, hf_state: dict) -> None:
         import ray

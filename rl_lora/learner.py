@@ -17,7 +17,8 @@ Built for small adapters on small machines:
 - full fine-tuning of a bf16/fp16 model steps fp32 master weights (fp32 AdamW state) and copies them back;
 - a step whose loss or gradient is not finite is skipped: adapter and optimizer are left as they were;
 - K adapters on one base (`specs`) train in the same micro-batches: each sample names its adapter, the rows of
-  an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip.
+  an adapter are contiguous, and each adapter has its own AdamW, LR, loss normaliser and gradient clip; the K
+  AdamW steps run as one fused update over flat buffers (rl_lora/optim.py), exact to torch's per adapter.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-from rl_lora import atomic, heads, prefix
+from rl_lora import atomic, heads, optim, prefix
 from rl_lora import lora as lora_mod
 from rl_lora.batching import adapter_runs, group_keys, pack_microbatches, route_segments, tokens_per_adapter
 from rl_lora.errors import ConfigError
@@ -99,6 +100,9 @@ class Learner:
                 self.param_sets.append([p for g in groups for p in g["params"]])
                 self.optimizers.append(torch.optim.AdamW(groups, lr=spec.lr, **adamw))
             self.masters, self.step_params = None, self.param_sets  # adapters are fp32 whatever the base dtype
+        # adapters: one fused step of all K optimizers over flat buffers (rl_lora/optim.py); full FT: torch's own
+        self.stepper = (optim.LoopedAdamW(self.optimizers, self.step_params) if adapters is None
+                        else optim.FusedAdamW(self.optimizers))
         self.adapters = self.adapter_sets[0]  # the single-adapter view
         self.optimizer = self.optimizers[0]
         self.params = [p for ps in self.param_sets for p in ps]
@@ -200,8 +204,7 @@ class Learner:
         data_parallel = distributed.active()  # torchrun: `samples` is this rank's shard of the step
         if data_parallel:  # normalise by the whole step's tokens, so the summed gradients are the full-batch ones
             tokens_K = [int(t) for t in distributed.all_reduce_sum(tokens_K, self.device)]
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        self.stepper.zero_grad()
         sums_K = torch.zeros(K, 1 + len(_SUM_KEYS), dtype=torch.float64, device=self.device)
         ratio_max_K = torch.zeros(K, dtype=torch.float64, device=self.device)
         for mb in self._microbatches(samples):
@@ -224,7 +227,7 @@ class Learner:
             loss.backward()
             self._grads_to_masters()  # per micro-batch: the step's gradient is summed in fp32
         if data_parallel:
-            distributed.all_reduce_grads([p for ps in self.step_params for p in ps])
+            self.stepper.all_reduce_grads()
             torch.distributed.all_reduce(sums_K)
             torch.distributed.all_reduce(ratio_max_K, op=torch.distributed.ReduceOp.MAX)
         return tokens_K, sums_K, ratio_max_K
@@ -239,28 +242,26 @@ class Learner:
         K = self.num_adapters
         tokens_K, sums_K, ratio_max_K = self.backward(samples)
         clip = self.grad_clip if self.grad_clip > 0 else math.inf
-        zero = sums_K.new_zeros(())
-        norms_K = [torch.nn.utils.clip_grad_norm_(self.step_params[k], clip).double() if n else zero
-                   for k, n in enumerate(tokens_K)]
-        host = torch.cat([sums_K.flatten(), ratio_max_K, torch.stack(norms_K).to(sums_K.device)]).tolist()  # one sync
+        norms_K = self.stepper.clip_grad_norms(clip, [n > 0 for n in tokens_K])
+        host = torch.cat([sums_K.flatten(), ratio_max_K, norms_K.double().to(sums_K.device)]).tolist()  # one sync
         width = 1 + len(_SUM_KEYS)
-        per_K, raw_K = [], []
+        per_K, raw_K, step_K = [], [], []
         for k in range(K):
             n = tokens_K[k]
             loss, ratio_sum, limited_sum, kl_sum = host[k * width:(k + 1) * width]
             ratio_max, grad_norm = host[K * width + k], host[K * width + K + k]
             finite = math.isfinite(grad_norm) and math.isfinite(loss) and math.isfinite(ratio_sum)
-            if n and finite:
-                self.optimizers[k].step()
-                self._masters_to_model()
-            # else: this adapter and its optimizer state stay as they were
-            self.optimizers[k].zero_grad(set_to_none=True)
+            step_K.append(bool(n) and finite)  # else: this adapter and its optimizer state stay as they were
             raw_K.append((ratio_sum, limited_sum, kl_sum))
             per_K.append({
                 "loss/pg": loss, "loss/grad_norm": grad_norm, "loss/skipped": 0.0 if finite or not n else 1.0,
                 "is/ratio_mean": ratio_sum / max(n, 1), "is/ratio_max": ratio_max,
                 "is/frac_limited": limited_sum / max(n, 1),
                 "is/kl_sampler_learner": kl_sum / max(n, 1), "learn/tokens": float(n)})
+        self.stepper.step(step_K)  # every adapter at once
+        if any(step_K):
+            self._masters_to_model()
+        self.stepper.zero_grad()
         n_all = max(sum(tokens_K), 1)
         total = {"loss/pg": sum(m["loss/pg"] for m in per_K),
                  "loss/grad_norm": max(m["loss/grad_norm"] for m in per_K),
@@ -289,6 +290,30 @@ class Learner:
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
 
         atomic.write_dir(path, fill, durable=False)
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of every adapter's parameters at once (one flat tensor; adapters only)."""
+        return self.stepper.snapshot()
+
+    def restore(self, snap: torch.Tensor) -> None:
+        """Every adapter's parameters set from a `snapshot`, in one copy."""
+        self.stepper.restore(snap)
+
+    def peft_tensors(self, snap: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Each adapter's PEFT-named tensors (peft_state_dict's) as views of `snap`, the snapshot of the live
+        parameters, moved to the CPU in one copy: K adapters cost one transfer, not one per tensor. A tensor that is
+        computed rather than stored (not a view of the parameters) is copied from the live one."""
+        snap = snap.cpu()
+        out = []
+        for views in self.adapter_sets:
+            tensors = {}
+            for key, t in lora_mod.peft_tensor_views(views).items():
+                try:
+                    tensors[key] = self.stepper.view_in(snap, t)
+                except ValueError:
+                    tensors[key] = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+            out.append(tensors)
+        return out
 
     def write_adapter(self, path, k: int = 0) -> None:
         lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapter_sets[k]), self.peft_config(k))
@@ -325,6 +350,7 @@ class Learner:
                 elif saved is not None:  # a low-precision run's masters, resumed in fp32
                     for p, src in zip(self.param_sets[0], saved):
                         p.copy_(src)
+        self.stepper.reload_state()  # the loaded moments into the fused step's flat buffers
 
     def _grads_to_masters(self) -> None:
         """Add the low-precision weights' gradients to the fp32 masters' (and free them)."""

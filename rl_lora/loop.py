@@ -56,19 +56,29 @@ class Scored:
 
 def score_completions(scorers_K: list, groups: list[Group], problems_K: list) -> Scored:
     """Score the step's completions (adapter-major, as sampled): adapter k's with its own reward runner, against
-    its own dataset's problems. Each group's completions are passed as one group (group rewards, metrics)."""
+    its own dataset's problems. Each group's completions are passed as one group (group rewards, metrics). The
+    adapters that share a runner are scored in one round of calls to its workers (K = 64: one, not 64)."""
     out = Scored([], [], 0, 0, 0)
     per = len(groups) // len(scorers_K)
-    for k, (scorer, problems) in enumerate(zip(scorers_K, problems_K)):
-        mine = [(g, c) for g in groups[k * per:(k + 1) * per] for c in g.completions]
-        res = scorer.score([g.prompt for g, _ in mine], [c.text for _, c in mine],
-                           [{"answer": problems[g.problem_index].answer, **problems[g.problem_index].fields}
-                            for g, _ in mine], group_ids=[id(g) for g, _ in mine])
+    mine_K = [[(g, c) for g in groups[k * per:(k + 1) * per] for c in g.completions] for k in range(len(scorers_K))]
+    result_K = [None] * len(scorers_K)
+    by_runner: dict[int, list[int]] = {}
+    for k, scorer in enumerate(scorers_K):
+        by_runner.setdefault(id(scorer), []).append(k)
+    for ks in by_runner.values():
+        both = [(k, g, c) for k in ks for g, c in mine_K[k]]
+        parts = scorers_K[ks[0]].score_parts(
+            [g.prompt for _, g, _ in both], [c.text for _, _, c in both],
+            [{"answer": problems_K[k][g.problem_index].answer, **problems_K[k][g.problem_index].fields}
+             for k, g, _ in both], [id(g) for _, g, _ in both], [len(mine_K[k]) for k in ks])
+        for k, res in zip(ks, parts):
+            result_K[k] = res
+    for k, res in enumerate(result_K):
         out.metrics_K.append(dict(getattr(res, "metrics", {})))
         out.rewards += res.rewards
         out.correct += res.per_reward.get("math_answer", res.rewards)
         out.timeouts, out.errors = out.timeouts + res.timeouts, out.errors + res.errors
-        out.calls += len(mine) * len(scorer.specs)
+        out.calls += len(mine_K[k]) * len(scorers_K[k].specs)
         out.failed += res.failed
     return out
 

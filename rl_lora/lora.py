@@ -298,6 +298,11 @@ def peft_state_dict(adapters: dict[str, AdapterView]) -> dict[str, torch.Tensor]
     return out
 
 
+def peft_tensor_views(adapters: dict[str, AdapterView]) -> dict[str, torch.Tensor]:
+    """peft_state_dict's keys, mapped to the live parameters (or their views) themselves: no copy, any device."""
+    return {key: t for key_a, key_b, a, b in _peft_pairs(adapters) for key, t in ((key_a, a), (key_b, b))}
+
+
 def copy_peft_tensors(adapters: dict[str, AdapterView], tensors: dict[str, torch.Tensor], where: str = "") -> None:
     """Copy PEFT-named tensors (peft_state_dict's keys) into the adapters' parameters, in place."""
     with torch.no_grad():

@@ -30,15 +30,16 @@ def version_of(adapter_id: int, K: int, submitted: int) -> int:
 
 
 class Adapters:
-    """K LoRA adapters on a frozen base: each version is pushed as new immutable LoRA ids; the previous version's
-    tensors are kept for the push check's staleness test."""
+    """K LoRA adapters on a frozen base: each version is pushed as new immutable LoRA ids, all K in one fleet call;
+    the previous version is kept (one flat snapshot of every adapter) for the push check's staleness test."""
 
     def __init__(self, learner):
         self.learner = learner
         self.K = learner.num_adapters
-        # copies of each adapter's tensors as pushed: the live version and the one before it (for the guard)
-        self.pushed_K: list[dict] | None = None
-        self.previous_K: list[dict] | None = None
+        self._configs_K: list[dict] | None = None  # each adapter's adapter_config.json, fixed for the run
+        # the live version and the one before it, as pushed: (snapshot of every adapter, each one's PEFT tensors)
+        self.pushed: tuple | None = None
+        self.previous: tuple | None = None
 
     @property
     def names(self) -> list[str]:
@@ -50,50 +51,47 @@ class Adapters:
         """Where each trained model lives in a run or checkpoint directory."""
         return [self.learner.adapter_dirname(k) for k in range(self.K)]
 
-    def push(self, fleet, version: int, live_refs: list, stale: bool) -> list:
-        """Every adapter as LoRA id `lora_id(version, K, k)`, each one's previous version evicted. `stale` (the
-        fault): the engine gets the previous version again (zeros where there is none: the base)."""
-        from rl_lora import lora as lora_mod
+    @property
+    def configs_K(self) -> list[dict]:
+        if self._configs_K is None:
+            self._configs_K = [self.learner.peft_config(k) for k in range(self.K)]
+        return self._configs_K
 
-        pushed_K = [{n: t.clone() for n, t in lora_mod.peft_state_dict(views).items()}
-                    for views in self.learner.adapter_sets]
-        refs = []
-        for k in range(self.K):
-            tensors = pushed_K[k]
-            if stale:
-                tensors = self.pushed_K[k] if self.pushed_K else {n: torch.zeros_like(v) for n, v in tensors.items()}
-            refs.append(fleet.push_adapter(lora_id(version, self.K, k), k, tensors, self.learner.peft_config(k)))
-            if len(live_refs) > k:
-                fleet.evict(live_refs[k].version)
-        self.previous_K, self.pushed_K = self.pushed_K, pushed_K
+    def push(self, fleet, version: int, live_refs: list, stale: bool) -> list:
+        """Every adapter as LoRA id `lora_id(version, K, k)`, each one's previous version evicted, in one fleet
+        call. `stale` (the fault): the engine gets the previous version again (zeros where there is none: the
+        base)."""
+        snap = self.learner.snapshot()  # one copy of all K adapters; their PEFT tensors are views of it
+        pushed = (snap, self.learner.peft_tensors(snap))
+        tensors_K = pushed[1]
+        if stale:
+            tensors_K = self.pushed[1] if self.pushed else [{n: torch.zeros_like(v) for n, v in t.items()}
+                                                             for t in tensors_K]
+        refs = fleet.push_adapters([(lora_id(version, self.K, k), k, tensors_K[k], self.configs_K[k])
+                                    for k in range(self.K)], evict=[r.version for r in live_refs])
+        self.previous, self.pushed = self.pushed, pushed
         return refs
 
     def push_previous(self, fleet, version: int) -> list | None:
         """The previous version reloaded under its own ids (the stale_request fault), or None where there is none."""
-        if not self.previous_K:
+        if not self.previous:
             return None
-        return [fleet.push_adapter(lora_id(version - 1, self.K, k), k, self.previous_K[k],
-                                   self.learner.peft_config(k)) for k in range(self.K)]
+        return fleet.push_adapters([(lora_id(version - 1, self.K, k), k, self.previous[1][k], self.configs_K[k])
+                                    for k in range(self.K)], evict=[])
 
     def version_of(self, adapter_id: int, submitted: int) -> int:
         return version_of(adapter_id, self.K, submitted)
 
     def score_previous(self, samples: list) -> list[list[float]] | None:
-        """The learner's logprobs of `samples` under the previous version (its tensors swapped in, then the live
-        version's bit-exact copies swapped back), or None before the second push."""
-        if not self.previous_K:
+        """The learner's logprobs of `samples` under the previous version (its snapshot copied in, then the live
+        version's bit-exact one copied back), or None before the second push."""
+        if not self.previous:
             return None
-        self._load(self.previous_K)
+        self.learner.restore(self.previous[0])
         try:
             return self.learner.score(samples)
         finally:
-            self._load(self.pushed_K)
-
-    def _load(self, tensors_K: list[dict]) -> None:
-        from rl_lora.lora import copy_peft_tensors
-
-        for views, tensors in zip(self.learner.adapter_sets, tensors_K):
-            copy_peft_tensors(views, tensors)
+            self.learner.restore(self.pushed[0])
 
     def save_checkpoint(self, root: Path) -> dict:
         """Each adapter's PEFT directory under `root`; nothing more for trainer_state.pt."""

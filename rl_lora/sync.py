@@ -2,7 +2,7 @@
 asynchronous pipeline of sampling requests.
 
 - Push: every adapter of the learner becomes a new immutable version (LoRA id (version-1)*K + k + 1, unique per
-  engine) in every engine; the previous version of each is evicted. Full fine-tuning overwrites the engines'
+  engine) in every engine, all K in one call per engine; the previous version of each is evicted. Full fine-tuning overwrites the engines'
   weights instead. Never merged, never restarted.
 - Guard: after every push, EVERY engine samples a fixed probe under each adapter at the training sampling settings,
   and its logprobs must match the learner's for the new version (within `train.push_check_tol`) and be much
@@ -28,7 +28,8 @@ from rl_lora.seeds import request_seeds, step_seed
 
 PROBE_SEED = 9_000_000  # request seed of the push-check probe
 PROBE_TOKENS = 8
-PROBE_SAMPLES = 4  # completions per engine and adapter: up to 32 probe tokens, one request per engine
+PROBE_SAMPLES = 4  # completions per engine and adapter for up to 2 adapters: up to 32 probe tokens each
+PROBE_BUDGET = 8  # completions per engine shared out over more adapters (>= 1 each): K = 64 samples 64, not 256
 # An engine is serving the previous version when its gap to the new version is more than STALE_RATIO times its
 # gap to the previous one. With delta = the versions' own mean distance on the probe, the triangle inequality
 # gives gap_prev >= delta - gap_new: an engine serving the new version cannot trip the ratio once delta exceeds
@@ -137,8 +138,11 @@ class Run:
         from rl_lora.rollout import TrainSample
 
         K, N, cfg = len(self.refs), self.fleet.num_engines, self.cfg
-        # adapter-major, engine-minor: prompt k*N + e is served by engine e
-        groups = self.fleet.generate([self.probe_ids] * (K * N), n=PROBE_SAMPLES,
+        # adapter-major, engine-minor: prompt k*N + e is served by engine e. One call for every adapter, the probe's
+        # completions shared out over them (at least one of PROBE_TOKENS tokens each): past PROBE_BUDGET adapters it
+        # grows by one short completion per adapter, in the same batch and the same learner micro-batch.
+        n = min(PROBE_SAMPLES, max(1, PROBE_BUDGET // K))
+        groups = self.fleet.generate([self.probe_ids] * (K * N), n=n,
                                      adapters=[r for r in self.refs for _ in range(N)], seeds=[PROBE_SEED] * (K * N),
                                      temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p,
                                      top_k=cfg.sampler.top_k, max_tokens=min(PROBE_TOKENS, cfg.sampler.max_tokens))

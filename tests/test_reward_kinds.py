@@ -328,6 +328,31 @@ def test_score_completions_passes_each_group_as_one():
     assert f"reward/{ref(group_rank)}/mean" in scored.metrics_K[0]
 
 
+def test_adapters_sharing_a_runner_are_scored_in_one_round_as_if_apart():
+    """K adapters with the same rewards: one `score` round for all (issue 18), and each adapter's rewards, failures
+    and metrics are those of scoring its completions alone (latencies aside: the round's)."""
+    from rl_lora.loop import score_completions
+
+    problems = [SimpleNamespace(answer="1", fields={})]
+    texts_K = [(["a", "aa"], ["b", "bb", "bbb"]), (["c"] * 2, ["d", "dd"]), (["e", "eee"], ["f", "ff"])]
+    prompts_K = [("p", "q"), ("bad", "q"), ("p", "bad")]  # group_flaky raises on the "bad" prompt
+    groups = [SimpleNamespace(prompt=p, problem_index=0, completions=[SimpleNamespace(text=t) for t in ts])
+              for texts, prompts in zip(texts_K, prompts_K) for ts, p in zip(texts, prompts)]
+    with RewardRunner([ref(group_rank), ref(group_flaky)], num_workers=0) as runner:
+        rounds = []
+        score = runner.score
+        runner.score = lambda *a, **kw: rounds.append(1) or score(*a, **kw)
+        scored = score_completions([runner] * 3, groups, [problems] * 3)
+        assert len(rounds) == 1
+        alone = [score_completions([runner], groups[2 * k: 2 * k + 2], [problems]) for k in range(3)]
+    assert scored.rewards == [r for a in alone for r in a.rewards]
+    assert scored.failed == [f for a in alone for f in a.failed] and any(scored.failed)
+    assert scored.errors == sum(a.errors for a in alone) == 4 and scored.timeouts == 0
+    for k in range(3):
+        assert {m: v for m, v in scored.metrics_K[k].items() if "latency" not in m} == \
+            {m: v for m, v in alone[k].metrics_K[0].items() if "latency" not in m}
+
+
 def test_group_length_correctness_prefers_shorter_right_answers():
     comps = [r"\boxed{2}", r"so the answer is \boxed{2}", "no idea", r"\boxed{2} hmm", r"\boxed{3}", r"\boxed{2}"]
     with RewardRunner([{"name": "group_length_correctness", "kwargs": {"alpha": 0.5}}], num_workers=0) as runner:

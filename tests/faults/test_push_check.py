@@ -29,8 +29,10 @@ class FakeFleet(_Fleet):
         self.served = [{} for _ in range(num_engines)]  # per engine: version -> the tensors it serves under it
         self.current = [{} for _ in range(num_engines)]  # per engine: slot -> tensors it holds now
         self.miss: set[tuple[int, int]] = set()  # (engine, slot) whose next pushes do not take
+        self.wrong: dict[int, int] = {}  # slot -> an earlier slot whose tensors its next pushes serve (a mix-up)
         self.requests: list[list[int]] = []  # per generate call, the engines that served each prompt
         self.sampling: list[dict] = []
+        self.calls_n: list[int] = []  # per generate call, its completions per prompt
 
     def drain(self) -> None:
         pass
@@ -39,7 +41,9 @@ class FakeFleet(_Fleet):
         self._record_push(version, slot, tensors, config)
         tensors = {n: t.clone() for n, t in tensors.items()}
         for e in range(self.num_engines):
-            if (e, slot) not in self.miss or slot not in self.current[e]:
+            if slot in self.wrong:
+                self.current[e][slot] = self.current[e][self.wrong[slot]]
+            elif (e, slot) not in self.miss or slot not in self.current[e]:
                 self.current[e][slot] = tensors
             self.served[e][version] = self.current[e][slot]
         return AdapterRef(version, "")
@@ -55,6 +59,7 @@ class FakeFleet(_Fleet):
     def result(self, req):
         self.requests.append([i % self.num_engines for i in range(len(req.prompt_ids_P))])
         self.sampling.append(dict(req.sampling))
+        self.calls_n.append(req.n)
         out = []
         for i, (ids, version, seed) in enumerate(zip(req.prompt_ids_P, req.versions_P, req.seeds_P)):
             e = i % self.num_engines
@@ -131,7 +136,7 @@ def test_every_engine_is_probed_and_one_missing_the_push_is_caught_below_the_bf1
     gap_new = float(msg.split(" per token from")[0].split()[-1])
     assert 0.02 < gap_new < 0.1
     # the learner is left exactly as it was (the previous version was scored by swapping tensors in and out)
-    assert all(torch.equal(v, run.policy.pushed_K[0][n]) for n, v in _state(run.learner, 0).items())
+    assert all(torch.equal(v, run.policy.pushed[1][0][n]) for n, v in _state(run.learner, 0).items())
 
 
 def test_no_false_alarm_when_the_update_is_below_the_noise(tmp_path, make_config, tiny_model):
@@ -165,3 +170,29 @@ def _state(learner, k):
     from rl_lora.lora import peft_state_dict
 
     return peft_state_dict(learner.adapter_sets[k])
+
+
+def test_one_batched_probe_of_many_adapters_catches_a_stale_and_a_mixed_up_one(tmp_path, make_config, tiny_model):
+    """K = 8 adapters (fp32): the whole push check is ONE generate call of one short completion per adapter and
+    one learner scoring of them, and it still names the adapter whose push did not take, or that serves another
+    adapter's tensors."""
+    run = _run(tmp_path, make_config, tiny_model, engines=1, noise=0.0, tol=1e-3, adapters=8)
+    run.push(0)
+    scored = []
+    score = run.learner.score
+    run.learner.score = lambda samples: scored.append(len(samples)) or score(samples)
+    _update(run.learner, 5e-6, seed=1)
+    calls = len(run.fleet.requests)
+    pushed = run.push(1)
+    assert len(run.fleet.requests) == calls + 1 and len(run.fleet.requests[-1]) == 8 and run.fleet.calls_n[-1] == 1
+    assert scored == [8, 8]  # the new version and the previous one, each one batch of all 8 adapters' probes
+    assert pushed.probe["push/probe_gap"] < 1e-5 < pushed.probe["push/probe_gap_prev"] < 1e-3
+    _update(run.learner, 5e-6, seed=2)
+    run.fleet.miss.add((0, 5))
+    with pytest.raises(RunError, match="of adapter 'a5' but .* from version 2"):
+        run.push(2)
+    run.fleet.miss.clear()
+    run.fleet.wrong[6] = 2
+    _update(run.learner, 1e-3, seed=3)
+    with pytest.raises(RunError, match="of adapter 'a6'"):
+        run.push(3)
