@@ -35,9 +35,12 @@ class Adapters:
     def __init__(self, learner):
         self.learner = learner
         self.K = learner.num_adapters
-        # copies of each adapter's tensors as pushed: the live version and the one before it (for the guard)
+        # copies of each adapter's tensors as pushed: the live version and the one before it (for the guard), as
+        # PEFT tensors (for the engines) and as the learner's trainable parameters (swapped in and back bit for bit)
         self.pushed_K: list[dict] | None = None
         self.previous_K: list[dict] | None = None
+        self.params_K: list[list] | None = None
+        self.previous_params_K: list[list] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -65,6 +68,8 @@ class Adapters:
             if len(live_refs) > k:
                 fleet.evict(live_refs[k].version)
         self.previous_K, self.pushed_K = self.pushed_K, pushed_K
+        self.previous_params_K = self.params_K
+        self.params_K = [[p.detach().clone() for p in ps] for ps in self.learner.param_sets]
         return refs
 
     def push_previous(self, fleet, version: int) -> list | None:
@@ -80,19 +85,20 @@ class Adapters:
     def score_previous(self, samples: list) -> list[list[float]] | None:
         """The learner's logprobs of `samples` under the previous version (its tensors swapped in, then the live
         version's bit-exact copies swapped back), or None before the second push."""
-        if not self.previous_K:
+        if not self.previous_params_K:
             return None
-        self._load(self.previous_K)
+        self._load(self.previous_params_K)
         try:
             return self.learner.score(samples)
         finally:
-            self._load(self.pushed_K)
+            self._load(self.params_K)
 
-    def _load(self, tensors_K: list[dict]) -> None:
-        from rl_lora.lora import copy_peft_tensors
-
-        for views, tensors in zip(self.learner.adapter_sets, tensors_K):
-            copy_peft_tensors(views, tensors)
+    @torch.no_grad()
+    def _load(self, params_K: list[list]) -> None:
+        """The learner's trainable parameters set to saved copies (LoRA's A and B; a scalars adapter's s)."""
+        for params, saved in zip(self.learner.param_sets, params_K):
+            for p, value in zip(params, saved):
+                p.copy_(value)
 
     def save_checkpoint(self, root: Path) -> dict:
         """Each adapter's PEFT directory under `root`; nothing more for trainer_state.pt."""
