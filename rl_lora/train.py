@@ -169,6 +169,10 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
         notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
                      "overwritten in place after every step")
         return cfg, notes
+    for spec in adapter_specs(cfg):  # a LoRA-sized LR barely moves a scalars adapter (benchmarks/scalars_lr.py)
+        if spec.scalars is not None and spec.lr < SCALARS_LR / 5:
+            notes.append(f"lr {spec.lr:g} for the scalars adapter {spec.name!r} is far below the {SCALARS_LR:g} "
+                         "suggested for scalars (README \"Sub-rank-1 adapters\"; optim.lr: auto uses it)")
     seen = set()
     for spec in adapter_specs(cfg):
         key = (spec.rank, tuple(spec.target_modules), spec.expert_rank, repr(spec.scalars))
