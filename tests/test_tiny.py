@@ -306,6 +306,20 @@ def test_bad_scalars_settings_are_one_line_errors(overrides, message):
     assert "\n" not in str(exc.value)
 
 
+def test_resume_refuses_a_changed_adapter_kind_or_scalars_shape(tmp_path):
+    import json
+
+    from rl_lora.rundir import check_resume, run_signature
+
+    old = load_config(None, ["lora.trainable=scalars", "lora.scalars.share=layer"])
+    (tmp_path / "state.json").write_text(json.dumps({"step": 1, "data_position": [0],
+                                                     "signature": run_signature(old)}))
+    assert check_resume(old, tmp_path, 1) == []
+    for change in (["lora.trainable=lora"], ["lora.trainable=scalars", "lora.scalars.share=model"]):
+        with pytest.raises(ConfigError, match=r"--resume: .* was trained with lora\.scalars=count=1 share=layer"):
+            check_resume(load_config(None, change), tmp_path, 1)
+
+
 def test_count_above_a_modules_dimension_is_refused_before_the_model_loads(tiny_model, make_config):
     from rl_lora.checks import check_model
 
