@@ -21,8 +21,9 @@ modules of one decoder layer), `model` (one s for the whole model: r parameters 
   from there bit for bit (B = U diag(s) does not give s back exactly). PEFT and vLLM read only their own files.
 
 The hooks elsewhere are small: `lora.LoRALinear.add_fixed` / `.B(slot)` (B = U diag(s) at use), the dispatch in
-`lora.inject_adapters`, `lora.adapter_parameters` (the optimizer sees only the scalars), and the state file in
-`Learner.write_adapter` / `lora.load_peft_adapter`.
+`lora.inject_adapters`, `lora.adapter_parameters` (the optimizer sees only the scalars), the state file in
+`Learner.write_adapter` / `lora.load_peft_adapter`; `policy.Adapters` swaps the previous version in for the push
+check as the learner's trainable parameters (for LoRA: A and B, as before), not as PEFT tensors.
 """
 
 from __future__ import annotations
