@@ -106,8 +106,9 @@ def inject(model: nn.Module, index: int, spec, layers: dict) -> dict:
 
 
 def gains_of(view) -> nn.Parameter | None:
-    """The scalars of one module's view (an AdapterView), or None for a LoRA adapter."""
-    return view.module.gains[str(view.slot)] if str(view.slot) in view.module.gains else None
+    """The scalars of one module's view (an AdapterView), or None for a LoRA adapter (MoE experts' views included)."""
+    gains = getattr(getattr(view, "module", None), "gains", None)
+    return gains[str(view.slot)] if gains is not None and str(view.slot) in gains else None
 
 
 def is_scalars(views: dict) -> bool:
