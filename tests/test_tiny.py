@@ -361,13 +361,13 @@ def test_rank1_scalars_adapter_is_served_by_the_rank1_sampling_path(sampler, tin
     """The learner's export of a count-1 adapter, pushed to the real engine: vLLM's logprobs equal the learner's."""
     learner = _learner(tiny_model, _spec(count=1, share="none"))
     _set_scalars(learner, std=0.5)
-    ref = sampler.push(77, lambda d: learner.write_adapter(d))
+    ref = sampler.push(7001, lambda d: learner.write_adapter(d))  # the PEFT files and scalars.safetensors
     prompt = [1, 40, 41, 42, 43, 2, 1, 60]
-    (group,) = sampler.generate([prompt], n=4, adapters=[ref], seeds=[5], temperature=1.0, max_tokens=8)
+    (group,) = sampler.generate([prompt], n=4, adapters=[ref], seed=5, temperature=1.0, max_tokens=8)
     scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in group])
     gap = sum(abs(a - b) for c, lp in zip(group, scored) for a, b in zip(c.logprobs, lp)) / sum(map(len, scored))
     assert sampler.rank1_path and gap < 1e-4, gap
-    sampler.evict(77)
+    sampler.evict(7001)
 
 
 @pytest.mark.slow
@@ -383,7 +383,7 @@ def test_train_runs_scalars_adapters_through_the_sampler(tmp_path, tiny_model):
                 {"name": "svd3", "trainable": "scalars", "lr": 0.05,
                  "scalars": {"count": 3, "share": "model", "directions": "svd"}}]
     cfg = write_config(tmp_path, tiny_model, adapters=adapters, train={"steps": 3, "save_every": 0})
-    res = run_cli(cfg, "--quiet", timeout=900)
+    res = run_cli(cfg, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = step_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
