@@ -29,9 +29,9 @@ from rl_lora.learner import Learner  # noqa: E402
 from rl_lora.models import resolve_model_path  # noqa: E402
 from rl_lora.rollout import TrainSample  # noqa: E402
 
-VARIANTS = [("lora r1", None, [1e-4, 3e-4, 1e-3])] + [
-    (f"scalars {c}/{share}/{d}", ScalarsConfig(count=c, share=share, directions=d), [1e-2, 3e-2, 1e-1])
-    for c, share, d in [(1, "none", "random"), (1, "none", "svd"), (1, "layer", "random"), (13, "model", "random")]]
+VARIANTS = [("lora r1", None, [3e-4, 1e-3]), ("scalars 1/none/random", ScalarsConfig(), [1e-2, 1e-1])] + [
+    (f"scalars {c}/{share}/{d}", ScalarsConfig(count=c, share=share, directions=d), [3e-2])
+    for c, share, d in [(1, "none", "svd"), (1, "model", "random"), (13, "model", "random")]]
 
 
 def completions(model, tok, prompts, n, max_tokens, seed):
@@ -51,7 +51,7 @@ def completions(model, tok, prompts, n, max_tokens, seed):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-gguf")
-    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--samples", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(2)
