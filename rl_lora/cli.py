@@ -91,7 +91,7 @@ def _lr_suggest(args) -> int:
         from rl_lora.science import SCALARS_LR, scalar_parameters
 
         n = scalar_parameters(shape, args.scalars, args.share, targets)
-        print(f"scalars LR    {SCALARS_LR:g}  (lora.trainable: scalars; provisional, README \"Sub-rank-1 adapters\"; "
+        print(f"scalars LR    {SCALARS_LR:g}  (lora.trainable: scalars; measured, README \"Sub-rank-1 adapters\"; "
               f"{n:,} trainable scalars: {args.scalars} per {'module' if args.share == 'none' else args.share})")
         if args.steps is not None:
             cap = capacity_check(shape, args.rank, targets, args.steps * args.episodes_per_step,

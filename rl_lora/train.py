@@ -163,7 +163,7 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
         if len(tiny) < len(specs):
             notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
         if tiny:
-            notes.append(f"lr: auto -> {SCALARS_LR:g} for scalars adapters (provisional, README \"Sub-rank-1 adapters\")")
+            notes.append(f"lr: auto -> {SCALARS_LR:g} for scalars adapters (measured, README \"Sub-rank-1 adapters\")")
     episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
     if is_full_finetune(cfg):
         notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
