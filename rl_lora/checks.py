@@ -131,6 +131,25 @@ def _check_targets(cfg: Config, config, specs: list) -> None:
             experts = f"; fused MoE experts: {', '.join(EXPERT_PROJECTIONS)}" if fused_expert_modules(model) else ""
             raise ConfigError(f"{exc} (model_type {config.model_type!r} has: {', '.join(linear)}{experts})") from None
         _check_expert_family(model, spec, config.model_type, key)
+        if spec.scalars is not None:
+            _check_scalars(model, spec, "lora" if not cfg.adapters else f"adapters[{i}]")
+
+
+def _check_scalars(model, spec, where: str) -> None:
+    """A scalars adapter (rl_lora/tiny.py) adapts linear layers only, each with at most min(d_out, d_in) directions."""
+    import torch
+
+    from rl_lora.lora import _targets
+    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
+
+    if fused_expert_modules(model) and any(t in EXPERT_PROJECTIONS for t in spec.target_modules):
+        raise ConfigError(f"{where}.target_modules: a scalars adapter adapts linear layers only, not the fused MoE "
+                          "experts; adapt attention (target_modules: attention)")
+    smallest = min(min(model.get_submodule(n).weight.shape) for n in _targets(model, spec.target_modules, where)
+                   if isinstance(model.get_submodule(n), torch.nn.Linear))
+    if spec.scalars.count > smallest:
+        raise ConfigError(f"{where}.scalars.count: {spec.scalars.count} directions exceed the smallest adapted "
+                          f"dimension ({smallest})")
 
 
 # MoE families whose expert LoRA has been checked end to end (push check gap <= 1e-6, rho = 1: qwen3_moe and

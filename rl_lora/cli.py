@@ -88,6 +88,8 @@ def _lr_suggest(args) -> int:
         raise ConfigError(f"--fullft-lr: must be > 0, got {args.fullft_lr}")
     if args.rank < 1 or (args.steps is not None and args.steps < 1) or args.episodes_per_step < 1:
         raise ConfigError("--rank, --steps and --episodes-per-step must be >= 1")
+    if args.scalars is not None and args.scalars < 1:
+        raise ConfigError(f"--scalars: must be >= 1, got {args.scalars}")
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else ALL_LINEAR
     try:
         shape = read_shape(resolve_model_path(args.model))
@@ -101,7 +103,18 @@ def _lr_suggest(args) -> int:
     print(f"LoRA LR       {s.lora_lr:.3g}  = {s.multiplier:.3g} x full FT; {s.how}")
     print("              (same for any rank: alpha/r makes the optimum rank-independent; LoRA+ would use "
           "lr_B = 16 x lr_A)")
-    if args.steps is not None:
+    if args.scalars is not None:
+        from rl_lora.config import ScalarsConfig
+        from rl_lora.science import SCALARS_LR, scalar_parameters
+
+        n = scalar_parameters(shape, args.scalars, args.share, targets)
+        print(f"scalars LR    {SCALARS_LR:g}  (lora.trainable: scalars; measured, README \"Sub-rank-1 adapters\"; "
+              f"{n:,} trainable scalars: {args.scalars} per {'module' if args.share == 'none' else args.share})")
+        if args.steps is not None:
+            cap = capacity_check(shape, args.rank, targets, args.steps * args.episodes_per_step,
+                                 scalars=ScalarsConfig(count=args.scalars, share=args.share))
+            print(cap.message().replace("capacity: ", "capacity      "))
+    elif args.steps is not None:
         cap = capacity_check(shape, args.rank, targets, args.steps * args.episodes_per_step)
         print(cap.message().replace("capacity: ", "capacity      "))
     else:
@@ -115,7 +128,13 @@ def _lr_suggest(args) -> int:
     for i, line in enumerate(measured or ["no committed grid for this model family yet (experiments/*/results.json, "
                                           "written by `rl-lora grid`)"]):
         print(f"{'measured' if i == 0 else '':<14}{line}")
-    print(f"config        optim.lr: {s.lora_lr:.3g}   (or optim.lr: auto)")
+    if args.scalars is not None:
+        from rl_lora.science import SCALARS_LR
+
+        print(f"config        lora.trainable: scalars, lora.scalars: {{count: {args.scalars}, share: {args.share}}}, "
+              f"optim.lr: {SCALARS_LR:g}   (or optim.lr: auto)")
+    else:
+        print(f"config        optim.lr: {s.lora_lr:.3g}   (or optim.lr: auto)")
     return 0
 
 
@@ -214,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="completions per step, for the capacity check (default 256)")
     s.add_argument("--rank", type=int, default=1, help="LoRA rank for the capacity check (default 1)")
     s.add_argument("--target-modules", help="comma-separated; default: all linear layers")
+    s.add_argument("--scalars", type=int, metavar="COUNT",
+                   help="a sub-rank-1 adapter (lora.trainable: scalars) with COUNT scalars per share group: its LR "
+                        "and capacity instead of LoRA's")
+    s.add_argument("--share", choices=["none", "layer", "model"], default="none",
+                   help="with --scalars: which modules share one set of scalars (default none)")
     s.set_defaults(func=_lr_suggest)
     p = sub.add_parser("plan", help="predict a run's GPU memory (learner + engine) from config.json; refuse if it "
                                     "cannot fit",

@@ -113,6 +113,7 @@ class AdapterSpec:
     data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
     expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/moe.py); "auto" = rank / active experts
     sample_seed: int = 0  # prompt order and request seeds: same sample_seed + same data = same prompts and seeds
+    scalars: object = None  # a ScalarsConfig: a sub-rank-1 adapter (rl_lora/tiny.py) of rank scalars.count; None = LoRA
 
 
 @dataclass
@@ -146,6 +147,31 @@ class ModelConfig:
         check_fields(self, prefix)
 
 
+TRAINABLE = ("lora", "scalars")
+SHARES = ("none", "layer", "model")
+DIRECTIONS = ("random", "svd")
+
+
+@dataclass
+class ScalarsConfig:
+    """A sub-rank-1 adapter (`lora.trainable: scalars`, rl_lora/tiny.py; TinyLoRA, "Learning to Reason in 13
+    Parameters", 2026): each module's update is (alpha/r) U diag(s) V^T with r = count fixed unit directions and r
+    trainable scalars s, exported as a rank-r PEFT LoRA (A = V^T, B = U diag(s))."""
+
+    count: int = setting(1, "trainable scalars per share group = fixed directions per module = the exported rank r",
+                         check=_GE1)
+    share: str = setting("none", "which modules share one set of scalars: none (each its own) | layer (one set per "
+                         "decoder layer) | model (one set for the whole model)",
+                         check=(lambda v: v in SHARES, "must be none, layer or model"))
+    directions: str = setting("random", "fixed directions: random (seeded, orthonormal) | svd (the frozen weight's "
+                              "top singular vectors)", check=(lambda v: v in DIRECTIONS, "must be random or svd"))
+    seed: int = setting(-1, "seed of the random directions; -1 = the adapter's seed",
+                        check=(lambda v: v >= -1, "must be -1 (the adapter's seed) or >= 0"))
+
+    def check(self, prefix: str = "lora.scalars.") -> None:
+        check_fields(self, prefix)
+
+
 @dataclass
 class LoraConfig:
     # Rank 1 matches full fine-tuning for policy-gradient RL (LoRA Without Regret); "full" is that baseline, in the
@@ -163,10 +189,25 @@ class LoraConfig:
     # LoRA Without Regret: per-expert rank = total rank / active experts (rl_lora/moe.py).
     expert_rank: int | str = setting("auto", "MoE models: rank of each routed expert's adapter, an integer >= 1 "
                                      "or 'auto' = max(1, rank // experts active per token)", check=_EXPERT_RANK)
+    # TinyLoRA (2026) trains 13 parameters with RL; rl_lora/tiny.py. Its scalars want a far larger LR (README).
+    trainable: str = setting("lora", "what each adapted module trains: lora (A and B) | scalars (lora.scalars: a few "
+                             "scalars through fixed directions, sub-rank-1)",
+                             check=(lambda v: v in TRAINABLE, "must be lora or scalars"))
+    scalars: ScalarsConfig = section(ScalarsConfig, "lora.trainable: scalars only: how many scalars, shared how, "
+                                     "through which fixed directions")
 
     def check(self, prefix: str = "lora.") -> None:
         check_fields(self, prefix)
         expand_targets(self.target_modules, f"{prefix}target_modules")
+        self.scalars.check(f"{prefix}scalars.")
+        if self.trainable == "scalars":
+            _require(self.rank != "full", f"{prefix}trainable", "scalars trains an adapter; lora.rank: full is full "
+                     "fine-tuning of every weight")
+            _require(self.rank in (1, self.scalars.count), f"{prefix}rank", f"{self.rank} with lora.trainable: "
+                     f"scalars: the adapter's rank is lora.scalars.count ({self.scalars.count}); leave lora.rank "
+                     "at 1 or set lora.scalars.count")
+            _require(self.lora_plus_ratio == 1.0, f"{prefix}lora_plus_ratio", "a scalars adapter has no A and B to "
+                     "give different LRs; leave it at 1.0")
 
 
 @dataclass
@@ -359,6 +400,10 @@ class AdapterEntry:
                                 "different tasks); default the run's data")
     expert_rank: int | str | None = setting(None, "MoE expert rank (>= 1 or 'auto'); default lora.expert_rank",
                                             check=_EXPERT_RANK)
+    trainable: str | None = setting(None, "lora | scalars (a sub-rank-1 adapter); default lora.trainable",
+                                    check=(lambda v: v in TRAINABLE, "must be lora or scalars"))
+    scalars: dict | None = setting(None, "lora.scalars.* keys put on top of the run's for this adapter (count, share, "
+                                   "directions, seed); default lora.scalars")
 
     def check(self, prefix: str) -> None:
         check_fields(self, prefix)
@@ -434,22 +479,34 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
     if is_full_finetune(cfg):
         return []
     if not cfg.adapters:
-        return [AdapterSpec("adapter", cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules), cfg.optim.lr,
-                            cfg.lora.lora_plus_ratio, cfg.train.seed, list(cfg.reward.rewards), cfg.data,
-                            cfg.lora.expert_rank, sample_seed=cfg.train.seed)]
+        scalars = cfg.lora.scalars if cfg.lora.trainable == "scalars" else None
+        return [AdapterSpec("adapter", scalars.count if scalars else cfg.lora.rank, cfg.lora.alpha,
+                            list(cfg.lora.target_modules), cfg.optim.lr, cfg.lora.lora_plus_ratio, cfg.train.seed,
+                            list(cfg.reward.rewards), cfg.data, cfg.lora.expert_rank, scalars,
+                            sample_seed=cfg.train.seed)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
         default_name = f"lr={entry.lr:g}" if isinstance(entry.lr, float) else f"adapter{i}"
+        scalars = _adapter_scalars(cfg, entry, i)
         specs.append(AdapterSpec(
-            name=_own(entry.name, default_name), rank=_own(entry.rank, cfg.lora.rank),
+            name=_own(entry.name, default_name), rank=scalars.count if scalars else _own(entry.rank, cfg.lora.rank),
             alpha=_own(entry.alpha, cfg.lora.alpha),
             target_modules=expand_targets(_own(entry.target_modules, cfg.lora.target_modules),
                                           f"adapters[{i}].target_modules"),
             lr=_own(entry.lr, cfg.optim.lr), lora_plus_ratio=_own(entry.lora_plus_ratio, cfg.lora.lora_plus_ratio),
             seed=_own(entry.seed, cfg.train.seed), rewards=list(_own(entry.rewards, cfg.reward.rewards)),
             data=_adapter_data(cfg, entry, i), expert_rank=_own(entry.expert_rank, cfg.lora.expert_rank),
-            sample_seed=_own(entry.sample_seed, cfg.train.seed)))
+            sample_seed=_own(entry.sample_seed, cfg.train.seed), scalars=scalars))
     return specs
+
+
+def _adapter_scalars(cfg: "Config", entry: AdapterEntry, i: int) -> "ScalarsConfig | None":
+    """A scalars adapter's ScalarsConfig (the run's lora.scalars with the entry's own keys on top), else None."""
+    if _own(entry.trainable, cfg.lora.trainable) != "scalars":
+        return None
+    if not entry.scalars:
+        return cfg.lora.scalars
+    return _build(ScalarsConfig, {**dataclasses.asdict(cfg.lora.scalars), **entry.scalars}, f"adapters[{i}].scalars.")
 
 
 def _adapter_data(cfg: "Config", entry: AdapterEntry, i: int) -> "DataConfig":
@@ -644,6 +701,15 @@ def _check_adapters(cfg: Config) -> None:
         return
     for i, entry in enumerate(cfg.adapters):
         entry.check(f"adapters[{i}].")
+        scalars = _adapter_scalars(cfg, entry, i)
+        if scalars is not None:
+            scalars.check(f"adapters[{i}].scalars.")
+            _require(entry.rank in (None, scalars.count), f"adapters[{i}].rank", f"{entry.rank} on a scalars adapter: "
+                     f"its rank is its scalars.count ({scalars.count}); leave rank out or set scalars.count")
+            _require(entry.lora_plus_ratio in (None, 1.0), f"adapters[{i}].lora_plus_ratio", "a scalars adapter has "
+                     "no A and B to give different LRs; leave it out")
+        elif entry.scalars is not None:
+            raise ConfigError(f"adapters[{i}].scalars: set for a LoRA adapter; add trainable: scalars to use it")
     names = set()
     for i, spec in enumerate(adapter_specs(cfg)):
         if spec.data is not cfg.data:

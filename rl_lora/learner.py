@@ -316,7 +316,10 @@ class Learner:
         return out
 
     def write_adapter(self, path, k: int = 0) -> None:
-        lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(self.adapter_sets[k]), self.peft_config(k))
+        from rl_lora import tiny
+
+        views = self.adapter_sets[k]
+        lora_mod.write_peft_adapter(path, lora_mod.peft_state_dict(views), self.peft_config(k), tiny.state_files(views))
 
     def load_adapter(self, path, k: int = 0) -> None:
         lora_mod.load_peft_adapter(path, self.adapter_sets[k])

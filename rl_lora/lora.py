@@ -61,6 +61,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterList()
         self.scales: list[float] = []
         self.slots: dict[int, int] = {}  # adapter index -> position in lora_A / lora_B
+        # position -> trainable scalars s of a sub-rank-1 adapter (rl_lora/tiny.py), whose lora_A / lora_B at that
+        # position are its fixed directions V^T / U (frozen) and whose B is U diag(s); s may be shared with other layers
+        self.gains = nn.ParameterDict()
 
     def add_adapter(self, index: int, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         d_out, d_in = self.base.weight.shape
@@ -72,10 +75,23 @@ class LoRALinear(nn.Module):
         self.lora_B.append(nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32, device=self.base.weight.device)))
         self.scales.append(alpha / rank)
 
+    def add_fixed(self, index: int, A: torch.Tensor, U: torch.Tensor, gains: nn.Parameter, scale: float) -> None:
+        """A sub-rank-1 adapter (rl_lora/tiny.py): fixed A = V^T [r, d_in] and U [d_out, r], trainable gains [r]."""
+        self.slots[index] = len(self.lora_A)
+        self.gains[str(len(self.lora_A))] = gains
+        self.lora_A.append(nn.Parameter(A, requires_grad=False))
+        self.lora_B.append(nn.Parameter(U, requires_grad=False))
+        self.scales.append(scale)
+
+    def B(self, slot: int) -> torch.Tensor:
+        """The B of a slot: its parameter, or U diag(s) for a sub-rank-1 adapter."""
+        gains = self.gains.get(str(slot)) if len(self.gains) else None
+        return self.lora_B[slot] if gains is None else self.lora_B[slot] * gains
+
     def _low(self, index: int, x: torch.Tensor) -> torch.Tensor:
         i = self.slots[index]
         # the scale multiplies the [tokens, r] intermediate, not the [tokens, d_out] result
-        return F.linear(self.scales[i] * F.linear(x, self.lora_A[i].to(x.dtype)), self.lora_B[i].to(x.dtype))
+        return F.linear(self.scales[i] * F.linear(x, self.lora_A[i].to(x.dtype)), self.B(i).to(x.dtype))
 
     def active_slot(self) -> int | None:
         """The slot of the one adapter applied to every row of the current batch; -1 if none is; None if the
@@ -93,7 +109,7 @@ class LoRALinear(nn.Module):
             if slot < 0:
                 return out
             xa = F.linear(x, self.lora_A[slot].to(x.dtype))
-            return _add_low_rank(out, xa, self.lora_B[slot].to(x.dtype), self.scales[slot])
+            return _add_low_rank(out, xa, self.B(slot).to(x.dtype), self.scales[slot])
         segments = self.routing.segments
         if not any(k in self.slots for k, _, _ in segments):
             return out
@@ -175,7 +191,7 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if slot < 0:
         return _SwiGLUDown.apply(gate, up, base.weight, base.bias, None, None, 1.0)
     return _SwiGLUDown.apply(gate, up, base.weight, base.bias, down.lora_A[slot].to(x.dtype),
-                             down.lora_B[slot].to(x.dtype), down.scales[slot])
+                             down.B(slot).to(x.dtype), down.scales[slot])
 
 
 class AdapterView:
@@ -191,8 +207,9 @@ class AdapterView:
         return self.module.lora_A[self.slot]
 
     @property
-    def lora_B(self) -> nn.Parameter:
-        return self.module.lora_B[self.slot]
+    def lora_B(self) -> torch.Tensor:
+        """The parameter B; for a sub-rank-1 adapter, U diag(s) (computed)."""
+        return self.module.B(self.slot)
 
     @property
     def base(self) -> nn.Linear:
@@ -236,13 +253,24 @@ def _targets(model: nn.Module, target_modules: list[str], key: str) -> list[str]
     return sorted(names)  # sorted: the init does not depend on module registration order
 
 
+def wrap(model: nn.Module, name: str, routing: Routing) -> LoRALinear:
+    """The LoRALinear at module path `name`, wrapping the linear layer there on first use."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    layer = getattr(parent, child)
+    if not isinstance(layer, LoRALinear):
+        layer = LoRALinear(layer, routing)
+        setattr(parent, child, layer)
+    return layer
+
+
 def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing, list[dict[str, AdapterView]]]:
     """Wrap every linear layer that some adapter targets; add each adapter where it is targeted; freeze the rest.
 
     Returns the shared routing and, per adapter, {module path: AdapterView}. Raises ValueError if a spec's
     target_modules match no module (a typo). MoE experts get the spec's expert rank (rl_lora/moe.py).
     """
-    from rl_lora import moe
+    from rl_lora import moe, tiny
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -250,16 +278,15 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
     sets = []
     for index, spec in enumerate(specs):
         key = "lora.target_modules" if len(specs) == 1 else f"adapters[{index}].target_modules"
+        if spec.scalars is not None:  # a sub-rank-1 adapter: its own init and parameters
+            names = _targets(model, spec.target_modules, key)
+            sets.append(tiny.inject(model, index, spec, {n: wrap(model, n, routing) for n in names}))
+            continue
         gen = torch.Generator().manual_seed(spec.seed)
         views = {}
         expert_rank = moe.resolve_expert_rank(spec.expert_rank, spec.rank, moe.active_experts(model))
         for name in _targets(model, spec.target_modules, key):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            layer = getattr(parent, child)
-            if not isinstance(layer, LoRALinear):
-                layer = LoRALinear(layer, routing)
-                setattr(parent, child, layer)
+            layer = wrap(model, name, routing)
             layer.add_adapter(index, expert_rank if moe.is_linear_expert(name) else spec.rank, spec.alpha, gen)
             views[name] = AdapterView(layer, index)
         views.update(moe.inject_experts(model, index, spec.target_modules, expert_rank, spec.alpha, gen, routing))
@@ -268,7 +295,12 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
 
 
 def adapter_parameters(adapters: dict[str, AdapterView], lora_plus_ratio: float, lr: float) -> list[dict]:
-    """Optimizer parameter groups: A at lr, B at lr * lora_plus_ratio (LoRA+; 1.0 = same LR)."""
+    """Optimizer parameter groups: A at lr, B at lr * lora_plus_ratio (LoRA+; 1.0 = same LR); a sub-rank-1 adapter's
+    scalars at lr (rl_lora/tiny.py)."""
+    from rl_lora import tiny
+
+    if tiny.is_scalars(adapters):
+        return [{"params": tiny.scalars_of(adapters), "lr": lr, "name": "scalars"}]
     a_params = [m.lora_A for m in adapters.values()]
     b_params = [m.lora_B for m in adapters.values()]
     return [{"params": a_params, "lr": lr, "name": "lora_A"},
@@ -305,6 +337,10 @@ def peft_tensor_views(adapters: dict[str, AdapterView]) -> dict[str, torch.Tenso
 
 def copy_peft_tensors(adapters: dict[str, AdapterView], tensors: dict[str, torch.Tensor], where: str = "") -> None:
     """Copy PEFT-named tensors (peft_state_dict's keys) into the adapters' parameters, in place."""
+    from rl_lora import tiny
+
+    if tiny.is_scalars(adapters):  # B = U diag(s) does not give s back bit for bit
+        raise ValueError(f"adapter{where}: a scalars adapter is restored from its {tiny.STATE_FILE}, not from A and B")
     with torch.no_grad():
         for key_a, key_b, a, b in _peft_pairs(adapters):
             for key, param in ((key_a, a), (key_b, b)):
@@ -331,24 +367,34 @@ def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: 
     }
 
 
-def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write both files into `path` atomically (a temp dir renamed into place). Not fsynced: a push to the engine
-    needs none, and a checkpoint or the final export fsyncs the folder it is in."""
+def write_peft_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict,
+                       extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write both files (and `extra` safetensors files by name: a sub-rank-1 adapter's state, rl_lora/tiny.py) into
+    `path` atomically (a temp dir renamed into place). Not fsynced: a push to the engine needs none, and a checkpoint
+    or the final export fsyncs the folder it is in."""
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        for name, more in (extra or {}).items():
+            save_file(more, str(tmp / name), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
     atomic.write_dir(path, fill, durable=False)
 
 
 def load_peft_adapter(path: str | Path, adapters: dict[str, AdapterView]) -> dict:
-    """Copy a PEFT adapter's tensors into our modules (shapes must match). Returns its config."""
+    """Copy a PEFT adapter's tensors into our modules (shapes must match); a sub-rank-1 adapter's scalars and
+    directions from its own file. Returns its config."""
     from safetensors.torch import load_file
+
+    from rl_lora import tiny
 
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
+    if tiny.is_scalars(adapters):
+        tiny.load_state(path, adapters)
+        return config
     tensors = load_file(str(path / "adapter_model.safetensors"))
     copy_peft_tensors(adapters, tensors, f" at {path}")
     return config

@@ -13,6 +13,7 @@ checkpoint may be resumed with this config. Reads no model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from rl_lora.config import Config, ConfigError, adapter_specs, is_full_finetune
 RUN_FILES = ("checkpoints", "adapter", "adapters", "model", "eval", "metrics.jsonl", "samples.jsonl", "config.yaml",
              "reward_curve.png", "sweep.json", "sweep.md", "wandb")
 # Keys of the signature that fix what the checkpoint's tensors mean; changing one on resume is refused.
-SHAPE_KEYS = ("model.path", "lora.rank", "adapters", "rank", "alpha", "target_modules")
+SHAPE_KEYS = ("model.path", "lora.rank", "adapters", "rank", "alpha", "target_modules", "scalars")
 
 
 def previous_results(run_dir: Path) -> list[str]:
@@ -103,6 +104,8 @@ def run_signature(cfg: Config) -> dict:
         sig.update({f"{pre}rank": s.rank, f"{pre}alpha": s.alpha, f"{pre}target_modules": sorted(s.target_modules),
                     ("optim.lr" if not cfg.adapters else f"{pre}lr"): s.lr,
                     f"{pre}lora_plus_ratio": s.lora_plus_ratio})
+        if s.scalars is not None:  # a sub-rank-1 adapter (rl_lora/tiny.py); plain LoRA signatures stay as they were
+            sig[f"{pre}scalars"] = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(s.scalars).items())
     return sig
 
 

@@ -13,6 +13,11 @@
   max(1, r // active), so at r = 1 each expert still gets rank 1: N x the paper's ratio for N active experts (the
   capacity line says so). Shared experts and attention take rank r, as dense layers.
 
+- Sub-rank-1 adapters (`lora.trainable: scalars`, rl_lora/tiny.py): the trainable parameters are the scalars,
+  count per share group (per adapted module, per decoder layer, or one set for the model); the capacity line counts
+  them at the same ~2 bits each, and says when a run is below ~1 bit per episode on purpose (TinyLoRA learns with
+  13). Their LR is far above LoRA's: SCALARS_LR (measured: README "Sub-rank-1 adapters").
+
 Nothing here loads weights: only config.json, so `rl-lora lr-suggest` answers in a second.
 """
 
@@ -28,6 +33,9 @@ SHORT_RUN_STEPS = 100  # below this, LoRA's best LR is ~15x full FT instead of ~
 MODEL_POW = {"llama": 0.781, "qwen": 0.0775}  # fitted exponents per model family
 BITS_PER_EPISODE = 1.0
 BITS_PER_PARAMETER = 2.0
+# Suggested LR of a scalars adapter: one AdamW step at 0.05 moves SmolLM2-135M's policy (mean |d logp| per token) about
+# as far as rank-1 LoRA at 3e-4, the CPU sweep's best (benchmarks/scalars_lr.py; README "Sub-rank-1 adapters").
+SCALARS_LR = 0.05
 
 
 @dataclass
@@ -120,6 +128,15 @@ def adapter_parameters(shape: ModelShape, rank: int, target_modules: list[str], 
     return attention * shape.num_layers + dense_mlp * (shape.num_layers - moe_layers) + moe_mlp * moe_layers
 
 
+def scalar_parameters(shape: ModelShape, count: int, share: str, target_modules: list[str]) -> int:
+    """Trainable scalars of a scalars adapter (rl_lora/tiny.py): count per share group over the adapted modules."""
+    modules = [n for n in matrix_shapes(shape) if n in target_modules]
+    if not modules:
+        return 0
+    groups = {"model": 1, "layer": shape.num_layers, "none": len(modules) * shape.num_layers}[share]
+    return count * groups
+
+
 def expert_ratio_note(shape: ModelShape, rank: int, target_modules: list[str], expert_rank: int | str = "auto") -> str:
     """Where the experts' rank is not the paper's rank / active experts: how many times its ratio it is."""
     if not (shape.num_experts and shape.experts_per_token and set(target_modules) & {"gate_proj", "up_proj",
@@ -171,6 +188,7 @@ class Capacity:
     bits_needed: float  # episodes x ~1 bit
     bits_capacity: float  # parameters x ~2 bits
     note: str = ""  # MoE: the experts' rank against the paper's rule
+    scalars: bool = False  # a sub-rank-1 adapter: the parameters are its trainable scalars
 
     @property
     def ok(self) -> bool:
@@ -178,17 +196,26 @@ class Capacity:
 
     def message(self) -> str:
         ratio = self.bits_capacity / max(self.bits_needed, 1e-9)
-        line = (f"capacity: {self.adapter_parameters:,} adapter parameters (~{self.bits_capacity:,.0f} bits) for "
-                f"{self.episodes:,} episodes (~{self.bits_needed:,.0f} bits at ~1 bit/episode): {ratio:,.1f}x headroom")
+        what = "trainable scalars" if self.scalars else "adapter parameters"
+        headroom = f"{ratio:,.1f}" if ratio >= 0.1 else f"{ratio:.2g}"
+        line = (f"capacity: {self.adapter_parameters:,} {what} (~{self.bits_capacity:,.0f} bits) for "
+                f"{self.episodes:,} episodes (~{self.bits_needed:,.0f} bits at ~1 bit/episode): {headroom}x headroom")
         if self.note:
             line += f"; {self.note}"
-        if not self.ok:
+        if not self.ok and self.scalars:
+            line += (" -- sub-rank-1 on purpose? (TinyLoRA learns with 13 parameters under RL); for more capacity "
+                     "raise lora.scalars.count or share less (layer, none)")
+        elif not self.ok:
             line += " -- WARNING: the adapter may be too small for this run; raise lora.rank"
         return line
 
 
 def capacity_check(shape: ModelShape, rank: int, target_modules: list[str], episodes: int,
-                   expert_rank: int | str = "auto") -> Capacity:
+                   expert_rank: int | str = "auto", scalars=None) -> Capacity:
+    """`scalars`: a ScalarsConfig (count, share) for a sub-rank-1 adapter; None = LoRA of `rank`."""
+    if scalars is not None:
+        n = scalar_parameters(shape, scalars.count, scalars.share, target_modules)
+        return Capacity(n, episodes, episodes * BITS_PER_EPISODE, n * BITS_PER_PARAMETER, scalars=True)
     params = adapter_parameters(shape, rank, target_modules, expert_rank)
     return Capacity(params, episodes, episodes * BITS_PER_EPISODE, params * BITS_PER_PARAMETER,
                     expert_ratio_note(shape, rank, target_modules, expert_rank))

@@ -147,28 +147,40 @@ def tokenize_prompts(cfg: Config, model_path: str, train_set, held_out, data) ->
 
 def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     """Resolve `optim.lr: auto` with the paper's rule and check the adapter's capacity for the planned run."""
-    from rl_lora.science import capacity_check, measured_lrs, read_shape, suggest_lr
+    from rl_lora.science import SCALARS_LR, capacity_check, measured_lrs, read_shape, suggest_lr
 
     shape = read_shape(model_path)
     notes = []
+    specs = adapter_specs(cfg)
     auto = [i for i, a in enumerate(cfg.adapters) if a.lr == "auto"]
     if cfg.optim.lr == "auto" or auto:
         s = suggest_lr(shape, steps=cfg.train.steps)
-        adapters = [dataclasses.replace(a, lr=s.lora_lr) if i in auto else a for i, a in enumerate(cfg.adapters)]
-        lr = s.lora_lr if cfg.optim.lr == "auto" else cfg.optim.lr
+        # a scalars adapter (rl_lora/tiny.py) gets its own measured LR, also where it inherits optim.lr: auto
+        tiny = {i for i, spec in enumerate(specs) if spec.scalars is not None and spec.lr == "auto"}
+        adapters = [dataclasses.replace(a, lr=SCALARS_LR if i in tiny else s.lora_lr) if i in auto or i in tiny
+                    else a for i, a in enumerate(cfg.adapters)]
+        lr = (SCALARS_LR if not cfg.adapters and tiny else s.lora_lr) if cfg.optim.lr == "auto" else cfg.optim.lr
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr), adapters=adapters)
-        notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
-        notes += [f"lr: measured here, {line}" for line in measured_lrs(shape)]
+        if len(tiny) < max(len(specs), 1):  # (full fine-tuning has no adapter specs)
+            notes.append(f"lr: auto -> {s.lora_lr:.3g} ({s.how})")
+            notes += [f"lr: measured here, {line}" for line in measured_lrs(shape)]
+        if tiny:
+            notes.append(f"lr: auto -> {SCALARS_LR:g} for scalars adapters (measured, README \"Sub-rank-1 adapters\")")
     episodes = cfg.train.steps * cfg.train.prompts_per_step * cfg.sampler.samples_per_prompt
     if is_full_finetune(cfg):
         notes.append("lora.rank: full -- full fine-tuning of every weight (the baseline); the engine's weights are "
                      "overwritten in place after every step")
+    for spec in adapter_specs(cfg):  # a LoRA-sized LR barely moves a scalars adapter (benchmarks/scalars_lr.py)
+        if spec.scalars is not None and spec.lr < SCALARS_LR / 5:
+            notes.append(f"lr {spec.lr:g} for the scalars adapter {spec.name!r} is far below the {SCALARS_LR:g} "
+                         "suggested for scalars (README \"Sub-rank-1 adapters\"; optim.lr: auto uses it)")
     seen = set()
     for spec in adapter_specs(cfg):
-        key = (spec.rank, tuple(spec.target_modules), spec.expert_rank)
+        key = (spec.rank, tuple(spec.target_modules), spec.expert_rank, repr(spec.scalars))
         if key not in seen:
             seen.add(key)
-            line = capacity_check(shape, spec.rank, spec.target_modules, episodes, spec.expert_rank).message()
+            line = capacity_check(shape, spec.rank, spec.target_modules, episodes, spec.expert_rank,
+                                  spec.scalars).message()
             notes.append(line if len(cfg.adapters) < 2 else f"{line} [{spec.name}]")
     return cfg, notes
 

@@ -155,8 +155,8 @@ def test_train_help_lists_the_sections_with_their_docs_and_print_config():
 @pytest.mark.parametrize("override, message", [
     ("sampler.top_p=1.5", "sampler.top_p: must be in (0, 1], got 1.5"),
     ("optim.beta2=1", "optim.beta2: must be in [0, 1), got 1.0"),
-    ("lora.rnak=2", "unknown config key 'lora.rnak' (known: alpha, expert_rank, lora_plus_ratio, rank, target_modules); "
-                    "did you mean 'lora.rank'?"),
+    ("lora.rnak=2", "unknown config key 'lora.rnak' (known: alpha, expert_rank, lora_plus_ratio, rank, scalars, "
+                    "target_modules, trainable); did you mean 'lora.rank'?"),
     ("adapters=[{rank: 0}]", "adapters[0].rank: must be an integer >= 1, got 0"),
     ("adapters=[{rnak: 2}]", "did you mean 'adapters[0].rank'?"),
     ("adapters=[{lr: fast}]", "adapters[0].lr: must be a finite number >= 0 or 'auto', got 'fast'"),
