@@ -482,7 +482,7 @@ def adapter_specs(cfg: "Config") -> list[AdapterSpec]:
         scalars = cfg.lora.scalars if cfg.lora.trainable == "scalars" else None
         return [AdapterSpec("adapter", scalars.count if scalars else cfg.lora.rank, cfg.lora.alpha,
                             list(cfg.lora.target_modules), cfg.optim.lr, cfg.lora.lora_plus_ratio, cfg.train.seed,
-                            list(cfg.reward.rewards), cfg.data, cfg.lora.expert_rank, scalars,
+                            list(cfg.reward.rewards), cfg.data, cfg.lora.expert_rank, scalars=scalars,
                             sample_seed=cfg.train.seed)]
     specs = []
     for i, entry in enumerate(cfg.adapters):
