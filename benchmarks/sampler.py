@@ -16,6 +16,15 @@ ignore_eos, so every run emits the same token count.
     python benchmarks/sampler.py --profile DIR   # cProfile of the LoRA engine's decode, per configuration
     python benchmarks/sampler.py --ops           # the LoRA ops alone, per decode step, vs the base GEMMs
 
+Measured on an idle machine (2026-12-02, AMD EPYC with AVX-512, 2 cores, defaults: 64 prompts x 128 tokens,
+best of 3 interleaved rounds; README has the table): base rows 301.8 tok/s [rl-lora path], rank-1 288.3 (0.96x of
+base rows), K=16 mixed 268.9 (0.89x), half base + one adapter in one call 292.9 (0.97x); vLLM's path: rank-1 222.9
+(0.71x); no-LoRA engines eager 300.6, compiled 335.6. What rank-1 costs over base rows in the engine (cProfile of
+both, 64 rows x 32 tokens, OMP_NUM_THREADS=1, same run; tottime differences): addmm_ (the expand) +0.50 s, torch.mm
+(the shrink) +0.26 s, the wrapper's Python (add_lora_linear, _stacked) +0.13 s, of a 20.4 s generate: ~4% of
+arithmetic that has to read and write each LoRA layer's output once more (eager: nothing fuses it into the
+base GEMM), plus the base GEMMs' own round-to-round noise (+0.47 s in that pair).
+
 Where the time goes (cProfile of `generate`, SmolLM2-135M fp32, 64 rows x 32 decode steps, base rows in the
 LoRA-enabled engine, rl-lora's path before its lm_head change; 2026-12-01, 2 threads on the shared 2-core
 machine at load ~10, so absolute seconds are inflated by contention -- the shares are what to read):
