@@ -212,7 +212,7 @@ class Sampler:
             for ref, (_, tensors, config) in zip(refs, items):
                 write_peft_adapter(ref.path, tensors, config)
             # one engine call loads all K (vLLM's own loader and LRU cache, in the worker), not K add_lora round trips
-            self.llm.collective_rpc("rl_lora_add_loras", args=(requests,))
+            self.llm.collective_rpc("rl_lora_add_loras", args=([(r.name, r.version, r.path) for r in refs],))
         self.live.update((r.version, r) for r in refs)
         self.last_push_s = time.perf_counter() - t0
         return refs
@@ -367,8 +367,12 @@ class WeightLoader:
         return _copy_hf_weights(self.get_model(), load_file(path))
 
     def rl_lora_add_loras(self, requests: list) -> list[bool]:
-        """Several LoRARequests loaded in one call (the worker's own add_lora for each)."""
-        return [self.add_lora(r) for r in requests]
+        """Several adapters loaded in one call (the worker's own add_lora for each), given as (name, id, path):
+        through vLLM's multiprocess engine a LoRARequest in collective_rpc's args arrives as a plain list (msgspec
+        encodes the struct as an array and decodes it untyped), so the worker builds the requests itself."""
+        from vllm.lora.request import LoRARequest
+
+        return [self.add_lora(LoRARequest(name, lora_id, path)) for name, lora_id, path in requests]
 
     def rl_lora_add_loras_from_tensors(self, items: list) -> list[bool]:
         """(LoRARequest, PEFT tensors, adapter_config dict) each, loaded through the worker's own add_lora (its
