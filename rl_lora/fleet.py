@@ -53,6 +53,7 @@ class _Fleet:
         self.slot_of: dict[int, int] = {}  # every version ever pushed -> its slot
         self.weights = None  # last full-FT weights pushed (tensors or ObjectRef), reloaded into a rebuilt engine
         self.restarts = 0
+        self._call_failures = 0  # non-generation engine calls failed since one last succeeded (each rebuilt)
 
     def _current(self, version):
         """A request for an adapter version evicted while it waited (its engine died): the newest version of the
@@ -131,13 +132,23 @@ class LocalFleet(_Fleet):
         if self._dead:
             self._rebuild()
         try:
-            return fn(*args)
+            out = fn(*args)
         except EngineError as exc:
             self._dead = True
             self.say(f"sampler failed ({exc})")
             if fn == self._generate_now:
                 raise
+            # a push/evict/weights call that fails on every fresh engine is a bug, not a dying engine: stop
+            # instead of rebuilding at every step (a worker-side error once cost a rebuild per step, unnoticed)
+            self._call_failures += 1
+            if self._call_failures > MAX_RESTARTS:
+                raise FleetError(f"the sampler failed {self._call_failures} engine calls in a row, each on a "
+                                 f"rebuilt engine ({exc}); stopping") from exc
             self._rebuild()
+            return None
+        if fn != self._generate_now:
+            self._call_failures = 0
+        return out
 
     def _call(self, fn, *args):
         return self._guarded(fn, *args) if self.pool is None else self.pool.submit(self._guarded, fn, *args).result()

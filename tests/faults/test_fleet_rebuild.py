@@ -123,6 +123,31 @@ def test_an_engine_found_dead_by_a_push_is_rebuilt_with_that_push(tmp_path):
     assert sorted(made[1].engine) == [2]
 
 
+def test_a_push_that_fails_on_every_rebuilt_engine_stops_the_run_instead_of_rebuilding_each_step(tmp_path):
+    """A batched push failing inside every fresh engine (once: vLLM's multiprocess engine decoded our LoRARequests
+    as lists, while a rebuild's own per-adapter pushes worked) is a bug, not a death: the fleet rebuilds for it at
+    most MAX_RESTARTS times, the generations in between served, then stops in one line."""
+    from rl_lora.errors import FleetError
+    from rl_lora.fleet import MAX_RESTARTS
+
+    fleet, made = _fleet(tmp_path)
+    fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
+
+    @engine_call
+    def push_many(items, evict):
+        raise AttributeError("'list' object has no attribute 'lora_int_id'")
+
+    for v in range(2, 2 + MAX_RESTARTS):
+        for m in made:
+            m.push_many = push_many
+        fleet.push_adapters([(v, 0, {KEY: torch.ones(4, 1)}, CONFIG)], evict=[])
+        (group,) = fleet.generate([[1, 2]], n=1, adapters=[AdapterRef(1, "")], seeds=[7])  # still serves
+    assert fleet.restarts == MAX_RESTARTS and len(made) == 1 + MAX_RESTARTS
+    made[-1].push_many = push_many
+    with pytest.raises(FleetError, match="engine calls in a row"):
+        fleet.push_adapters([(9, 0, {KEY: torch.ones(4, 1)}, CONFIG)], evict=[])
+
+
 def test_user_errors_and_bugs_are_raised_not_taken_for_a_dead_engine(tmp_path):
     fleet, made = _fleet(tmp_path)
     fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)
