@@ -69,7 +69,7 @@ def main() -> None:
     del base
     specs = [AdapterSpec(name=f"{name} lr={lr:g}", rank=sc.count if sc else 1, target_modules=list(ALL_LINEAR),
                          lr=lr, scalars=sc) for name, sc, lrs in VARIANTS for lr in lrs]
-    learner = Learner(path, target_modules=ALL_LINEAR, specs=specs, temperature=0.7)
+    learner = Learner(path, specs, temperature=0.7)
     before = torch.tensor([x for lp in learner.score(probe) for x in lp])
     learner.train_step([TrainSample(s.prompt_ids, s.completion_ids, s.sampler_logprobs, s.advantage, k)
                         for k in range(len(specs)) for s in batch])

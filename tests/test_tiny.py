@@ -23,7 +23,7 @@ def _spec(count=2, share="none", directions="random", seed=0, **kw) -> AdapterSp
 
 
 def _learner(tiny_model, *specs, **kw) -> Learner:
-    return Learner(tiny_model, target_modules=ALL_LINEAR, specs=list(specs), **kw)
+    return Learner(tiny_model, list(specs), **kw)
 
 
 def _samples(n=4, adapter=0):
@@ -167,7 +167,7 @@ def test_peft_export_is_a_standard_lora_with_the_learners_logits(tiny_model, tmp
     assert (ours - plain).abs().max() > 1e-3  # the scalars do something
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # a plain rank-3 LoRA learner loading the PEFT files computes the same policy
-    other = Learner(tiny_model, rank=3, target_modules=ALL_LINEAR)
+    other = Learner(tiny_model, [AdapterSpec(rank=3, target_modules=list(ALL_LINEAR))])
     copy_peft_tensors(other.adapters, tensors)
     with torch.no_grad():
         torch.testing.assert_close(other.model(input_ids=IDS).logits, ours, atol=1e-5, rtol=1e-5)
@@ -196,11 +196,11 @@ def test_adapter_files_restore_scalars_and_directions_bit_for_bit(tiny_model, tm
 
 def test_checkpoint_resume_is_bit_exact(tiny_model, tmp_path):
     from rl_lora import checkpoint
-    from rl_lora.policy import policy_of
+    from rl_lora.policy import Adapters
 
     def run(steps, start=None):
         learner = _learner(tiny_model, _spec(count=2, share="layer"))
-        policy = policy_of(learner)
+        policy = Adapters(learner)
         if start is not None:
             checkpoint.load(start, policy)
         for _ in range(steps):
@@ -218,12 +218,12 @@ def test_push_check_passes_through_a_plain_lora_engine_and_the_previous_version_
     """The engine is a plain rank-r LoRA learner fed the pushed PEFT tensors (what vLLM does with them): the push
     check sees the learner's policy, and scoring the previous version restores the live scalars bit for bit."""
     from rl_lora.fleet import _Fleet
-    from rl_lora.policy import policy_of
+    from rl_lora.policy import Adapters
     from rl_lora.rollout import Completion
     from rl_lora.sampler import AdapterRef
     from rl_lora.sync import Run
 
-    engine = Learner(tiny_model, rank=2, target_modules=ALL_LINEAR, temperature=0.7)
+    engine = Learner(tiny_model, [AdapterSpec(rank=2, target_modules=list(ALL_LINEAR))], temperature=0.7)
 
     class Fleet(_Fleet):
         def __init__(self):
@@ -257,8 +257,8 @@ def test_push_check_passes_through_a_plain_lora_engine_and_the_previous_version_
 
     cfg = load_config(make_config(lora={"trainable": "scalars", "scalars": {"count": 2}}),
                       ["sampler.temperature=0.7"])
-    learner = Learner(tiny_model, target_modules=ALL_LINEAR, specs=adapter_specs(cfg), temperature=0.7)
-    run = Run(cfg, Fleet(), learner, policy_of(learner), probe_ids=[1, 40, 41, 42, 43, 2, 1, 60])
+    learner = Learner(tiny_model, adapter_specs(cfg), temperature=0.7)
+    run = Run(cfg, Fleet(), learner, Adapters(learner), probe_ids=[1, 40, 41, 42, 43, 2, 1, 60])
     run.push(0)
     for step in (1, 2):
         learner.train_step(_samples())
