@@ -1,5 +1,5 @@
 """e. Sub-rank-1: how few trainable parameters still learn the capability task with RL (TinyLoRA).
-python experiments/e_subrank1/run.py [--smoke]. Needs the tinylora branch's `trainable: scalars` adapters."""
+python experiments/e_subrank1/run.py [--smoke]."""
 
 import sys
 from pathlib import Path
