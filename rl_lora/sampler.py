@@ -144,7 +144,9 @@ class Sampler:
 
             wrappers = [name for worker in self.llm.collective_rpc("rl_lora_punica") for name, _ in worker]
             self.rank1_path = bool(wrappers) and all(name == QUALNAME for name in wrappers)
-        if type(self.llm.llm_engine.engine_core).__name__ == "InprocClient":
+        # the engine core runs in this process (rl-lora's CPU default), not in vLLM's engine-core process
+        self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
+        if self.in_process:
             _IN_PROCESS.add(self)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -198,16 +200,15 @@ class Sampler:
             for ref in gone:
                 shutil.rmtree(ref.path, ignore_errors=True)
         refs = [AdapterRef(version, str(self._dir / f"v{version}")) for version, _, _ in items]
-        requests = [LoRARequest(r.name, r.version, r.path) for r in refs]
         # In-process engine, every adapter fitting in its cache (so vLLM never reloads one from its path) and no MoE
         # experts (vLLM's file loader handles their layouts): the worker builds each adapter from our tensors.
         # Measured (tiny Llama, K = 64, load ~10 on 2 cores): writing the 64 PEFT dirs and vLLM reading them back
         # were ~70% of the push (0.08 + 0.12 s of 0.26 s under cProfile).
-        in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
-        if (in_process and len(self.live) + len(items) <= self.max_loras
+        if (self.in_process and len(self.live) + len(items) <= self.max_loras
                 and not any(".experts." in name for _, tensors, _ in items[:1] for name in tensors)):
             self.llm.collective_rpc("rl_lora_add_loras_from_tensors",
-                                    args=([(req, tensors, config) for req, (_, tensors, config) in zip(requests, items)],))
+                                    args=([(LoRARequest(r.name, r.version, r.path), tensors, config)
+                                           for r, (_, tensors, config) in zip(refs, items)],))
         else:
             for ref, (_, tensors, config) in zip(refs, items):
                 write_peft_adapter(ref.path, tensors, config)
@@ -324,7 +325,7 @@ class Sampler:
         core = self.llm.llm_engine.engine_core
         _IN_PROCESS.discard(self)
         try:
-            if type(core).__name__ == "InprocClient" and _IN_PROCESS:
+            if self.in_process and _IN_PROCESS:
                 _shutdown_keeping_parallel_state(core)
             else:
                 core.shutdown()
