@@ -57,3 +57,15 @@ def build_learner(path: str, *adapters: AdapterSpec, **kwargs) -> Learner:
 def build_full_learner(path: str, lr: float = 1e-4, **kwargs) -> Learner:
     """The tests' full fine-tuning learner: every weight of the model at `path` trained at `lr`."""
     return Learner.full_model(path, lr=lr, **kwargs)
+
+
+def base_and_peft_logits(model_path: str, adapter_dir, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's logits of `ids` and PEFT's with the adapter files in `adapter_dir` on top (the round trip
+    the learner's export must pass)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        plain = base(input_ids=ids).logits
+        return plain, peft.PeftModel.from_pretrained(base, adapter_dir)(input_ids=ids).logits

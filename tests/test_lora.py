@@ -2,13 +2,12 @@
 
 import math
 
-import peft  # a dev dependency: the round trip must run, never skip
 import pytest
 import torch
 
 from rl_lora.config import ALL_LINEAR, AdapterSpec
 from rl_lora.learner import TrainSample
-from sample_builders import build_full_learner, build_learner
+from sample_builders import base_and_peft_logits, build_full_learner, build_learner
 from rl_lora.lora import LoRALinear
 
 
@@ -61,8 +60,6 @@ def test_step_changes_every_adapter_param_and_no_frozen_one(learner):
 
 
 def test_peft_round_trip_gives_same_logits(learner, tiny_model, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     with torch.no_grad():
         for m in learner.adapters.values():
             m.lora_B.normal_(0, 0.02)
@@ -71,9 +68,7 @@ def test_peft_round_trip_gives_same_logits(learner, tiny_model, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 11]])
     ours = learner.model(input_ids=ids).logits
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    plain = base(input_ids=ids).logits
-    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")(input_ids=ids).logits
+    plain, theirs = base_and_peft_logits(tiny_model, tmp_path / "adapter", ids)
     assert (ours - plain).abs().max() > 1e-3  # the adapter does something
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # and back: a fresh learner loading the files reproduces the logits

@@ -13,6 +13,7 @@ from rl_lora import tiny
 from rl_lora.config import ALL_LINEAR, AdapterSpec, ConfigError, ScalarsConfig, adapter_specs, load_config
 from rl_lora.learner import Learner, TrainSample
 from rl_lora.lora import LoRALinear, copy_peft_tensors
+from sample_builders import base_and_peft_logits
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 11]])
 
@@ -146,7 +147,6 @@ def test_a_grid_mixes_lora_and_scalars_adapters(tiny_model):
 
 def test_peft_export_is_a_standard_lora_with_the_learners_logits(tiny_model, tmp_path):
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     learner = _learner(tiny_model, _spec(count=3, share="layer", directions="svd"))
     _set_scalars(learner)
@@ -161,9 +161,7 @@ def test_peft_export_is_a_standard_lora_with_the_learners_logits(tiny_model, tmp
         torch.testing.assert_close(b, view.module.lora_B[view.slot] * tiny.gains_of(view).detach())  # U diag(s)
     with torch.no_grad():
         ours = learner.model(input_ids=IDS).logits
-        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        plain = base(input_ids=IDS).logits
-        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")(input_ids=IDS).logits
+    plain, theirs = base_and_peft_logits(tiny_model, tmp_path / "adapter", IDS)
     assert (ours - plain).abs().max() > 1e-3  # the scalars do something
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # a plain rank-3 LoRA learner loading the PEFT files computes the same policy
