@@ -4,7 +4,7 @@ No vLLM and no download: torch, transformers and peft only; random weights built
 widths: hidden 4096, d_ff 14336, 32 heads, 8 KV heads, vocabulary 128256). Every mode runs in its own process (clean
 peak-memory counters) on the same GRPO batch: one prompt and G completions of it, the advantages +-1.
 
-- ours: rl_lora.learner.Learner, rank-1 LoRA on every linear layer (prompt shared across its completions, logits
+- ours: rl_lora.learner.learner.Learner, rank-1 LoRA on every linear layer (prompt shared across its completions, logits
   only at completion positions, in chunks);
 - peft: stock HF + PEFT rank 1 on the same layers: full-sequence forward of every completion, full-vocabulary
   logits, the usual way a trainer computes logprobs;
@@ -57,7 +57,7 @@ def _build(args, device, dtype):
 def _batch(args, vocab):
     import torch
 
-    from rl_lora.learner import TrainSample
+    from rl_lora.learner.learner import TrainSample
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.prompt,), generator=g).tolist()
@@ -113,7 +113,7 @@ def worker(args) -> dict:
         trainable = sum(p.numel() for p in params)
     else:
         from rl_lora.config import AdapterSpec
-        from rl_lora.learner import Learner
+        from rl_lora.learner.learner import Learner
 
         # random weights from the config in code, on the device: nothing is read or downloaded
         auto, auto_config = transformers.AutoModelForCausalLM, transformers.AutoConfig

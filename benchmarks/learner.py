@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _batch(args, vocab):
     import torch
 
-    from rl_lora.learner import TrainSample
+    from rl_lora.learner.learner import TrainSample
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -46,7 +46,7 @@ def worker(args) -> dict:
     import torch
 
     from rl_lora.config import AdapterSpec
-    from rl_lora.learner import Learner
+    from rl_lora.learner.learner import Learner
     from rl_lora.models import resolve_model_path
 
     path = resolve_model_path(args.model)

@@ -8,7 +8,7 @@ byte tokenizer's small vocabulary (so the MoE layers, not the head, dominate), r
 temp directory. Modes, each in its own process (peak RSS is per process), one after the other in one invocation:
 
 - attention: rank-1 LoRA on q/k/v/o only; the experts run the model's own forward (frozen, no adapter);
-- all: rank-1 LoRA on attention and on every expert's gate/up/down (rl_lora/moe.py: expert rank auto = 1);
+- all: rank-1 LoRA on attention and on every expert's gate/up/down (rl_lora/learner/moe.py: expert rank auto = 1);
 - all-ckpt: `all` with activation checkpointing.
 
     python benchmarks/moe.py [--layers 1] [--experts 128] [--seqs 8] [--prompt 64] [--completion 192] [--steps 2]
@@ -22,10 +22,10 @@ attention 26.1 s/step, 17,408 trainable; all 66.0 s/step (2.53x), 558,080 traina
 invocation, interleaved rounds (each round starts one configuration later), best of `--rounds`, after one warm-up
 generate per configuration (so later rounds hit the prefix cache as the first does: mostly decode is timed):
 (a) an engine built without LoRA (eager, as vLLM-CPU runs any LoRA engine; a subprocess that waits between
-runs), base rows; (b) the Sampler's LoRA engine (rl_lora.sampler.Sampler: rl-lora's rank-1 dense path and CPU
-MoE-LoRA ops, rl_lora/vllm_cpu_moe.py), base rows; (c) the same engine, a rank-1 adapter on attention and every
+runs), base rows; (b) the Sampler's LoRA engine (rl_lora.sampling.sampler.Sampler: rl-lora's rank-1 dense path and CPU
+MoE-LoRA ops, rl_lora/sampling/vllm_cpu_moe.py), base rows; (c) the same engine, a rank-1 adapter on attention and every
 expert (expert rank 1) on every row; (d) a rank-1 attention-only adapter on every row. The adapters are the
-learner's own PEFT export (rl_lora.learner.Learner, B set to N(0, 1e-3)); ignore_eos, fixed max_tokens,
+learner's own PEFT export (rl_lora.learner.learner.Learner, B set to N(0, 1e-3)); ignore_eos, fixed max_tokens,
 logprobs=0 with processed logprobs in both engines.
 
     python benchmarks/moe.py --sampler [--layers 2] [--experts 64] [--prompts 32] [--prompt 64] [--tokens 32] [--rounds 2]
@@ -53,7 +53,7 @@ after round, is (b)/(a) ~ 0.3: with LoRA enabled the experts run rl-lora's Torch
 the routed experts) instead of vLLM-CPU's fused-MoE kernel, and base rows pay that ~3x whether or not any
 adapter is served. Re-measure (c)/(b) and (d)/(b) on an idle machine.
 
-Since then rows without an expert adapter take vLLM-CPU's fused kernel (rl_lora/vllm_cpu_moe.py). Measured
+Since then rows without an expert adapter take vLLM-CPU's fused kernel (rl_lora/sampling/vllm_cpu_moe.py). Measured
 2026-12-02 03:40-03:53 UTC, `--sampler --rounds 2 --experts 32` (the default 64 experts was OOM-killed at load 84
 beside other jobs), load ~10 falling to 6: rounds (a) 62.0, (b) 52.9, (c) 8.2, (d) 53.6 | (b) 77.9, (c) 17.8,
 (d) 45.0, (a) 168.8 tok/s. (b)/(a) 0.85 and 0.46 within the two rounds (the load fell while (a) ran last).
@@ -98,7 +98,7 @@ def worker(args) -> dict:
     import torch
 
     from rl_lora.config import ALL_LINEAR, AdapterSpec
-    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.learner.learner import Learner, TrainSample
 
     targets = ATTENTION if args.mode == "attention" else ALL_LINEAR
     learner = Learner(args.path, [AdapterSpec(target_modules=list(targets), lr=1e-4)],
@@ -130,7 +130,7 @@ def write_adapters(path: str, out: Path) -> dict:
     from safetensors import safe_open
 
     from rl_lora.config import ALL_LINEAR, AdapterSpec
-    from rl_lora.learner import Learner
+    from rl_lora.learner.learner import Learner
 
     specs = [AdapterSpec(name="all", rank=1, target_modules=list(ALL_LINEAR)),
              AdapterSpec(name="attention", rank=1, target_modules=list(ATTENTION))]
@@ -175,7 +175,7 @@ def plain_engine(args):
     settings as the Sampler's); one timed generate per line read from stdin, replies marked '@@ '."""
     import torch
 
-    from rl_lora.sampler import _configure_cpu_env
+    from rl_lora.sampling.sampler import _configure_cpu_env
 
     if not torch.cuda.is_available():
         _configure_cpu_env(1)
@@ -198,7 +198,7 @@ def _reply(child) -> str:
 
 
 def sampler_bench(args):
-    from rl_lora.sampler import Sampler
+    from rl_lora.sampling.sampler import Sampler
 
     tmp = Path(tempfile.mkdtemp(prefix="rl-lora-moe-sampler-bench-"))
     child = sampler = None

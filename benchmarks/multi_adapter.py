@@ -47,7 +47,7 @@ def learner_worker(args) -> dict:
     import torch
 
     from rl_lora.config import ALL_LINEAR, AdapterSpec
-    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.learner.learner import Learner, TrainSample
     from rl_lora.models import resolve_model_path
 
     K = args.k

@@ -61,7 +61,7 @@ def worker(args) -> dict:
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from rl_lora.config import AdapterSpec
-    from rl_lora.learner import Learner, TrainSample
+    from rl_lora.learner.learner import Learner, TrainSample
 
     torch.manual_seed(0)
     config = Qwen3Config(num_hidden_layers=args.layers, **QWEN3_8B)

@@ -1,9 +1,9 @@
-"""For a lent GPU: one decode step's LoRA work at rank 1, vLLM's Triton path vs rl_lora/triton_rank1.py's fused kernel.
+"""For a lent GPU: one decode step's LoRA work at rank 1, vLLM's Triton path vs rl_lora/sampling/triton_rank1.py's fused kernel.
 
 Per decode step a Llama-shaped model runs, per layer, 4 LoRA linear layers (qkv: 3 slices, o: 1, gate_up: 2,
 down: 1). This replays them -- `--layers` times, captured in one CUDA graph, as vLLM's decode runs them -- for
     vLLM:   PunicaWrapperGPU.add_lora_linear (buffer, lora_shrink incl. its zero_, lora_expand), max_lora_rank 1
-    fused:  rl_lora.triton_rank1.lora_rank1 (one kernel per layer)
+    fused:  rl_lora.sampling.triton_rank1.lora_rank1 (one kernel per layer)
     base:   the base GEMMs of the same layers (y = x @ W^T), for scale
 over batch sizes (tokens) and active-adapter counts (rows assigned round-robin, every --base-every-th row none),
 after checking that both LoRA paths give the same y (fp32 tolerance). Prints microseconds per decode step.
@@ -51,7 +51,7 @@ def main():
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-    from rl_lora.triton_rank1 import lora_rank1
+    from rl_lora.sampling.triton_rank1 import lora_rank1
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=dev).manual_seed(0)

@@ -5,7 +5,7 @@ the best round of each is kept (the machine may be shared; the ratios are what t
 
 - in one LoRA-enabled engine (the Sampler's, max_loras 16): base rows (no adapter); one rank-1 adapter on
   every row; K = 16 rank-1 adapters mixed; half base rows, half one adapter (one call) -- each with rl-lora's
-  rank-1 path (rl_lora/vllm_cpu_lora.py) and with vLLM's own CPU path (the same engine, switched);
+  rank-1 path (rl_lora/sampling/vllm_cpu_lora.py) and with vLLM's own CPU path (the same engine, switched);
 - engines built without LoRA support, in subprocesses that wait between rounds: eager (the LoRA engine's
   execution mode: the difference is the cost of LoRA support itself) and vLLM's default on CPU (compiled with
   torch.compile/inductor, which vLLM-CPU turns off whenever LoRA is enabled).
@@ -61,7 +61,7 @@ So with base rows the LoRA machinery is ~1.5% of a decode step; the rest of the 
 engine is compilation: vLLM-CPU turns torch.compile off whenever LoRA is enabled (CpuPlatform sets
 CompilationMode.NONE), and eager RMSNorm alone is 28% of the step. With a rank-1 adapter on vLLM's own path,
 every LoRA linear layer additionally runs, per slice, repeat_interleave of the token index, a per-token gather
-of the adapter (tokens x out copies) and a batched einsum, plus zeroed buffers (rl_lora/vllm_cpu_lora.py's
+of the adapter (tokens x out copies) and a batched einsum, plus zeroed buffers (rl_lora/sampling/vllm_cpu_lora.py's
 docstring); the rank-1 path replaces these with two GEMMs per layer. `--profile DIR` re-measures all of this
 per configuration.
 
@@ -156,11 +156,11 @@ def main():
 
     import torch
 
-    from rl_lora import vllm_cpu_lora
+    from rl_lora.sampling import vllm_cpu_lora
     from rl_lora.config import AdapterSpec
-    from rl_lora.learner import Learner
+    from rl_lora.learner.learner import Learner
     from rl_lora.models import resolve_model_path
-    from rl_lora.sampler import Sampler
+    from rl_lora.sampling.sampler import Sampler
 
     path = resolve_model_path(args.model)
     children = {}
@@ -276,7 +276,7 @@ def profile(sampler, prompts, configs, out_dir):
     import cProfile
     import pstats
 
-    from rl_lora import vllm_cpu_lora
+    from rl_lora.sampling import vllm_cpu_lora
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,7 +314,7 @@ def ops(rows, layers=30, max_loras=K_MIXED, reps=20, rounds=7):
     import torch
     from vllm.lora.layers import LoRAMapping
 
-    from rl_lora import vllm_cpu_lora
+    from rl_lora.sampling import vllm_cpu_lora
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -356,7 +356,7 @@ def plain_engine(args):
     from vllm import LLM
 
     from rl_lora.models import resolve_model_path
-    from rl_lora.sampler import _configure_cpu_env
+    from rl_lora.sampling.sampler import _configure_cpu_env
 
     import torch
 

@@ -1,4 +1,4 @@
-"""How far one optimizer step moves the policy: rank-1 LoRA vs sub-rank-1 scalars adapters (rl_lora/tiny.py), to
+"""How far one optimizer step moves the policy: rank-1 LoRA vs sub-rank-1 scalars adapters (rl_lora/learner/tinylora.py), to
 set the scalars' suggested LR (science.SCALARS_LR).
 
 One learner carries every variant as an adapter (K adapters, each with the same batch: completions the base model
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from rl_lora.config import ALL_LINEAR, AdapterSpec, DataConfig, ScalarsConfig  # noqa: E402
 from rl_lora.data import load_problems, prompt_token_ids  # noqa: E402
-from rl_lora.learner import Learner  # noqa: E402
+from rl_lora.learner.learner import Learner  # noqa: E402
 from rl_lora.models import resolve_model_path  # noqa: E402
 from rl_lora.rollout import TrainSample  # noqa: E402
 

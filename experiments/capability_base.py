@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--out", default="experiments/capability_base.json")
     args = ap.parse_args()
     from rl_lora.models import resolve_model_path
-    from rl_lora.sampler import Sampler
+    from rl_lora.sampling.sampler import Sampler
     from rl_lora.seeds import request_seeds
 
     sampler = Sampler(resolve_model_path("smollm2-135m-gguf"), max_model_len=512)  # the training engine's settings

@@ -44,9 +44,9 @@ def _model_config(model_path: str):
 
 
 def check_model(cfg: Config, model_path: str) -> None:
-    """The model's output layer (one the learner reproduces, rl_lora/heads.py), target_modules and sampler settings
+    """The model's output layer (one the learner reproduces, rl_lora/learner/heads.py), target_modules and sampler settings
     against the model's config.json."""
-    from rl_lora.heads import check_output_layer
+    from rl_lora.learner.heads import check_output_layer
 
     check_output_layer(model_path)
     specs = adapter_specs(cfg)  # none under full fine-tuning
@@ -78,7 +78,7 @@ def check_model(cfg: Config, model_path: str) -> None:
 
 def _transformers_backend_archs() -> set[str]:
     """Architectures vLLM 0.32 serves through its Transformers backend ("transformers" in its model registry), read
-    from the registry's source: importing vLLM here would precede the CPU settings rl_lora.sampler makes first."""
+    from the registry's source: importing vLLM here would precede the CPU settings rl_lora.sampling.sampler makes first."""
     import importlib.util
     import re
     from pathlib import Path
@@ -113,8 +113,8 @@ def _check_targets(cfg: Config, config, specs: list) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rl_lora.lora import _targets
-    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
+    from rl_lora.learner.lora import _targets
+    from rl_lora.learner.moe import EXPERT_PROJECTIONS, fused_expert_modules
 
     try:
         with torch.device("meta"):
@@ -136,11 +136,11 @@ def _check_targets(cfg: Config, config, specs: list) -> None:
 
 
 def _check_scalars(model, spec, where: str) -> None:
-    """A scalars adapter (rl_lora/tiny.py) adapts linear layers only, each with at most min(d_out, d_in) directions."""
+    """A scalars adapter (rl_lora/learner/tinylora.py) adapts linear layers only, each with at most min(d_out, d_in) directions."""
     import torch
 
-    from rl_lora.lora import _targets
-    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
+    from rl_lora.learner.lora import _targets
+    from rl_lora.learner.moe import EXPERT_PROJECTIONS, fused_expert_modules
 
     if fused_expert_modules(model) and any(t in EXPERT_PROJECTIONS for t in spec.target_modules):
         raise ConfigError(f"{where}.target_modules: a scalars adapter adapts linear layers only, not the fused MoE "
@@ -153,14 +153,14 @@ def _check_scalars(model, spec, where: str) -> None:
 
 
 # MoE families whose expert LoRA has been checked end to end (push check gap <= 1e-6, rho = 1: qwen3_moe and
-# mixtral in tests/test_moe_e2e.py; tiny random qwen2_moe (shared expert) and olmoe by hand, `rl-lora train`, 2
-# steps). Mixtral since its files name the experts as its checkpoints and vLLM do (rl_lora/moe.py FILE_NAMES;
+# mixtral in tests/e2e/test_moe_e2e.py; tiny random qwen2_moe (shared expert) and olmoe by hand, `rl-lora train`, 2
+# steps). Mixtral since its files name the experts as its checkpoints and vLLM do (rl_lora/learner/moe.py FILE_NAMES;
 # before, a 0.21 nats/token push-check gap). Other families may need such a mapping too, so they are refused.
 MOE_VERIFIED = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral")
 
 
 def _check_expert_family(model, spec, model_type: str, key: str) -> None:
-    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
+    from rl_lora.learner.moe import EXPERT_PROJECTIONS, fused_expert_modules
 
     if model_type in MOE_VERIFIED or not fused_expert_modules(model):
         return

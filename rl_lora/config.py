@@ -23,7 +23,6 @@ import yaml
 
 from rl_lora.errors import ConfigError
 
-
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Shorthands accepted wherever target_modules is: "all" (the default), "attention" (the paper's weaker baseline),
 # "mlp".
@@ -111,9 +110,9 @@ class AdapterSpec:
     seed: int = 0  # init of A: same seed + same targets = same init, whatever the other adapters
     rewards: list = field(default_factory=list)  # this adapter's [{name, weight, kwargs}]; [] = reward.rewards
     data: object = None  # this adapter's DataConfig (the run's `data` with its own keys on top); None = the run's
-    expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/moe.py); "auto" = rank / active experts
+    expert_rank: int | str = "auto"  # rank of each MoE expert's adapter (rl_lora/learner/moe.py); "auto" = rank / active experts
     sample_seed: int = 0  # prompt order and request seeds: same sample_seed + same data = same prompts and seeds
-    scalars: object = None  # a ScalarsConfig: a sub-rank-1 adapter (rl_lora/tiny.py) of rank scalars.count; None = LoRA
+    scalars: object = None  # a ScalarsConfig: a sub-rank-1 adapter (rl_lora/learner/tinylora.py) of rank scalars.count; None = LoRA
 
 
 @dataclass
@@ -154,7 +153,7 @@ DIRECTIONS = ("random", "svd")
 
 @dataclass
 class ScalarsConfig:
-    """A sub-rank-1 adapter (`lora.trainable: scalars`, rl_lora/tiny.py; TinyLoRA, "Learning to Reason in 13
+    """A sub-rank-1 adapter (`lora.trainable: scalars`, rl_lora/learner/tinylora.py; TinyLoRA, "Learning to Reason in 13
     Parameters", 2026): each module's update is (alpha/r) U diag(s) V^T with r = count fixed unit directions and r
     trainable scalars s, exported as a rank-r PEFT LoRA (A = V^T, B = U diag(s))."""
 
@@ -186,10 +185,10 @@ class LoraConfig:
                                          "attention | mlp")
     lora_plus_ratio: float = setting(1.0, "LoRA+ ratio: lr_B = ratio * lr_A; 1.0 = same LR (the paper's), ~16 "
                                      "for LoRA+", check=_GT0)
-    # LoRA Without Regret: per-expert rank = total rank / active experts (rl_lora/moe.py).
+    # LoRA Without Regret: per-expert rank = total rank / active experts (rl_lora/learner/moe.py).
     expert_rank: int | str = setting("auto", "MoE models: rank of each routed expert's adapter, an integer >= 1 "
                                      "or 'auto' = max(1, rank // experts active per token)", check=_EXPERT_RANK)
-    # TinyLoRA (2026) trains 13 parameters with RL; rl_lora/tiny.py. Its scalars want a far larger LR (README).
+    # TinyLoRA (2026) trains 13 parameters with RL; rl_lora/learner/tinylora.py. Its scalars want a far larger LR (README).
     trainable: str = setting("lora", "what each adapted module trains: lora (A and B) | scalars (lora.scalars: a few "
                              "scalars through fixed directions, sub-rank-1)",
                              check=(lambda v: v in TRAINABLE, "must be lora or scalars"))

@@ -19,5 +19,5 @@ class FleetError(RunError):
 
 class EngineError(RuntimeError):
     """A vLLM engine failed under a call (its engine-core process died, or the in-process core raised): the
-    fleet rebuilds the engine and submits the call again. Raised by the Sampler (rl_lora/sampler.py engine_call);
+    fleet rebuilds the engine and submits the call again. Raised by the Sampler (rl_lora/sampling/sampler.py engine_call);
     never reaches the user (after MAX_RESTARTS the fleet raises FleetError)."""

@@ -38,7 +38,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # What `rl-lora plan` assumes when model.gpu_memory_gib is 0 and no GPU is visible: an 80 GB A100/H100, which
 # reports 79.3-79.6 GiB of total memory to torch.cuda.
 DEFAULT_GPU_GIB = 79.3
-LOGIT_CHUNK = 256  # rl_lora.logprobs.LOGIT_CHUNK
+LOGIT_CHUNK = 256  # rl_lora.learner.logprobs.LOGIT_CHUNK
 CUDA_RESERVE_GIB = 1.5  # CUDA context (~0.5 GiB) and caching-allocator fragmentation, learner process
 ENGINE_OVERHEAD_GIB = 3.0  # vLLM's activation peak at its token budget, CUDA graphs, sampler buffers (8B models)
 # Saved activations per token per decoder layer, in elements: 2 x d_ff (SwiGLU's gate and up, kept by

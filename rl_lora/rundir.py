@@ -104,7 +104,7 @@ def run_signature(cfg: Config) -> dict:
         sig.update({f"{pre}rank": s.rank, f"{pre}alpha": s.alpha, f"{pre}target_modules": sorted(s.target_modules),
                     ("optim.lr" if not cfg.adapters else f"{pre}lr"): s.lr,
                     f"{pre}lora_plus_ratio": s.lora_plus_ratio})
-        if s.scalars is not None:  # a sub-rank-1 adapter (rl_lora/tiny.py); plain LoRA signatures stay as they were
+        if s.scalars is not None:  # a sub-rank-1 adapter (rl_lora/learner/tinylora.py); plain LoRA signatures stay as they were
             sig[f"{pre}scalars"] = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(s.scalars).items())
     return sig
 

@@ -13,7 +13,7 @@
   max(1, r // active), so at r = 1 each expert still gets rank 1: N x the paper's ratio for N active experts (the
   capacity line says so). Shared experts and attention take rank r, as dense layers.
 
-- Sub-rank-1 adapters (`lora.trainable: scalars`, rl_lora/tiny.py): the trainable parameters are the scalars,
+- Sub-rank-1 adapters (`lora.trainable: scalars`, rl_lora/learner/tinylora.py): the trainable parameters are the scalars,
   count per share group (per adapted module, per decoder layer, or one set for the model); the capacity line counts
   them at the same ~2 bits each, and says when a run is below ~1 bit per episode on purpose (TinyLoRA learns with
   13). Their LR is far above LoRA's: SCALARS_LR (measured: README "Sub-rank-1 adapters").
@@ -102,7 +102,7 @@ def matrix_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
 
 def expert_rank_of(shape: ModelShape, rank: int, expert_rank: int | str = "auto") -> int:
     """Each routed expert's adapter rank: `expert_rank`, or "auto" = max(1, rank // active experts) (the paper's
-    rank / active experts; rl_lora.moe.resolve_expert_rank)."""
+    rank / active experts; rl_lora.learner.moe.resolve_expert_rank)."""
     return max(1, rank // max(shape.experts_per_token, 1)) if expert_rank == "auto" else int(expert_rank)
 
 
@@ -129,7 +129,7 @@ def adapter_parameters(shape: ModelShape, rank: int, target_modules: list[str], 
 
 
 def scalar_parameters(shape: ModelShape, count: int, share: str, target_modules: list[str]) -> int:
-    """Trainable scalars of a scalars adapter (rl_lora/tiny.py): count per share group over the adapted modules."""
+    """Trainable scalars of a scalars adapter (rl_lora/learner/tinylora.py): count per share group over the adapted modules."""
     modules = [n for n in matrix_shapes(shape) if n in target_modules]
     if not modules:
         return 0

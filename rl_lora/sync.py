@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from rl_lora import faults
 from rl_lora.config import Config, adapter_specs, resident_loras
 from rl_lora.errors import RunError
-from rl_lora.sampler import AdapterRef
+from rl_lora.sampling.sampler import AdapterRef
 from rl_lora.seeds import request_seeds, step_seed
 
 PROBE_SEED = 9_000_000  # request seed of the push-check probe
@@ -44,14 +44,14 @@ STALE_FLOOR = 0.01
 def uses_ray(cfg: Config) -> bool:
     """Engines run as Ray actors when there are several, when a cluster is named, or under torchrun (vLLM would
     otherwise join the learner's process group in rank 0)."""
-    from rl_lora.distributed import world
+    from rl_lora.learner.distributed import world
 
     return cfg.sampler.num_engines > 1 or bool(cfg.sampler.ray_address) or world()[1] > 1
 
 
 def build_fleet(cfg: Config, model_path: str, say=None):
     """One in-process engine, or `sampler.num_engines` Ray actors."""
-    from rl_lora.fleet import LocalFleet, RayFleet
+    from rl_lora.sampling.fleet import LocalFleet, RayFleet
 
     kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
                   max_lora_rank=max((max(s.rank, s.expert_rank if isinstance(s.expert_rank, int) else 1)
@@ -61,7 +61,7 @@ def build_fleet(cfg: Config, model_path: str, say=None):
     if uses_ray(cfg):
         return RayFleet(model_path, kwargs, num_engines=cfg.sampler.num_engines, address=cfg.sampler.ray_address,
                         gpus_per_engine=cfg.sampler.tensor_parallel_size, say=say)
-    from rl_lora.sampler import Sampler
+    from rl_lora.sampling.sampler import Sampler
 
     return LocalFleet(lambda: Sampler(model_path, **kwargs), asynchronous=cfg.train.max_staleness > 0, say=say)
 
@@ -210,7 +210,7 @@ class Run:
 
     def collect(self, step: int):
         """Wait for step's completions. A dead engine is rebuilt by the fleet and its prompts submitted again."""
-        from rl_lora.fleet import FleetError
+        from rl_lora.sampling.fleet import FleetError
 
         sub = self.in_flight.pop(step)
         try:

@@ -3,7 +3,7 @@
 `train` is the algorithm only; `Session` owns setup and teardown (checks, resources, the resume point); the
 stages' pure helpers are in rl_lora/loop.py, what is trained (adapters or the full model) in rl_lora/policy.py,
 the loss in rl_lora/loss.py (chosen once from the config), the learner's packing and sharding in
-rl_lora/batching.py.
+rl_lora/learner/batching.py.
 
 Algorithmic choices (and where they come from):
 - Groups: each step draws `prompts_per_step` problems and samples `samples_per_prompt` (G) completions of
@@ -22,8 +22,8 @@ Algorithmic choices (and where they come from):
 - Asynchronous (`train.max_staleness` = m >= 1): the requests of the next m steps are in flight while a step is
   learned, each under the version live when submitted, so data is at most m versions old (checked every step,
   logged as `async/staleness`); truncated IS with the sampler's own logprobs corrects for the lag.
-- Scale: `sampler.num_engines` > 1 runs the engines as Ray actors (rl_lora/fleet.py); under torchrun the
-  learner is data-parallel, one all-reduce of the adapter gradients per step (rl_lora/distributed.py).
+- Scale: `sampler.num_engines` > 1 runs the engines as Ray actors (rl_lora/sampling/fleet.py); under torchrun the
+  learner is data-parallel, one all-reduce of the adapter gradients per step (rl_lora/learner/distributed.py).
 - Push: the new adapter becomes a new immutable version (new LoRA id and name) in the running engine; the
   old one is evicted. Never merged, never restarted.
 - K adapters (`adapters:`, `rl-lora sweep`, `rl-lora grid`): adapters on the same data and sample seed share a
@@ -69,10 +69,23 @@ from rl_lora import atomic, checkpoint, faults, rundir
 from rl_lora.checks import check_model, check_rewards
 from rl_lora.config import Config, ConfigError, adapter_specs, dump_yaml, is_full_finetune, run_specs, to_dict
 from rl_lora.data import PromptStream, load_problems, prompt_token_ids
-from rl_lora.learner import Learner
-from rl_lora.loop import (Streak, assemble_groups, assign_advantages, check_learned, check_scored, check_staleness,
-                          is_due, loaded_position, make_samples, saved_position, score_completions, staleness,
-                          step_metrics, with_names)
+from rl_lora.learner.learner import Learner
+from rl_lora.loop import (
+    Streak,
+    assemble_groups,
+    assign_advantages,
+    check_learned,
+    check_scored,
+    check_staleness,
+    is_due,
+    loaded_position,
+    make_samples,
+    saved_position,
+    score_completions,
+    staleness,
+    step_metrics,
+    with_names,
+)
 from rl_lora.loss import build_loss
 from rl_lora.metrics import MetricsLogger, format_step, plot_rewards
 from rl_lora.models import resolve_model_path
@@ -155,7 +168,7 @@ def apply_science(cfg: Config, model_path: str) -> tuple[Config, list[str]]:
     auto = [i for i, a in enumerate(cfg.adapters) if a.lr == "auto"]
     if cfg.optim.lr == "auto" or auto:
         s = suggest_lr(shape, steps=cfg.train.steps)
-        # a scalars adapter (rl_lora/tiny.py) gets its own measured LR, also where it inherits optim.lr: auto
+        # a scalars adapter (rl_lora/learner/tinylora.py) gets its own measured LR, also where it inherits optim.lr: auto
         tiny = {i for i, spec in enumerate(specs) if spec.scalars is not None and spec.lr == "auto"}
         adapters = [dataclasses.replace(a, lr=SCALARS_LR if i in tiny else s.lora_lr) if i in auto or i in tiny
                     else a for i, a in enumerate(cfg.adapters)]
@@ -189,9 +202,9 @@ def final_table(session, k_: list[int], task, out_dir: Path) -> dict:
     """Base model and the trained models of `task` (adapter indices `k_`) side by side on its held-out set,
     written to `out_dir`. The policy says how (adapters: one multi-LoRA generate call; full fine-tuning: the
     trained weights, then the original ones reloaded, with the same request seeds)."""
-    from rl_lora.evaldata import EvalSet
     from rl_lora.eval.reports import format_table, write_results
     from rl_lora.eval.runner import LIVE_EVAL_SEED, evaluate_models
+    from rl_lora.evaldata import EvalSet
 
     cfg, run, policy, data = session.cfg, session.run, session.policy, task.data
     k, temperature = (cfg.train.eval_samples, cfg.sampler.temperature) if cfg.train.eval_samples else (1, 0.0)
@@ -250,7 +263,7 @@ def make_policy(cfg: Config, model_path: str) -> Adapters | FullModel:
 
 def follow(cfg: Config, resume: bool) -> dict:
     """A learner rank > 0 under torchrun: the same learner (and checkpoint) as rank 0, learning its shards."""
-    from rl_lora import distributed
+    from rl_lora.learner import distributed
 
     distributed.barrier()  # rank 0 has checked the config and resolved (converted) the model
     model_path = resolve_model_path(cfg.model.path)
@@ -366,7 +379,7 @@ class Session:
 
     def _open(self) -> None:
         from reward import RewardRunner
-        from rl_lora import distributed
+        from rl_lora.learner import distributed
 
         cfg, tasks = self.cfg, self.tasks
         if distributed.world()[1] > 1:
@@ -489,7 +502,7 @@ class Session:
 
 
 def train(cfg: Config, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
-    from rl_lora import distributed
+    from rl_lora.learner import distributed
 
     if distributed.init()[0] > 0:
         return follow(cfg, resume)

@@ -25,7 +25,7 @@ def sampler(request, _session_sampler):
 @pytest.fixture(scope="session")
 def _session_sampler(tiny_model):
     """One engine for the whole session (vLLM start is the slow part)."""
-    from rl_lora.sampler import Sampler
+    from rl_lora.sampling.sampler import Sampler
 
     s = Sampler(tiny_model, max_model_len=512, max_lora_rank=1, max_loras=2, kvcache_gib=1)
     yield s

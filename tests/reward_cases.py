@@ -1,7 +1,7 @@
 """Labelled cases for the math-answer verifier: (category, response, gold answer, correct?).
 
 Labels are what a careful human grader would say about the RESPONSE's final answer against the reference,
-not what any verifier currently does. Used by tests/test_reward_cases.py and benchmarks/verifier.py.
+not what any verifier currently does. Used by tests/unit/test_reward_cases.py and benchmarks/verifier.py.
 
 Hostile cases are labelled too (almost all 0); what matters for them is that nothing executes and no call
 runs past the wall-clock limit.

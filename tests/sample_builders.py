@@ -6,7 +6,7 @@ import random
 import torch
 
 from rl_lora.config import AdapterSpec
-from rl_lora.learner import Learner, TrainSample
+from rl_lora.learner.learner import Learner, TrainSample
 
 
 def random_samples(seed: int = 0, *, groups: int, group_size: int = 1, adapters: int = 1, adapter: int = 0,
@@ -69,3 +69,16 @@ def base_and_peft_logits(model_path: str, adapter_dir, ids: torch.Tensor) -> tup
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         plain = base(input_ids=ids).logits
         return plain, peft.PeftModel.from_pretrained(base, adapter_dir)(input_ids=ids).logits
+
+
+def chat_prompt(sampler, text: str = "What is 2 + 3?") -> list[int]:
+    """`text` as a one-turn chat prompt, in the engine's tokenizer's ids."""
+    ids = sampler.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def adapter_samples(adapter: int, seed: int, n: int = 6) -> list[TrainSample]:
+    """n single-completion groups of one adapter, varied lengths, advantages of both signs."""
+    return random_samples(seed, groups=n, adapter=adapter, prompt_len=(4, 12), completion_len=(2, 9),
+                          advantages=(-1.0, -0.5, 0.5, 1.0))

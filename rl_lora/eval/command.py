@@ -17,8 +17,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rl_lora.config import (DTYPES, ConfigError, DataConfig, ModelConfig, RewardConfig, SamplerConfig, check_fields,
-                            section, setting)
+from rl_lora.config import (
+    DTYPES,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RewardConfig,
+    SamplerConfig,
+    check_fields,
+    section,
+    setting,
+)
 
 # Adapter versions pushed by `run_eval`: a range of their own, never reused in this process. A reused version is
 # a reused vLLM LoRA name, and vLLM's prefix cache (keyed by name) would serve KV computed by the old adapter.
@@ -299,7 +308,7 @@ def _build_sampler(cfg: EvalConfig, adapters):
     import torch
 
     from rl_lora.models import resolve_model_path
-    from rl_lora.sampler import Sampler
+    from rl_lora.sampling.sampler import Sampler
 
     m, s = cfg.model, cfg.sampler
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")

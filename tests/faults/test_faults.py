@@ -7,9 +7,8 @@ injects the fault through RL_LORA_FAULTS (rl_lora/faults.py) or a misbehaving re
 import json
 
 import pytest
-from safetensors.torch import load_file
-
 from runhelpers import run_cli, step_rows
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

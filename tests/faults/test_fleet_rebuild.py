@@ -12,9 +12,9 @@ from ray.exceptions import ActorDiedError, ObjectLostError, RayTaskError
 from safetensors.torch import load_file
 
 from rl_lora.errors import ConfigError, EngineError, RunError
-from rl_lora.fleet import LocalFleet, _engine_failure
 from rl_lora.rollout import Completion
-from rl_lora.sampler import AdapterRef, engine_call
+from rl_lora.sampling.fleet import LocalFleet, _engine_failure
+from rl_lora.sampling.sampler import AdapterRef, engine_call
 
 KEY = "base_model.model.layers.0.mlp.down_proj.lora_B.weight"
 CONFIG = {"peft_type": "LORA", "r": 1}
@@ -128,7 +128,7 @@ def test_a_push_that_fails_on_every_rebuilt_engine_stops_the_run_instead_of_rebu
     as lists, while a rebuild's own per-adapter pushes worked) is a bug, not a death: the fleet rebuilds for it at
     most MAX_RESTARTS times, the generations in between served, then stops in one line."""
     from rl_lora.errors import FleetError
-    from rl_lora.fleet import MAX_RESTARTS
+    from rl_lora.sampling.fleet import MAX_RESTARTS
 
     fleet, made = _fleet(tmp_path)
     fleet.push_adapter(1, 0, {KEY: torch.zeros(4, 1)}, CONFIG)

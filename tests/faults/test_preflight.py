@@ -3,8 +3,8 @@
 import time
 
 import pytest
-
 from runhelpers import run_cli
+
 from rl_lora.config import ConfigError, load_config
 
 

@@ -8,16 +8,16 @@ exists for. The real-engine version of the same fault is in test_faults.py (stal
 
 import pytest
 import torch
+from sample_builders import build_learner
 
 from rl_lora.config import adapter_specs, load_config
-from rl_lora.fleet import _Fleet
-from rl_lora.learner import Learner
-from rl_lora.lora import PEFT_PREFIX
-from rl_lora.rollout import Completion
-from rl_lora.sampler import AdapterRef
+from rl_lora.learner.learner import Learner
+from rl_lora.learner.lora import PEFT_PREFIX
 from rl_lora.policy import Adapters
+from rl_lora.rollout import Completion
+from rl_lora.sampling.fleet import _Fleet
+from rl_lora.sampling.sampler import AdapterRef
 from rl_lora.sync import Run, RunError
-from sample_builders import build_learner
 
 
 class FakeFleet(_Fleet):
@@ -75,7 +75,7 @@ class FakeFleet(_Fleet):
 
 
 def _sample(prompt, tokens, adapter):
-    from rl_lora.learner import TrainSample
+    from rl_lora.learner.learner import TrainSample
 
     return TrainSample(prompt, tokens, [0.0] * len(tokens), 0.0, adapter)
 
@@ -167,7 +167,7 @@ def test_fp32_catches_a_stale_adapter_of_one_of_several(tmp_path, make_config, t
 
 
 def _state(learner, k):
-    from rl_lora.lora import peft_state_dict
+    from rl_lora.learner.lora import peft_state_dict
 
     return peft_state_dict(learner.adapter_sets[k])
 
