@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rl_lora.config import config_from_data  # noqa: E402
 from rl_lora.grid import expand  # noqa: E402
-from rl_lora.grid_summary import format_markdown  # noqa: E402
+from rl_lora.grid_summary import format_markdown, plot, select  # noqa: E402
 
 SMOKE = ["train.steps=2", "grid.seeds=[0]", "train.eval_every=0"]
 
@@ -35,11 +36,12 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "") -> tuple[dict, float, list[str]]:
-    """Train the question's grid (`--overwrite`: an earlier run is moved aside, never deleted); its summary, the
-    wall time, and the command."""
-    grid_file = question / "grid.yaml"
-    out = expand(str(grid_file), overrides).dir
+def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", grid_file: Path | None = None,
+             out: Path | None = None) -> tuple[dict, float, list[str]]:
+    """Train a grid (the question's grid.yaml unless `grid_file`; `--overwrite`: an earlier run is moved aside, never
+    deleted); its summary, the wall time, and the command."""
+    grid_file = grid_file or question / "grid.yaml"
+    out = out or _absolute(expand(str(grid_file), overrides).dir)
     if smoke:
         out = ROOT / "runs" / "experiments-smoke" / question.name / name
     overrides = [*overrides, *(SMOKE if smoke else []), f"train.output_dir={out}"]
@@ -50,6 +52,40 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "") 
     return json.loads((out / "grid.json").read_text()), time.perf_counter() - t0, cmd
 
 
+CELLS = ROOT / "experiments" / "cells"
+CELL_GRIDS = ("rank1", "higher")  # experiments/cells/<name>.yaml
+
+
+def _absolute(path: Path) -> Path:
+    return path if path.is_absolute() else ROOT / path
+
+
+def run_cells(names: dict[str, str], overrides: list[str], smoke: bool) -> tuple[dict, float, list[list[str]]]:
+    """The question's variants (grid name -> the question's name) from the grids shared by a, b, d and e
+    (experiments/cells/): each grid holding one of them is trained, unless its summary is already there for the
+    same cells and steps (the first question to run trains it, the others read it); then the variants' cells
+    are summarised together, renamed. Returns the summary, the compute the grids took (shared between the
+    questions) and the commands."""
+    results, seconds, cmds = [], 0.0, []
+    for grid_name in CELL_GRIDS:
+        grid_file = CELLS / f"{grid_name}.yaml"
+        g = expand(str(grid_file), [*overrides, *(SMOKE if smoke else [])])
+        if not any(v.name in names for v in g.variants):
+            continue
+        out = ROOT / "runs" / "experiments-smoke" / "cells" / grid_name if smoke else _absolute(g.dir)
+        done = out / "grid.json"
+        want = {(c.variant, c.lr, c.seed) for c in g.cells}
+        r = json.loads(done.read_text()) if done.is_file() else None
+        cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides]
+        if r is None or {(c["variant"], c["lr"], c["seed"]) for c in r["cells"]} != want or \
+                r["steps"] != config_from_data(next(iter(g.runs.values()))).train.steps:
+            r, _, cmd = run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file, out=out)
+        seconds += sum(r.get("run_time_s", {}).values())
+        cmds.append(cmd)
+        results.append(r)
+    return select(results, names), seconds, cmds
+
+
 def setup_line(r: dict) -> str:
     return (f"{r['model']} ({r.get('model_type')}, hidden {r.get('hidden_size')}), data `{r['data']}`, {r['steps']} "
             f"steps x {r['prompts_per_step']} prompts x {r['samples_per_prompt']} samples; held-out "
@@ -58,7 +94,7 @@ def setup_line(r: dict) -> str:
 
 def write_page(question: Path, title: str, asks: str, paper: str, sections: list[tuple[str, dict]],
                finding: str, compute_s: float, commands: list[list[str]], smoke: bool, extra: dict | None = None,
-               plot: Path | None = None) -> Path:
+               plot_file: Path | None = None) -> Path:
     """results.json + plot.png + README.md for the question (under runs/experiments-smoke/ with --smoke)."""
     dest = ROOT / "runs" / "experiments-smoke" / question.name if smoke else question
     dest.mkdir(parents=True, exist_ok=True)
@@ -69,8 +105,10 @@ def write_page(question: Path, title: str, asks: str, paper: str, sections: list
                "compute_s": round(compute_s), "date": stamp, "machine": machine, "smoke": smoke,
                "commands": [" ".join(c) for c in commands], **(extra or {})}
     (dest / "results.json").write_text(json.dumps(results, indent=1))
-    source = plot or Path(first["dir"]) / "grid.png"
-    shutil.copy(source, dest / "plot.png")
+    if plot_file or first.get("dir"):
+        shutil.copy(plot_file or Path(first["dir"]) / "grid.png", dest / "plot.png")
+    else:  # a summary selected from the shared grids
+        plot(first, dest / "plot.png")
     lines = [f"# {title}", "", f"**Question.** {asks}", "", f"**The paper.** {paper}", "",
              f"**Setup.** {setup_line(first)}. 95% intervals: {first['interval']}.", "",
              f"**Compute.** {compute_s / 60:.0f} min wall on {machine} ({stamp}"

@@ -92,6 +92,27 @@ def summarise(cells: list[dict], base: dict | None, meta: dict) -> dict:
             "groups": groups, "best": best, "lr_ratio_vs_full": ratio, "best_cells_overlap": overlap, "cells": cells}
 
 
+def select(results: list[dict], names: dict[str, str]) -> dict:
+    """One summary from the cells of several grids (same base config and seeds, so cells of a seed are paired
+    across them): the variants in `names` (grid name -> name in the result), renamed, everything recomputed.
+    The base row and the setup are the first grid's."""
+    cells = [{**c, "variant": names[c["variant"]]} for r in results for c in r["cells"] if c["variant"] in names]
+    first = results[0]
+    base = first.get("base") and {"avg_at_k": first["base"]["accuracy"], "no_answer": first["base"]["no_answer"],
+                                  "accuracy_given_answer": first["base"]["accuracy_given_answer"]}
+    variants = {names[v]: s for r in results for v, s in r["variants"].items() if v in names}
+    meta = {k: v for k, v in first.items() if k not in _DERIVED}
+    meta.update(variants=variants, full_variants=[v for v, s in variants.items() if s["full"]],
+                run_time_s={k: v for r in results for k, v in r.get("run_time_s", {}).items()},
+                grids=[r.get("dir") for r in results])
+    return summarise(cells, base, meta)
+
+
+# what summarise() and write() add to the meta they are given
+_DERIVED = ("interval", "base", "groups", "best", "lr_ratio_vs_full", "best_cells_overlap", "cells", "table", "dir",
+            "variants", "full_variants", "run_time_s")
+
+
 def _fmt_ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "(1 seed)"
 

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import edge_note, fmt_best, overlap, parse_args, run_grid, write_page
+from page import edge_note, fmt_best, overlap, parse_args, run_cells, write_page
 
 HERE = Path(__file__).resolve().parent
+# the shared cells (experiments/cells/) this question reads: name there -> name here
+NAMES = {"rank1": "rank1", "rank8": "rank8", "full": "full"}
 
 
 def finding(r: dict) -> str:
@@ -25,9 +27,9 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmd = run_grid(HERE, args.overrides, args.smoke)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke)
     write_page(HERE, "a. Rank 1 vs rank 8 vs full fine-tuning", "Where is each one's optimal learning rate, what is "
                "the LoRA / full fine-tuning LR ratio, and do the best cells overlap?",
                "Optimal LoRA LR ~10x full fine-tuning's (~15x for runs under ~100 steps), nearly independent of rank; "
-               "rank 1 matches full fine-tuning for policy-gradient RL.", [("", r)], finding(r), seconds, [cmd],
+               "rank 1 matches full fine-tuning for policy-gradient RL.", [("", r)], finding(r), seconds, cmds,
                args.smoke)

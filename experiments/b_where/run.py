@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import edge_note, fmt_best, overlap, parse_args, run_grid, write_page
+from page import edge_note, fmt_best, overlap, parse_args, run_cells, write_page
 
 HERE = Path(__file__).resolve().parent
+# the shared cells (experiments/cells/) this question reads: name there -> name here
+NAMES = {"rank1": "all", "attention": "attention", "attention-r3": "attention-r3", "mlp": "mlp"}
 VARIANTS = ("all", "attention", "attention-r3", "mlp")
 
 
@@ -24,9 +26,9 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmd = run_grid(HERE, args.overrides, args.smoke)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke)
     write_page(HERE, "b. Where to put the adapter: all layers, attention, MLP",
                "All linear layers vs attention-only (also at about the parameter count of all layers, via rank 3) vs "
                "MLP-only, each at its own best LR.",
                "Attention-only learns slower and ends worse, not explained by parameter count alone; MLP layers carry "
-               "most of the benefit.", [("", r)], finding(r), seconds, [cmd], args.smoke)
+               "most of the benefit.", [("", r)], finding(r), seconds, cmds, args.smoke)

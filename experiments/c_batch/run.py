@@ -65,4 +65,4 @@ if __name__ == "__main__":
                f"At {PROMPTS_IN_ALL} prompts x 8 samples in all, how does held-out accuracy depend on the prompts per "
                "step, for rank-1 LoRA and for full fine-tuning (each at its best LR of a small sweep)?",
                "LoRA tolerates large batches worse than full fine-tuning, independent of rank.", sections,
-               finding(sections), seconds, cmds, args.smoke, plot=png)
+               finding(sections), seconds, cmds, args.smoke, plot_file=png)

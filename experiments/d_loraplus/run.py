@@ -4,9 +4,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import best, edge_note, fmt_best, overlap, parse_args, run_grid, write_page
+from page import best, edge_note, fmt_best, overlap, parse_args, run_cells, write_page
 
 HERE = Path(__file__).resolve().parent
+# the shared cells (experiments/cells/) this question reads: name there -> name here
+NAMES = {"rank1": "plain", "loraplus16": "loraplus16"}
 
 
 def finding(r: dict) -> str:
@@ -23,7 +25,7 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmd = run_grid(HERE, args.overrides, args.smoke)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke)
     write_page(HERE, "d. LoRA+ (ratio 16) vs plain LoRA", "Does LoRA+ (lr_B = 16 lr_A) beat plain LoRA, each at its "
                "own best LR?", "One LR for A and B; no better combination was found in the paper's tuning.",
-               [("", r)], finding(r), seconds, [cmd], args.smoke)
+               [("", r)], finding(r), seconds, cmds, args.smoke)

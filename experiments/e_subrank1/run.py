@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import edge_note, fmt_best, parse_args, run_grid, write_page
+from page import edge_note, fmt_best, parse_args, run_cells, write_page
 
 HERE = Path(__file__).resolve().parent
+# the shared cells (experiments/cells/) this question reads: name there -> name here
+NAMES = {"rank1": "rank1", "scalars-per-module": "scalars-per-module", "scalars-per-layer": "scalars-per-layer", "scalars-13": "scalars-13"}
 VARIANTS = ("rank1", "scalars-per-module", "scalars-per-layer", "scalars-13")
 
 
@@ -22,7 +24,7 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmd = run_grid(HERE, args.overrides, args.smoke)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke)
     write_page(HERE, "e. Below rank 1: a few trainable scalars", "How few trainable parameters still learn the "
                "capability task with RL?", "TinyLoRA (2026): 13 trainable parameters improve GSM8K under RL, and it "
-               "works only with RL (~1 bit per episode).", [("", r)], finding(r), seconds, [cmd], args.smoke)
+               "works only with RL (~1 bit per episode).", [("", r)], finding(r), seconds, cmds, args.smoke)

@@ -177,6 +177,28 @@ def test_summary_groups_seeds_picks_the_best_lr_and_the_ratio_to_full_finetuning
     assert "| r1 | 0.01 | 3 | 0.620 [" in md and "LR ratio r1 / full fine-tuning: 100x" in md and out["table"] in md
 
 
+
+def test_a_summary_can_be_selected_from_several_grids_and_renamed():
+    """grid_summary.select: the variants of two grids (here: r1 in one, full in the other), renamed, recomputed
+    as one summary, equal to summarising those cells directly."""
+    from rl_lora.grid_summary import select
+
+    base = {"avg_at_k": 0.2, "accuracy_given_answer": 0.3, "no_answer": 0.1}
+    meta = {"steps": 2, "model": "m", "variants": {"r1": {"lrs": [1e-2], "settings": {}, "full": False},
+                                                   "full": {"lrs": [1e-4], "settings": {}, "full": True}}}
+    lora = summarise([c for c in _cells() if c["variant"] == "r1"], base,
+                     {**meta, "variants": {"r1": meta["variants"]["r1"]}, "full_variants": []})
+    full = summarise([c for c in _cells() if c["variant"] == "full"], base,
+                     {**meta, "variants": {"full": meta["variants"]["full"]}, "full_variants": ["full"]})
+    got = select([lora, full], {"r1": "rank1", "full": "full"})
+    direct = summarise([{**c, "variant": "rank1" if c["variant"] == "r1" else c["variant"]} for c in _cells()],
+                       base, {**meta, "full_variants": ["full"]})
+    assert got["best"] == direct["best"] and got["groups"] == direct["groups"]
+    assert math.isclose(got["lr_ratio_vs_full"]["rank1"], 100.0) and got["base"] == direct["base"]
+    assert set(got["variants"]) == {"rank1", "full"} and got["full_variants"] == ["full"]
+    only = select([lora, full], {"r1": "plain"})
+    assert set(only["best"]) == {"plain"} and only["lr_ratio_vs_full"] == {}
+
 @pytest.mark.slow
 def test_a_tiny_grid_runs_end_to_end_with_paired_seeds(tmp_path, tiny_model):
     """2 LoRA variants x 2 LRs x 2 seeds as 8 adapters of one run, and a full fine-tuning variant (1 LR x 2 seeds,
@@ -259,3 +281,26 @@ def test_resume_keeps_finished_runs_and_the_summary_reads_what_is_there(tmp_path
     cells, base = grid.cell_results(g)
     assert base["avg_at_k"] == 0.1 and [c["accuracy"] for c in cells if c["run"] == done.name] == [0.4]
     assert sum(c["accuracy"] is None for c in cells) == len(cells) - 1
+
+
+def test_the_committed_experiments_expand_and_read_existing_cells():
+    """experiments/: every grid file expands (its runs' configs pass the run's checks), and every question's
+    variants exist in the shared cell grids it reads."""
+    import ast
+
+    from rl_lora.grid import expand
+
+    cells = {}
+    for f in sorted((ROOT / "experiments").glob("*/*.yaml")):
+        g = expand(str(f), [])
+        assert g.cells, f
+        if f.parent.name == "cells":
+            cells.update({v.name: f.stem for v in g.variants})
+    assert cells
+    for run in sorted((ROOT / "experiments").glob("*/run.py")):
+        tree = ast.parse(run.read_text())
+        names = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                 and any(getattr(t, "id", "") == "NAMES" for t in n.targets)]
+        for node in names:
+            missing = set(ast.literal_eval(node)) - set(cells)
+            assert not missing, f"{run}: {missing} not in experiments/cells/"
