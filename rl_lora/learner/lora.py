@@ -226,8 +226,8 @@ class AdapterView:
 
 def _targets(model: nn.Module, target_modules: list[str], key: str) -> list[str]:
     """Linear layers whose name ends with a target suffix; a target may instead name a projection of fused MoE
-    experts (rl_lora/moe.py), which are not linear layers."""
-    from rl_lora.moe import EXPERT_PROJECTIONS, fused_expert_modules
+    experts (rl_lora/learner/moe.py), which are not linear layers."""
+    from rl_lora.learner.moe import EXPERT_PROJECTIONS, fused_expert_modules
 
     fused = bool(fused_expert_modules(model))
     experts = [p for p in EXPERT_PROJECTIONS if p in target_modules] if fused else []
@@ -268,7 +268,7 @@ def inject_adapters(model: nn.Module, specs: list[AdapterSpec]) -> tuple[Routing
     """Wrap every linear layer that some adapter targets; add each adapter where it is targeted; freeze the rest.
 
     Returns the shared routing and, per adapter, {module path: AdapterView}. Raises ValueError if a spec's
-    target_modules match no module (a typo). MoE experts get the spec's expert rank (rl_lora/moe.py).
+    target_modules match no module (a typo). MoE experts get the spec's expert rank (rl_lora/learner/moe.py).
     """
     from rl_lora.learner import moe, tinylora
 
@@ -355,7 +355,7 @@ def copy_peft_tensors(adapters: dict[str, AdapterView], tensors: dict[str, torch
 def peft_config(rank: int, alpha: float, target_modules: list[str], base_model: str,
                 adapters: dict[str, AdapterView] | None = None) -> dict:
     """adapter_config.json; `adapters` adds the MoE experts' rank/alpha patterns where their rank is not `rank`."""
-    from rl_lora.moe import file_target_modules, peft_patterns
+    from rl_lora.learner.moe import file_target_modules, peft_patterns
 
     rank_pattern, alpha_pattern = peft_patterns(adapters or {}, rank, alpha)
     return {
