@@ -17,7 +17,10 @@ For rank 1 the shrink is a dot product per row and the expand a scaled add of on
   as one block matrix (cached, rebuilt only when an adapter is loaded into a slot: tensor version counters),
   so the whole layer is `S = x @ A^T` (one GEMM), `S *= mask` and `y += S @ B` (one GEMM), whatever the
   number of slices or adapters; with one adapter on every row the mask is skipped; a batch with no adapter
-  row returns at once. Base rows get an exact zero update (their mask row is 0).
+  row returns at once. Base rows get an exact zero update (their mask row is 0);
+- from GATHER_MIN_SLOTS distinct adapters in a forward (a grid's K adapters), the one-GEMM form would cost as
+  much as a rank-K update on every row, so each row instead gathers its own adapter's A vector and B block
+  (`_add_gathered`): a dot product and a scaled add per row and slice, base rows gathering zeros.
 
 It also overrides `add_lora_logits`: vLLM wraps the lm_head for LoRA whether or not an adapter targets it and,
 every step, gathers and contracts a vocabulary-sized slot per row; here rows without an adapter, and adapters
@@ -43,6 +46,9 @@ from vllm.platforms.cpu import CpuPlatform
 QUALNAME = f"{__name__}.PunicaWrapperCPURank1"
 _VLLM_WRAPPER_NAME = CpuPlatform.__dict__["get_punica_wrapper"]  # vLLM's, before apply() replaces it
 ENABLED = True  # False: every call goes to vLLM's own path (for side-by-side benchmarks in one engine)
+# From this many distinct adapters in one forward, each row gathers its own adapter's vectors instead of every
+# row multiplying by all of them (the one-GEMM form costs rows x slots x width: as much as a rank-K update).
+GATHER_MIN_SLOTS = 8
 
 
 class PunicaWrapperCPURank1(PunicaWrapperCPU):
@@ -52,6 +58,8 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         self._r1_slots: tuple[int, ...] = ()  # distinct adapter slots used by this forward's rows
         self._r1_mask: dict[int, torch.Tensor | None] = {}  # n_slices -> rows x (n_slices*K) mask, None: all ones
         self._r1_cache: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (key, A, B); lm_head: (key, nonzero)
+        self._r1_pos: torch.Tensor | None = None  # many adapters: row -> position of its slot (_add_gathered)
+        self._r1_gather: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (A it was built from, A3, B blocks)
         self._r1_logit_slots: tuple[int, ...] = ()  # the same for the sampled rows (lm_head)
         self._r1_logit_base_rows = False
         self.rank1_calls = 0  # add_lora_linear calls served by the rank-1 path with adapter rows (report())
@@ -74,6 +82,13 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             self._r1_mask[1] = (tok[:, None] == act[None, :]).to(torch.float32)
         else:
             self._r1_mask[1] = None  # no adapter row, or one adapter on every row
+        self._r1_pos = None
+        if len(self._r1_slots) >= GATHER_MIN_SLOTS:  # row -> its slot's position among the active ones; base rows
+            tok = self.token_lora_indices  # (-1) -> position k, a zero vector
+            k = len(self._r1_slots)
+            lookup = torch.full((max(self._r1_slots) + 2,), k, dtype=torch.long, device=tok.device)
+            lookup[list(self._r1_slots)] = torch.arange(k, device=tok.device)
+            self._r1_pos = lookup[tok.long()]
         self._r1_ready = True
 
     def _mask(self, n: int) -> torch.Tensor | None:
@@ -113,6 +128,8 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         self.rank1_calls += 1
         # vLLM's CPU ops shrink in fp32 and expand in the output's dtype; so do we
         a, b = self._stacked(lora_a_stacked, lora_b_stacked, output_slices, torch.float32)
+        if self._r1_pos is not None:
+            return self._add_gathered(y, x, a, b, scale, output_slices, id(lora_a_stacked))
         s = torch.mm(x if x.dtype == torch.float32 else x.float(), a.t())
         mask = self._mask(len(output_slices))
         if mask is not None:
@@ -129,6 +146,30 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             for i, size in enumerate(output_slices):
                 y[:, off:off + size].addmm_(s[:, i * k:(i + 1) * k], b[i * k:(i + 1) * k, off:off + size])
                 off += size
+        return None
+
+    def _add_gathered(self, y, x, a, b, scale, output_slices, key) -> None:
+        """Many adapters in the batch: per slice, each row's own A vector and B block gathered (base rows gather
+        zeros), a dot product and a scaled add: rows x width work per slice, whatever the number of adapters."""
+        k, n = len(self._r1_slots), len(output_slices)
+        hit = self._r1_gather.get(key)
+        if hit is None or hit[0] is not a:  # `a` is _stacked's cached tensor: a new one = adapters changed
+            a3 = torch.cat([a.view(n, k, -1), a.new_zeros(n, 1, a.shape[1])], 1)  # [slice, slot + zero, in]
+            blocks, off = [], 0
+            for i, size in enumerate(output_slices):
+                blocks.append(torch.cat([b[i * k:(i + 1) * k, off:off + size], b.new_zeros(1, size)]))
+                off += size
+            hit = self._r1_gather[key] = (a, a3, blocks)
+        _, a3, blocks = hit
+        pos, xf = self._r1_pos, (x if x.dtype == torch.float32 else x.float())
+        off = 0
+        for i, size in enumerate(output_slices):
+            s = (xf * a3[i].index_select(0, pos)).sum(-1, keepdim=True)
+            if scale != 1.0:
+                s.mul_(scale)
+            update = blocks[i].index_select(0, pos).mul_(s)
+            y[:, off:off + size] += update if y.dtype == torch.float32 else update.to(y.dtype)
+            off += size
         return None
 
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):

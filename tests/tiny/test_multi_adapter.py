@@ -87,8 +87,13 @@ def test_an_adapter_gets_no_gradient_from_its_neighbours_rows(tiny_model, tokens
 
 
 @pytest.mark.slow
-def test_one_sampler_call_equals_single_adapter_calls(sampler, tiny_model):
-    """Two adapters in one generate call, same seeds: each group equals that adapter sampled alone."""
+@pytest.mark.parametrize("gather", [False, True], ids=["one GEMM", "gathered per row"])
+def test_one_sampler_call_equals_single_adapter_calls(sampler, tiny_model, gather, monkeypatch):
+    """Two adapters in one generate call, same seeds: each group equals that adapter sampled alone (which takes the
+    rank-1 path's one-GEMM form), in both forms of the mixed call (GATHER_MIN_SLOTS: a grid's many adapters)."""
+    from rl_lora.sampling import vllm_cpu_lora
+
+    monkeypatch.setattr(vllm_cpu_lora, "GATHER_MIN_SLOTS", 2 if gather else 10**6)
     learner = build_learner(tiny_model, SPECS[0], AdapterSpec("other", target_modules=ALL_LINEAR, seed=3),
                             temperature=0.7)
     perturb_B(learner, 11)

@@ -58,9 +58,14 @@ MAPPINGS = {  # token -> LoRA id (0: base row), slots hold ids 11..15
 }
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["one GEMM", "gathered per row"])
 @pytest.mark.parametrize("out_sizes", [(48,), (40, 40), (64, 16, 16)], ids=["1 slice", "gate/up", "q/k/v"])
 @pytest.mark.parametrize("case", list(MAPPINGS))
-def test_op_matches_vllm_torch_ops(case, out_sizes):
+def test_op_matches_vllm_torch_ops(case, out_sizes, gather, monkeypatch):
+    """Both forms of the rank-1 path (the gathered one serves batches of GATHER_MIN_SLOTS adapters and more)."""
+    from rl_lora.sampling import vllm_cpu_lora
+
+    monkeypatch.setattr(vllm_cpu_lora, "GATHER_MIN_SLOTS", 1 if gather else 10**6)
     gen = torch.Generator().manual_seed(0)
     token_ids = MAPPINGS[case]
     lora_index_to_id = [11, 12, 13, 14, 15]
@@ -71,6 +76,7 @@ def test_op_matches_vllm_torch_ops(case, out_sizes):
     w = _wrapper(token_ids, lora_index_to_id)
     got = y.clone()
     w.add_lora_linear(got, x, a, b, 1.0, out_sizes)
+    assert (w._r1_pos is not None) == (gather and any(t > 0 for t in token_ids))
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     base = [i for i, t in enumerate(token_ids) if t == 0]
     assert torch.equal(got[base], y[base])  # base rows: exactly untouched
@@ -97,9 +103,13 @@ def test_vllm_cpu_path_gives_base_rows_an_adapter():
                                atol=ATOL, rtol=RTOL)
 
 
-def test_new_adapter_in_a_used_slot_is_seen():
+@pytest.mark.parametrize("gather", [False, True], ids=["one GEMM", "gathered per row"])
+def test_new_adapter_in_a_used_slot_is_seen(gather, monkeypatch):
     """The stacked A/B are cached per layer; loading another adapter into a slot (vLLM copies it in place) must
     invalidate the cache."""
+    from rl_lora.sampling import vllm_cpu_lora
+
+    monkeypatch.setattr(vllm_cpu_lora, "GATHER_MIN_SLOTS", 1 if gather else 10**6)
     gen = torch.Generator().manual_seed(2)
     token_ids, ids = [11, 11, 0, 12], [11, 12]
     a, b = _layer(2, 2, 16, (8, 8), gen)
