@@ -32,6 +32,8 @@ SMOKE = ["train.steps=2", "grid.seeds=[0]", "train.eval_every=0"]
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, outputs under runs/experiments-smoke/")
+    ap.add_argument("--read-only", action="store_true", help="train nothing: write the page from the grids already "
+                    "trained (variants of a grid not trained yet are reported as missing)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every grid, e.g. train.steps=8")
     return ap.parse_args()
 
@@ -60,7 +62,8 @@ def _absolute(path: Path) -> Path:
     return path if path.is_absolute() else ROOT / path
 
 
-def run_cells(names: dict[str, str], overrides: list[str], smoke: bool) -> tuple[dict, float, list[list[str]]]:
+def run_cells(names: dict[str, str], overrides: list[str], smoke: bool,
+              read_only: bool = False) -> tuple[dict, float, list[list[str]]]:
     """The question's variants (grid name -> the question's name) from the grids shared by a, b, d and e
     (experiments/cells/): each grid holding one of them is trained, unless its summary is already there for the
     same cells and steps (the first question to run trains it, the others read it); then the variants' cells
@@ -77,13 +80,24 @@ def run_cells(names: dict[str, str], overrides: list[str], smoke: bool) -> tuple
         want = {(c.variant, c.lr, c.seed) for c in g.cells}
         r = json.loads(done.read_text()) if done.is_file() else None
         cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides]
-        if r is None or {(c["variant"], c["lr"], c["seed"]) for c in r["cells"]} != want or \
-                r["steps"] != config_from_data(next(iter(g.runs.values()))).train.steps:
+        stale = r is None or {(c["variant"], c["lr"], c["seed"]) for c in r["cells"]} != want or \
+            r["steps"] != config_from_data(next(iter(g.runs.values()))).train.steps
+        if stale and read_only:
+            print(f"{grid_file.relative_to(ROOT)}: not trained yet (--read-only): its variants are missing")
+            continue
+        if stale:
             r, _, cmd = run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file, out=out)
         seconds += sum(r.get("run_time_s", {}).values())
         cmds.append(cmd)
         results.append(r)
+    if not results:
+        raise SystemExit("none of the grids this question reads is trained yet")
     return select(results, names), seconds, cmds
+
+
+def at_lrs(r: dict, lrs: dict[str, float]) -> dict:
+    """The summary `r` restricted to one LR per variant (variant -> LR)."""
+    return select([{**r, "cells": [c for c in r["cells"] if lrs.get(c["variant"]) == c["lr"]]}], {v: v for v in lrs})
 
 
 def setup_line(r: dict) -> str:

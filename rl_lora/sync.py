@@ -30,6 +30,11 @@ PROBE_SEED = 9_000_000  # request seed of the push-check probe
 PROBE_TOKENS = 8
 PROBE_SAMPLES = 4  # completions per engine and adapter for up to 2 adapters: up to 32 probe tokens each
 PROBE_BUDGET = 8  # completions per engine shared out over more adapters (>= 1 each): K = 64 samples 64, not 256
+# Past PROBE_BUDGET adapters each adapter's probe is one short completion of a short prompt, so that the check's
+# cost (one prefill per adapter: adapters share no prefix cache) stays near a training step's fixed costs: the
+# first PROBE_PROMPT_MANY tokens of the probe prompt, PROBE_TOKENS_MANY tokens sampled.
+PROBE_PROMPT_MANY = 16
+PROBE_TOKENS_MANY = 2
 # An engine is serving the previous version when its gap to the new version is more than STALE_RATIO times its
 # gap to the previous one. With delta = the versions' own mean distance on the probe, the triangle inequality
 # gives gap_prev >= delta - gap_new: an engine serving the new version cannot trip the ratio once delta exceeds
@@ -139,14 +144,17 @@ class Run:
 
         K, N, cfg = len(self.refs), self.fleet.num_engines, self.cfg
         # adapter-major, engine-minor: prompt k*N + e is served by engine e. One call for every adapter, the probe's
-        # completions shared out over them (at least one of PROBE_TOKENS tokens each): past PROBE_BUDGET adapters it
-        # grows by one short completion per adapter, in the same batch and the same learner micro-batch.
+        # completions shared out over them: past PROBE_BUDGET adapters, one short completion of a short prompt each,
+        # in the same batch and the same learner micro-batch.
         n = min(PROBE_SAMPLES, max(1, PROBE_BUDGET // K))
-        groups = self.fleet.generate([self.probe_ids] * (K * N), n=n,
+        many = K > PROBE_BUDGET
+        prompt = self.probe_ids[:PROBE_PROMPT_MANY] if many else self.probe_ids
+        groups = self.fleet.generate([prompt] * (K * N), n=n,
                                      adapters=[r for r in self.refs for _ in range(N)], seeds=[PROBE_SEED] * (K * N),
                                      temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p,
-                                     top_k=cfg.sampler.top_k, max_tokens=min(PROBE_TOKENS, cfg.sampler.max_tokens))
-        probes = [[TrainSample(self.probe_ids, c.token_ids, c.logprobs, 0.0, j // N) for c in g if c.token_ids]
+                                     top_k=cfg.sampler.top_k,
+                                     max_tokens=min(PROBE_TOKENS_MANY if many else PROBE_TOKENS, cfg.sampler.max_tokens))
+        probes = [[TrainSample(prompt, c.token_ids, c.logprobs, 0.0, j // N) for c in g if c.token_ids]
                   for j, g in enumerate(groups)]
         flat = [s for p in probes for s in p]
         if not flat:

@@ -1,16 +1,18 @@
-"""c. Batch size at a fixed number of episodes (128 prompts x 8 samples in all), LoRA vs full fine-tuning: one
-grid per batch size (prompts_per_step is a run setting), each variant at its best LR of a small sweep.
-python experiments/c_batch/run.py [--smoke]"""
+"""c. Batch size at a fixed number of episodes (64 prompts x 8 samples in all), LoRA vs full fine-tuning at one LR
+each: one grid per batch size (prompts_per_step is a run setting); batch 8 (8 steps) is the shared cells' setting
+(experiments/cells/), read from there at the same LRs.  python experiments/c_batch/run.py [--smoke] [--read-only]"""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import ROOT, best, parse_args, run_grid, write_page
+import yaml
+from page import ROOT, at_lrs, best, parse_args, run_cells, run_grid, write_page
 
 HERE = Path(__file__).resolve().parent
-PROMPTS_IN_ALL = 128
-BATCHES = (4, 16, 64)  # prompts per step; steps = 128 / batch
+PROMPTS_IN_ALL = 64
+BATCHES = (2, 8, 32)  # prompts per step; steps = 64 / batch
+SHARED = 8  # the batch of experiments/cells/: read from there
 VARIANTS = ("rank1", "full")
 
 
@@ -22,7 +24,7 @@ def plot(sections: list, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for v in VARIANTS:
-        pts = [(b, best(r, v)) for b, (_, r) in zip(BATCHES, sections) if best(r, v)]
+        pts = [(r["prompts_per_step"], best(r, v)) for _, r in sections if best(r, v)]
         err = [[p["mean"] - p["ci95"][0] if p["ci95"] else 0 for _, p in pts],
                [p["ci95"][1] - p["mean"] if p["ci95"] else 0 for _, p in pts]]
         ax.errorbar([b for b, _ in pts], [p["mean"] for _, p in pts], yerr=err, marker="o", capsize=3, label=v)
@@ -39,7 +41,7 @@ def plot(sections: list, path: Path) -> Path:
 def finding(sections: list) -> str:
     parts = []
     for v in VARIANTS:
-        pts = [(b, best(r, v)) for b, (_, r) in zip(BATCHES, sections) if best(r, v)]
+        pts = [(r["prompts_per_step"], best(r, v)) for _, r in sections if best(r, v)]
         parts.append(f"{v}: " + ", ".join(f"batch {b} {p['mean']:.3f} (LR {p['lr']:g})" for b, p in pts))
     drop = {v: best(sections[0][1], v)["mean"] - best(sections[-1][1], v)["mean"]
             for v in VARIANTS if best(sections[0][1], v) and best(sections[-1][1], v)}
@@ -51,18 +53,34 @@ def finding(sections: list) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
+    grid = yaml.safe_load((HERE / "grid.yaml").read_text())["grid"]
+    lrs = {v["name"]: v.get("lrs", grid["lrs"])[0] for v in grid["variants"]}  # one LR per variant
     sections, seconds, cmds = [], 0.0, []
     for b in BATCHES:
         steps = 2 if args.smoke else PROMPTS_IN_ALL // b
-        out = ROOT / "runs" / "experiments" / "c_batch" / f"batch{b}"
-        r, s, cmd = run_grid(HERE, [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}",
-                                    f"train.output_dir={out}"], args.smoke, name=f"batch{b}")
+        if b == SHARED:
+            r, s, cmd = run_cells({v: v for v in VARIANTS}, args.overrides, args.smoke, args.read_only)
+            r, cmd = at_lrs(r, lrs), cmd[0]
+        else:
+            out = ROOT / "runs" / "experiments" / "c_batch" / f"batch{b}"
+            done = out / "grid.json"
+            if args.read_only and not done.is_file():
+                print(f"batch {b}: not trained yet (--read-only)")
+                continue
+            if args.read_only:
+                import json
+
+                r, s, cmd = json.loads(done.read_text()), 0.0, ["(read)", str(done)]
+                s = sum(r.get("run_time_s", {}).values())
+            else:
+                r, s, cmd = run_grid(HERE, [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}",
+                                            f"train.output_dir={out}"], args.smoke, name=f"batch{b}")
         sections.append((f"batch {b} prompts x {steps} steps", r))
         seconds += s
         cmds.append(cmd)
     png = plot(sections, ROOT / "runs" / "experiments" / "c_batch" / "batch.png")
     write_page(HERE, "c. Batch size at a fixed number of episodes, LoRA vs full fine-tuning",
                f"At {PROMPTS_IN_ALL} prompts x 8 samples in all, how does held-out accuracy depend on the prompts per "
-               "step, for rank-1 LoRA and for full fine-tuning (each at its best LR of a small sweep)?",
+               f"step, for rank-1 LoRA (LR {lrs['rank1']:g}) and for full fine-tuning (LR {lrs['full']:g})?",
                "LoRA tolerates large batches worse than full fine-tuning, independent of rank.", sections,
                finding(sections), seconds, cmds, args.smoke, plot_file=png)

@@ -96,7 +96,8 @@ def _update(learner: Learner, scale: float, seed: int) -> None:
                 view.lora_B.add_(scale * torch.randn(view.lora_B.shape, generator=gen))
 
 
-def _run(tmp_path, make_config, tiny_model, *, engines: int, noise: float, tol: float, adapters: int = 1):
+def _run(tmp_path, make_config, tiny_model, *, engines: int, noise: float, tol: float, adapters: int = 1,
+         probe_ids: tuple = (1, 40, 41, 42, 43, 2, 1, 60)):
     overrides = [f"train.push_check_tol={tol}", "sampler.temperature=0.7", f"sampler.max_loras={adapters + 1}"]
     sections = {"adapters": [{"name": f"a{k}", "lr": 1e-3} for k in range(adapters)]} if adapters > 1 else {}
     cfg = load_config(make_config(**sections), overrides)
@@ -110,7 +111,7 @@ def _run(tmp_path, make_config, tiny_model, *, engines: int, noise: float, tol: 
     engine_model.slot_of_version = lambda v: (v - 1) % K
     trained = learner()
     return Run(cfg, FakeFleet(engine_model, engines, noise), trained, Adapters(trained),
-               probe_ids=[1, 40, 41, 42, 43, 2, 1, 60])
+               probe_ids=list(probe_ids))
 
 
 def test_every_engine_is_probed_and_one_missing_the_push_is_caught_below_the_bf16_tolerance(
@@ -172,20 +173,31 @@ def _state(learner, k):
     return peft_state_dict(learner.adapter_sets[k])
 
 
-def test_one_batched_probe_of_many_adapters_catches_a_stale_and_a_mixed_up_one(tmp_path, make_config, tiny_model):
-    """K = 8 adapters (fp32): the whole push check is ONE generate call of one short completion per adapter and
-    one learner scoring of them, and it still names the adapter whose push did not take, or that serves another
-    adapter's tensors."""
-    run = _run(tmp_path, make_config, tiny_model, engines=1, noise=0.0, tol=1e-3, adapters=8)
+@pytest.mark.parametrize("K", [8, 16])
+def test_one_batched_probe_of_many_adapters_catches_a_stale_and_a_mixed_up_one(tmp_path, make_config, tiny_model, K):
+    """K = 8 and 16 adapters (fp32): the whole push check is ONE generate call of one short completion per adapter
+    (past PROBE_BUDGET adapters, of a short prompt) and one learner scoring of them, and it still names the adapter
+    whose push did not take, or that serves another adapter's tensors."""
+    from rl_lora.sync import PROBE_BUDGET, PROBE_PROMPT_MANY, PROBE_TOKENS, PROBE_TOKENS_MANY
+
+    probe = tuple(range(40, 40 + PROBE_PROMPT_MANY + 6))
+    run = _run(tmp_path, make_config, tiny_model, engines=1, noise=0.0, tol=1e-3, adapters=K, probe_ids=probe)
+    seen = []
+    result = run.fleet.result
+    run.fleet.result = lambda req: seen.append([len(p) for p in req.prompt_ids_P]) or result(req)
     run.push(0)
+    many = K > PROBE_BUDGET
+    assert seen[-1] == [PROBE_PROMPT_MANY if many else len(probe)] * K
+    assert run.fleet.sampling[-1]["max_tokens"] == min(PROBE_TOKENS_MANY if many else PROBE_TOKENS,
+                                                       run.cfg.sampler.max_tokens)
     scored = []
     score = run.learner.score
     run.learner.score = lambda samples: scored.append(len(samples)) or score(samples)
     _update(run.learner, 5e-6, seed=1)
     calls = len(run.fleet.requests)
     pushed = run.push(1)
-    assert len(run.fleet.requests) == calls + 1 and len(run.fleet.requests[-1]) == 8 and run.fleet.calls_n[-1] == 1
-    assert scored == [8, 8]  # the new version and the previous one, each one batch of all 8 adapters' probes
+    assert len(run.fleet.requests) == calls + 1 and len(run.fleet.requests[-1]) == K and run.fleet.calls_n[-1] == 1
+    assert scored == [K, K]  # the new version and the previous one, each one batch of all K adapters' probes
     assert pushed.probe["push/probe_gap"] < 1e-5 < pushed.probe["push/probe_gap_prev"] < 1e-3
     _update(run.learner, 5e-6, seed=2)
     run.fleet.miss.add((0, 5))
