@@ -55,7 +55,7 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", 
 
 
 CELLS = ROOT / "experiments" / "cells"
-CELL_GRIDS = ("rank1", "higher")  # experiments/cells/<name>.yaml
+CELL_GRIDS = ("rank1", "full", "higher")  # experiments/cells/<name>.yaml
 
 
 def _absolute(path: Path) -> Path:
