@@ -32,8 +32,9 @@ PROBE_SAMPLES = 4  # completions per engine and adapter for up to 2 adapters: up
 PROBE_BUDGET = 8  # completions per engine shared out over more adapters (>= 1 each): K = 64 samples 64, not 256
 # Past PROBE_BUDGET adapters each adapter's probe is one short completion of a short prompt, so that the check's
 # cost (one prefill per adapter: adapters share no prefix cache) stays near a training step's fixed costs: the
-# first PROBE_PROMPT_MANY tokens of the probe prompt, PROBE_TOKENS_MANY tokens sampled.
-PROBE_PROMPT_MANY = 16
+# first PROBE_PROMPT_MANY tokens of the probe prompt, PROBE_TOKENS_MANY tokens sampled (the learner, too, computes
+# each adapter's prompt on its own: its prefix sharing is per adapter).
+PROBE_PROMPT_MANY = 4
 PROBE_TOKENS_MANY = 2
 # An engine is serving the previous version when its gap to the new version is more than STALE_RATIO times its
 # gap to the previous one. With delta = the versions' own mean distance on the probe, the triangle inequality
