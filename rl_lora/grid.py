@@ -1,7 +1,7 @@
 """`rl-lora grid CONFIG`: learning rates x seeds x variants, as adapters of ONE run, plus full fine-tuning.
 
 A grid config is a run config with a `grid:` section (GridConfig below), or a few sections on top of a run
-config named by `grid.base` (experiments/ use this: one run config, one grid file per question). Every LoRA cell (variant, LR, seed)
+config named by `grid.base` (experiments/ use this: one run config, a few grid files over it). Every LoRA cell (variant, LR, seed)
 becomes one adapter of a single run: one base, one sampler, one learner, each adapter its own optimizer. Full
 fine-tuning (a variant with `rank: full`) cannot share the base, so each of its (LR, seed) cells is its own run,
 driven by the same command, one after another.
