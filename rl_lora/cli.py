@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rl-lora: interrupted (the latest complete checkpoint is kept; use --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rl-lora grid CFG --list | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one from the final flush
+        return 141
 
 
 if __name__ == "__main__":
