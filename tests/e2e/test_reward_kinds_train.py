@@ -2,9 +2,11 @@
 (batched, group, async) beside a per-completion one; each logs its metrics under reward/<name>/."""
 
 import pytest
-from runhelpers import run_cli, step_rows
+from runhelpers import ROOT, TESTS, run_cli, step_rows
 
 pytestmark = pytest.mark.slow
+# the helper rewards live in tests/unit/test_reward_kinds.py, named as a user's module would be
+UNIT = {"PYTHONPATH": f"{TESTS / 'unit'}:{TESTS}:{ROOT}"}
 
 
 def test_rewards_of_every_kind_from_the_config(tmp_path, make_config):
@@ -15,7 +17,7 @@ def test_rewards_of_every_kind_from_the_config(tmp_path, make_config):
                {"name": f"{kinds}:async_flaky", "weight": 0.0, "max_concurrency": 4},
                {"name": f"{kinds}:plain_batch", "kind": "batched", "weight": 0.0}]
     cfg = make_config(train={"steps": 2}, reward={"rewards": rewards, "num_workers": 1})
-    res = run_cli(cfg, "--quiet", timeout=900)
+    res = run_cli(cfg, "--quiet", timeout=900, env=UNIT)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = step_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
@@ -31,7 +33,7 @@ def test_rewards_of_every_kind_from_the_config(tmp_path, make_config):
 
 def test_kind_that_contradicts_the_function_fails_in_one_line(tmp_path, make_config):
     cfg = make_config(reward={"rewards": [{"name": "test_reward_kinds:group_rank", "kind": "batched"}]})
-    res = run_cli(cfg, "--quiet", timeout=300)
+    res = run_cli(cfg, "--quiet", timeout=300, env=UNIT)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].endswith("is decorated @reward.group")
     assert "Traceback" not in res.stderr
