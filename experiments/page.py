@@ -156,6 +156,12 @@ def overlap(r: dict, a: str, b: str) -> bool | None:
     return x["ci95"][0] <= y["ci95"][1] and y["ci95"][0] <= x["ci95"][1]
 
 
+def relation(r: dict, a: str, b: str) -> str:
+    """'overlap' / 'are separated' for the best cells of a and b, or 'not measured' where one has no interval."""
+    o = overlap(r, a, b)
+    return "not measured" if o is None else ("overlap" if o else "are separated")
+
+
 def edge_note(r: dict, variant: str) -> str:
     """A best LR at the end of its sweep is a bound, not an optimum: say so."""
     b = best(r, variant)

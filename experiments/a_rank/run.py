@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import edge_note, fmt_best, overlap, parse_args, run_cells, write_page
+from page import edge_note, fmt_best, parse_args, relation, run_cells, write_page
 
 HERE = Path(__file__).resolve().parent
 # the shared cells (experiments/cells/) this question reads: name there -> name here
@@ -19,9 +19,9 @@ def finding(r: dict) -> str:
     return (f"Best cells: {fmt_best(r, 'rank1')}; {fmt_best(r, 'rank8')}; {fmt_best(r, 'full')}. Measured LoRA / full "
             f"fine-tuning LR ratio (best LR over best LR, on a grid of half-decades, so each ratio is known to a factor "
             f"of ~3): {ratios}; the paper reports ~10x (~15x under 100 steps), so {len(agree)} of {len(ratio)} LoRA "
-            f"variants agree within that resolution. Rank 1 and rank 8 best cells "
-            f"{'overlap' if overlap(r, 'rank1', 'rank8') else 'do not overlap'}; rank 1 and full fine-tuning "
-            f"{'overlap' if overlap(r, 'rank1', 'full') else 'do not overlap'} (the paper: rank 1 matches full "
+            f"variants agree within that resolution. Rank 1 and rank 8 best cells: "
+            f"{relation(r, 'rank1', 'rank8')}; rank 1 and full fine-tuning: "
+            f"{relation(r, 'rank1', 'full')} (the paper: rank 1 matches full "
             f"fine-tuning in RL)." + edge_note(r, "rank1") + edge_note(r, "rank8") + edge_note(r, "full"))
 
 

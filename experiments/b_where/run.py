@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from page import edge_note, fmt_best, overlap, parse_args, run_cells, write_page
+from page import edge_note, fmt_best, parse_args, relation, run_cells, write_page
 
 HERE = Path(__file__).resolve().parent
 # the shared cells (experiments/cells/) this question reads: name there -> name here
@@ -16,8 +16,8 @@ VARIANTS = ("all", "attention", "attention-r3", "mlp")
 def finding(r: dict) -> str:
     ranked = sorted((v for v in VARIANTS if v in r["best"]), key=lambda v: -r["best"][v]["mean"])
     return (f"Best cells: {'; '.join(fmt_best(r, v) for v in VARIANTS)}. Order by mean: {' > '.join(ranked)}. "
-            f"All vs attention-only: {'overlap' if overlap(r, 'all', 'attention') else 'separated'}; all vs attention "
-            f"rank 3 (1.13x all's parameters): {'overlap' if overlap(r, 'all', 'attention-r3') else 'separated'}. The "
+            f"All vs attention-only: {relation(r, 'all', 'attention')}; all vs attention "
+            f"rank 3 (1.13x all's parameters): {relation(r, 'all', 'attention-r3')}. The "
             "paper finds attention-only worse even at matched parameters, and MLP-only close to all layers; "
             + ("these seeds agree where the intervals are separated in that direction, and cannot tell where they "
                "overlap." if ranked else "no result.")
