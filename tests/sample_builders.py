@@ -82,3 +82,16 @@ def adapter_samples(adapter: int, seed: int, n: int = 6) -> list[TrainSample]:
     """n single-completion groups of one adapter, varied lengths, advantages of both signs."""
     return random_samples(seed, groups=n, adapter=adapter, prompt_len=(4, 12), completion_len=(2, 9),
                           advantages=(-1.0, -0.5, 0.5, 1.0))
+
+
+def push_random_versions(sampler, learner, versions, std: float = 0.05) -> dict:
+    """Each version: the learner's B drawn afresh (N(0, std)) and pushed to `sampler` beside the others (none
+    evicted). Returns version -> the B tensors it was pushed with."""
+    weights = {}
+    for version in versions:
+        with torch.no_grad():
+            for m in learner.adapters.values():
+                m.lora_B.normal_(0, std)
+        weights[version] = [m.lora_B.detach().clone() for m in learner.adapters.values()]
+        sampler.push(version, learner.write_adapter, evict_older=False)
+    return weights

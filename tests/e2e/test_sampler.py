@@ -3,7 +3,7 @@ engine settings it chooses per platform."""
 
 import pytest
 import torch
-from sample_builders import build_learner, chat_prompt
+from sample_builders import build_learner, chat_prompt, push_random_versions
 
 from rl_lora.config import AdapterSpec
 from rl_lora.learner.learner import TrainSample
@@ -79,13 +79,7 @@ def test_multi_lora_batch_serves_each_sequence_its_own_adapter(sampler, learner)
     batch-invariant, and the random tiny model's near-uniform distributions flip samples on 1e-7 noise.)
     """
     prompt = chat_prompt(sampler)
-    weights = {}
-    for version in (201, 202):
-        with torch.no_grad():
-            for m in learner.adapters.values():
-                m.lora_B.normal_(0, 0.05)
-        weights[version] = [m.lora_B.detach().clone() for m in learner.adapters.values()]
-        ref = sampler.push(version, learner.write_adapter, evict_older=False)
+    weights = push_random_versions(sampler, learner, (201, 202))
     assert set(sampler.live) == {201, 202}
     refs = [None, sampler.live[201], sampler.live[202]]
     mixed = sampler.generate([prompt] * 3, n=2, adapters=refs, seed=5, temperature=0.7, max_tokens=10)

@@ -4,7 +4,7 @@ every row its own adapter's logprobs (the learner's), base rows included."""
 
 import pytest
 import torch
-from sample_builders import chat_prompt
+from sample_builders import chat_prompt, push_random_versions
 
 from rl_lora.sampling import vllm_cpu_lora
 from rl_lora.sampling.vllm_cpu_lora import PunicaWrapperCPURank1
@@ -188,13 +188,7 @@ def test_engine_mixed_batch_one_call_matches_learner_and_vllm_path(sampler, lear
 
     assert sampler.rank1_path
     prompt = chat_prompt(sampler)
-    weights = {}
-    for version in (301, 302):
-        with torch.no_grad():
-            for m in learner.adapters.values():
-                m.lora_B.normal_(0, 0.05)
-        weights[version] = [m.lora_B.detach().clone() for m in learner.adapters.values()]
-        sampler.push(version, learner.write_adapter, evict_older=False)
+    weights = push_random_versions(sampler, learner, (301, 302))
     refs = [None, sampler.live[301], sampler.live[302], None, sampler.live[301]]
     seeds = [0, 10, 20, 30, 40]
     args = ([prompt] * len(refs), refs, seeds, 2, 0.7, 10, 1.0, -1, False)
