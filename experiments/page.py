@@ -165,8 +165,10 @@ def relation(r: dict, a: str, b: str) -> str:
 def edge_note(r: dict, variant: str) -> str:
     """A best LR at the end of its sweep is a bound, not an optimum: say so."""
     b = best(r, variant)
+    if b is None:  # not trained (yet)
+        return ""
     lrs = r["variants"][variant]["lrs"]
-    if b and b["lr"] in (min(lrs), max(lrs)) and len(lrs) > 1:
+    if b["lr"] in (min(lrs), max(lrs)) and len(lrs) > 1:
         return f" ({variant}'s best LR is at the {'low' if b['lr'] == min(lrs) else 'high'} end of its sweep: the " \
                "optimum may lie beyond it)"
     return ""
