@@ -95,3 +95,13 @@ def push_random_versions(sampler, learner, versions, std: float = 0.05) -> dict:
         weights[version] = [m.lora_B.detach().clone() for m in learner.adapters.values()]
         sampler.push(version, learner.write_adapter, evict_older=False)
     return weights
+
+
+def version_gap(learner, weights: dict, prompt: list[int], group, version: int) -> float:
+    """The largest |sampler - learner| logprob over `group`'s tokens, the learner's B set to `version`'s pushed
+    tensors (push_random_versions; a version not in `weights`, e.g. 0 for base rows: B = 0)."""
+    with torch.no_grad():
+        for m, b in zip(learner.adapters.values(), weights.get(version) or [None] * len(learner.adapters)):
+            m.lora_B.copy_(b if b is not None else torch.zeros_like(m.lora_B))
+    scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in group])
+    return max(abs(a - b) for c, lp in zip(group, scored) for a, b in zip(c.logprobs, lp))

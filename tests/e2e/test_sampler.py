@@ -2,8 +2,7 @@
 engine settings it chooses per platform."""
 
 import pytest
-import torch
-from sample_builders import build_learner, chat_prompt, push_random_versions
+from sample_builders import build_learner, chat_prompt, push_random_versions, version_gap
 
 from rl_lora.config import AdapterSpec
 from rl_lora.learner.learner import TrainSample
@@ -85,11 +84,7 @@ def test_multi_lora_batch_serves_each_sequence_its_own_adapter(sampler, learner)
     mixed = sampler.generate([prompt] * 3, n=2, adapters=refs, seed=5, temperature=0.7, max_tokens=10)
 
     def gap(group, version):
-        with torch.no_grad():
-            for m, b in zip(learner.adapters.values(), weights.get(version) or [None] * len(learner.adapters)):
-                m.lora_B.copy_(b if b is not None else torch.zeros_like(m.lora_B))
-        scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in group])
-        return max(abs(a - b) for c, lp in zip(group, scored) for a, b in zip(c.logprobs, lp))
+        return version_gap(learner, weights, prompt, group, version)
 
     for group, ref in zip(mixed, refs):
         own = 0 if ref is None else ref.version

@@ -4,7 +4,7 @@ every row its own adapter's logprobs (the learner's), base rows included."""
 
 import pytest
 import torch
-from sample_builders import chat_prompt, push_random_versions
+from sample_builders import chat_prompt, push_random_versions, version_gap
 
 from rl_lora.sampling import vllm_cpu_lora
 from rl_lora.sampling.vllm_cpu_lora import PunicaWrapperCPURank1
@@ -184,7 +184,6 @@ def test_engine_mixed_batch_one_call_matches_learner_and_vllm_path(sampler, lear
     """Base rows and two adapters interleaved in ONE engine call (vLLM's own CPU path would give the base rows
     the last slot's adapter: they would fail the learner check); each row's logprobs are the learner's under its
     own adapter, and (where the sampled tokens agree) vLLM's own path's for the adapter rows."""
-    from rl_lora.learner.learner import TrainSample
 
     assert sampler.rank1_path
     prompt = chat_prompt(sampler)
@@ -200,11 +199,7 @@ def test_engine_mixed_batch_one_call_matches_learner_and_vllm_path(sampler, lear
         vllm_cpu_lora.ENABLED = True
 
     def gap(group, version):
-        with torch.no_grad():
-            for m, b in zip(learner.adapters.values(), weights.get(version) or [None] * len(learner.adapters)):
-                m.lora_B.copy_(b if b is not None else torch.zeros_like(m.lora_B))
-        scored = learner.score([TrainSample(prompt, c.token_ids, c.logprobs, 0.0) for c in group])
-        return max(abs(a - b) for c, lp in zip(group, scored) for a, b in zip(c.logprobs, lp))
+        return version_gap(learner, weights, prompt, group, version)
 
     compared = 0
     for group, old, ref in zip(mixed, theirs, refs):
