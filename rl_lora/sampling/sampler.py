@@ -70,8 +70,24 @@ def engine_call(method):
         except ValueError:
             raise
         except Exception as exc:
-            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+            what = f"{type(exc).__name__}: {exc}"
+            if type(exc).__name__ != "EngineDeadError" and _engine_core_died(args[0] if args else None):
+                # the death races the call: it may surface as a closed socket (ZMQError) or a half shut-down
+                # client before vLLM's monitor marks the engine dead; name the cause, keep what was raised
+                what = f"EngineDeadError: the engine-core process died ({what})"
+            raise EngineError(what) from exc
     return call
+
+
+def _engine_core_died(sampler) -> bool:
+    """Has the engine-core process of a Sampler on vLLM's multiprocess engine exited? False for the in-process
+    engine core, or anything that is not a Sampler with a live LLM."""
+    core = getattr(getattr(getattr(sampler, "llm", None), "llm_engine", None), "engine_core", None)
+    resources = getattr(core, "resources", None)
+    if getattr(resources, "engine_dead", False):
+        return True
+    manager = getattr(resources, "engine_manager", None)
+    return any(not p.is_alive() for p in getattr(manager, "processes", None) or ())
 
 
 CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on CPU (see engine_kwargs)

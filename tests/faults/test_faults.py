@@ -82,7 +82,7 @@ def test_async_engine_process_killed_for_real_is_rebuilt_and_no_step_is_lost(tmp
                   env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
-    assert "sampler failed (EngineDeadError" in out and "restarting the engine" in out
+    assert "sampler failed (EngineDeadError" in out and "restarting the engine" in out, out[-4000:]
     rows = step_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["sampler/restarts"] for r in rows] == [1.0, 1.0, 1.0]  # rebuilt by the push after step 1

@@ -176,6 +176,33 @@ def test_engine_call_turns_failures_inside_the_engine_into_engine_error_and_lets
         bad_input()
 
 
+def test_engine_call_names_a_dead_engine_core_process_whatever_the_race_raised():
+    """A SIGKILLed engine-core process can surface as a closed socket before vLLM's monitor marks the engine dead
+    (seen once in CI): the error names the death, and keeps what was raised. A live process's error is as it is."""
+    from types import SimpleNamespace as NS
+
+    class Proc:
+        def __init__(self, alive):
+            self.alive = alive
+
+        def is_alive(self):
+            return self.alive
+
+    class Engine:
+        def __init__(self, alive):
+            manager = NS(processes=[Proc(alive)])
+            self.llm = NS(llm_engine=NS(engine_core=NS(resources=NS(engine_dead=False, engine_manager=manager))))
+
+        @engine_call
+        def generate(self):
+            raise RuntimeError("Socket operation on non-socket")
+
+    with pytest.raises(EngineError, match=r"^EngineDeadError: the engine-core process died \(RuntimeError: Socket"):
+        Engine(alive=False).generate()
+    with pytest.raises(EngineError, match="^RuntimeError: Socket"):
+        Engine(alive=True).generate()
+
+
 def _in_actor(cause):
     return RayTaskError("generate", "Traceback (most recent call last): ...", cause)
 
