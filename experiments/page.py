@@ -5,6 +5,10 @@ the script's one-paragraph finding.
     python experiments/<question>/run.py            # the full experiment (hours: see experiments/README.md)
     python experiments/<question>/run.py --smoke    # 2 steps, 1 seed, into runs/experiments-smoke/: proves the
                                                     # pipeline in minutes and writes its page there, not here
+
+Every grid's summary (its grid.json) is committed beside the grid file, under results/, when it is trained: a page
+is rebuilt from a fresh clone without training (`--read-only`), and a grid is trained again only with `--retrain`
+(or when its cells or steps changed).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="2 steps, 1 seed, outputs under runs/experiments-smoke/")
     ap.add_argument("--read-only", action="store_true", help="train nothing: write the page from the grids already "
                     "trained (variants of a grid not trained yet are reported as missing)")
+    ap.add_argument("--retrain", action="store_true", help="train every grid the question reads again, even where "
+                    "a summary of the same cells is committed (the earlier run folder is moved aside, never deleted)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every grid, e.g. train.steps=8")
     return ap.parse_args()
 
@@ -55,20 +61,42 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", 
 
 
 CELLS = ROOT / "experiments" / "cells"
-CELL_GRIDS = ("rank1", "full", "higher")  # experiments/cells/<name>.yaml
+CELL_GRIDS = ("rank1", "rank1-low", "full", "higher")  # experiments/cells/<name>.yaml
+
+
+def committed(grid_file: Path, name: str = "") -> Path:
+    """Where the summary of a trained grid is committed: results/<name>.json beside the grid file."""
+    return grid_file.parent / "results" / f"{name or grid_file.stem}.json"
+
+
+def trained(want: set, steps: int, *candidates: Path) -> dict | None:
+    """The first of the summaries `candidates` (a run folder's grid.json, the committed copy) that holds exactly
+    the cells `want` ((variant, LR, seed)) after `steps` steps; None when none does."""
+    for path in candidates:
+        if path.is_file():
+            r = json.loads(path.read_text())
+            if {(c["variant"], c["lr"], c["seed"]) for c in r["cells"]} == want and r["steps"] == steps:
+                return r
+    return None
+
+
+def keep(r: dict, dest: Path) -> None:
+    """Commit a freshly trained grid's summary (see `committed`)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(r, indent=1))
 
 
 def _absolute(path: Path) -> Path:
     return path if path.is_absolute() else ROOT / path
 
 
-def run_cells(names: dict[str, str], overrides: list[str], smoke: bool,
-              read_only: bool = False) -> tuple[dict, float, list[list[str]]]:
+def run_cells(names: dict[str, str], overrides: list[str], smoke: bool, read_only: bool = False,
+              retrain: bool = False) -> tuple[dict, float, list[list[str]]]:
     """The question's variants (grid name -> the question's name) from the grids shared by a, b, d and e
-    (experiments/cells/): each grid holding one of them is trained, unless its summary is already there for the
-    same cells and steps (the first question to run trains it, the others read it); then the variants' cells
-    are summarised together, renamed. Returns the summary, the compute the grids took (shared between the
-    questions) and the commands."""
+    (experiments/cells/): each grid holding one of them is trained, unless its summary is there for the same cells
+    and steps, in its run folder or committed (the first question to run trains it, the others read it); then the
+    variants' cells of every such grid are summarised together, renamed. Returns the summary, the compute the grids
+    took (shared between the questions) and the commands."""
     results, seconds, cmds = [], 0.0, []
     for grid_name in CELL_GRIDS:
         grid_file = CELLS / f"{grid_name}.yaml"
@@ -76,17 +104,18 @@ def run_cells(names: dict[str, str], overrides: list[str], smoke: bool,
         if not any(v.name in names for v in g.variants):
             continue
         out = ROOT / "runs" / "experiments-smoke" / "cells" / grid_name if smoke else _absolute(g.dir)
-        done = out / "grid.json"
         want = {(c.variant, c.lr, c.seed) for c in g.cells}
-        r = json.loads(done.read_text()) if done.is_file() else None
+        steps = config_from_data(next(iter(g.runs.values()))).train.steps
+        keep_at = None if smoke or overrides else committed(grid_file)  # only the grid as committed is committed
+        r = None if retrain else trained(want, steps, out / "grid.json", *([keep_at] if keep_at else []))
         cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides]
-        stale = r is None or {(c["variant"], c["lr"], c["seed"]) for c in r["cells"]} != want or \
-            r["steps"] != config_from_data(next(iter(g.runs.values()))).train.steps
-        if stale and read_only:
+        if r is None and read_only:
             print(f"{grid_file.relative_to(ROOT)}: not trained yet (--read-only): its variants are missing")
             continue
-        if stale:
+        if r is None:
             r, _, cmd = run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file, out=out)
+        if keep_at and (not keep_at.is_file() or json.loads(keep_at.read_text()) != r):
+            keep(r, keep_at)
         seconds += sum(r.get("run_time_s", {}).values())
         cmds.append(cmd)
         results.append(r)

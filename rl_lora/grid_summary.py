@@ -97,10 +97,21 @@ def select(results: list[dict], names: dict[str, str]) -> dict:
     across them): the variants in `names` (grid name -> name in the result), renamed, everything recomputed.
     The base row and the setup are the first grid's."""
     cells = [{**c, "variant": names[c["variant"]]} for r in results for c in r["cells"] if c["variant"] in names]
+    seen = set()
+    for c in cells:
+        key = (c["variant"], c["lr"], c["seed"])
+        if key in seen:
+            raise ValueError(f"the cell {key} is in more than one of the grids summarised together")
+        seen.add(key)
     first = results[0]
     base = first.get("base") and {"avg_at_k": first["base"]["accuracy"], "no_answer": first["base"]["no_answer"],
                                   "accuracy_given_answer": first["base"]["accuracy_given_answer"]}
-    variants = {names[v]: s for r in results for v, s in r["variants"].items() if v in names}
+    variants: dict[str, dict] = {}
+    for r in results:  # a variant swept in several grids (e.g. at more LRs later): its LRs are theirs together
+        for v, spec in r["variants"].items():
+            if v in names:
+                had = variants.get(names[v], {}).get("lrs", [])
+                variants[names[v]] = {**spec, "lrs": sorted({*had, *spec["lrs"]})}
     meta = {k: v for k, v in first.items() if k not in _DERIVED}
     meta.update(variants=variants, full_variants=[v for v, s in variants.items() if s["full"]],
                 run_time_s={k: v for r in results for k, v in r.get("run_time_s", {}).items()},

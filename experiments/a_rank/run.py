@@ -27,7 +27,7 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only, args.retrain)
     write_page(HERE, "a. Rank 1 vs rank 8 vs full fine-tuning", "Where is each one's optimal learning rate, what is "
                "the LoRA / full fine-tuning LR ratio, and do the best cells overlap?",
                "Optimal LoRA LR ~10x full fine-tuning's (~15x for runs under ~100 steps), nearly independent of rank; "

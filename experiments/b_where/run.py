@@ -26,7 +26,7 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only, args.retrain)
     write_page(HERE, "b. Where to put the adapter: all layers, attention, MLP",
                "All linear layers vs attention-only (also at about the parameter count of all layers, via rank 3) vs "
                "MLP-only, each at its own best LR.",

@@ -2,12 +2,15 @@
 each: one grid per batch size (prompts_per_step is a run setting); batch 8 (8 steps) is the shared cells' setting
 (experiments/cells/), read from there at the same LRs.  python experiments/c_batch/run.py [--smoke] [--read-only]"""
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml
-from page import ROOT, at_lrs, best, parse_args, run_cells, run_grid, write_page
+from page import ROOT, SMOKE, at_lrs, best, committed, keep, parse_args, run_cells, run_grid, trained, write_page
+
+from rl_lora.grid import expand
 
 HERE = Path(__file__).resolve().parent
 PROMPTS_IN_ALL = 64
@@ -59,22 +62,25 @@ if __name__ == "__main__":
     for b in BATCHES:
         steps = 2 if args.smoke else PROMPTS_IN_ALL // b
         if b == SHARED:
-            r, s, cmd = run_cells({v: v for v in VARIANTS}, args.overrides, args.smoke, args.read_only)
+            r, s, cmd = run_cells({v: v for v in VARIANTS}, args.overrides, args.smoke, args.read_only, args.retrain)
             r, cmd = at_lrs(r, lrs), cmd[0]
         else:
-            out = ROOT / "runs" / "experiments" / "c_batch" / f"batch{b}"
-            done = out / "grid.json"
-            if args.read_only and not done.is_file():
+            out = ROOT / "runs" / ("experiments-smoke" if args.smoke else "experiments") / "c_batch" / f"batch{b}"
+            over = [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}"]
+            g = expand(str(HERE / "grid.yaml"), [*over, *(SMOKE if args.smoke else [])])
+            keep_at = None if args.smoke or args.overrides else committed(HERE / "grid.yaml", f"batch{b}")
+            r = None if args.retrain else trained({(c.variant, c.lr, c.seed) for c in g.cells}, steps,
+                                                  out / "grid.json", *([keep_at] if keep_at else []))
+            s, cmd = 0.0, [sys.executable, "-m", "rl_lora.cli", "grid", "experiments/c_batch/grid.yaml", *over]
+            if r is None and args.read_only:
                 print(f"batch {b}: not trained yet (--read-only)")
                 continue
-            if args.read_only:
-                import json
-
-                r, s, cmd = json.loads(done.read_text()), 0.0, ["(read)", str(done)]
-                s = sum(r.get("run_time_s", {}).values())
+            if r is None:
+                r, s, cmd = run_grid(HERE, [*over, f"train.output_dir={out}"], args.smoke, name=f"batch{b}")
             else:
-                r, s, cmd = run_grid(HERE, [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}",
-                                            f"train.output_dir={out}"], args.smoke, name=f"batch{b}")
+                s = sum(r.get("run_time_s", {}).values())
+            if keep_at and (not keep_at.is_file() or json.loads(keep_at.read_text()) != r):
+                keep(r, keep_at)
         sections.append((f"batch {b} prompts x {steps} steps", r))
         seconds += s
         cmds.append(cmd)

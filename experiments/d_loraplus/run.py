@@ -25,7 +25,7 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only, args.retrain)
     write_page(HERE, "d. LoRA+ (ratio 16) vs plain LoRA", "Does LoRA+ (lr_B = 16 lr_A) beat plain LoRA, each at its "
                "own best LR?", "One LR for A and B; no better combination was found in the paper's tuning.",
                [("", r)], finding(r), seconds, cmds, args.smoke)

@@ -24,7 +24,7 @@ def finding(r: dict) -> str:
 
 if __name__ == "__main__":
     args = parse_args()
-    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only)
+    r, seconds, cmds = run_cells(NAMES, args.overrides, args.smoke, args.read_only, args.retrain)
     write_page(HERE, "e. Below rank 1: a few trainable scalars", "How few trainable parameters still learn the "
                "capability task with RL?", "TinyLoRA (2026): 13 trainable parameters improve GSM8K under RL, and it "
                "works only with RL (~1 bit per episode).", [("", r)], finding(r), seconds, cmds, args.smoke)

@@ -199,6 +199,23 @@ def test_a_summary_can_be_selected_from_several_grids_and_renamed():
     only = select([lora, full], {"r1": "plain"})
     assert set(only["best"]) == {"plain"} and only["lr_ratio_vs_full"] == {}
 
+def test_a_variant_swept_in_two_grids_gets_both_grids_lrs_and_a_cell_in_both_is_refused():
+    """A later grid adds LRs to a variant of an earlier one (experiments/cells/rank1-low.yaml below rank1.yaml):
+    select sums up the cells of both, under the LRs of both; the same (variant, LR, seed) twice is an error."""
+    from rl_lora.grid_summary import select
+
+    def grid(lrs):
+        cells = [c for c in _cells() if c["variant"] == "r1" and c["lr"] in lrs]
+        return summarise(cells, None, {"steps": 2, "full_variants": [],
+                                       "variants": {"r1": {"lrs": lrs, "settings": {}, "full": False}}})
+
+    got = select([grid([1e-2, 1e-1]), grid([1e-3])], {"r1": "rank1"})
+    assert got["variants"]["rank1"]["lrs"] == [1e-3, 1e-2, 1e-1] and len(got["cells"]) == 9
+    assert got["best"]["rank1"]["lr"] == 1e-2
+    with pytest.raises(ValueError, match=r"\('rank1', 0.01, 0\) is in more than one"):
+        select([grid([1e-2]), grid([1e-2])], {"r1": "rank1"})
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_runs_end_to_end_with_paired_seeds(tmp_path, tiny_model):
     """2 LoRA variants x 2 LRs x 2 seeds as 8 adapters of one run, and a full fine-tuning variant (1 LR x 2 seeds,
