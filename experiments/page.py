@@ -61,7 +61,7 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", 
 
 
 CELLS = ROOT / "experiments" / "cells"
-CELL_GRIDS = ("rank1", "rank1-low", "full", "higher")  # experiments/cells/<name>.yaml
+CELL_GRIDS = ("rank1", "rank1-low", "rank1-lower", "full", "full-low", "higher")  # experiments/cells/<name>.yaml
 
 
 def committed(grid_file: Path, name: str = "") -> Path:
@@ -124,9 +124,11 @@ def run_cells(names: dict[str, str], overrides: list[str], smoke: bool, read_onl
     return select(results, names), seconds, cmds
 
 
-def at_lrs(r: dict, lrs: dict[str, float]) -> dict:
-    """The summary `r` restricted to one LR per variant (variant -> LR)."""
-    return select([{**r, "cells": [c for c in r["cells"] if lrs.get(c["variant"]) == c["lr"]]}], {v: v for v in lrs})
+def at_lrs(r: dict, lrs: dict[str, list[float]]) -> dict:
+    """The summary `r` restricted to some LRs per variant (variant -> LRs), each variant's LRs those."""
+    cells = [c for c in r["cells"] if c["lr"] in lrs.get(c["variant"], ())]
+    variants = {v: {**s, "lrs": [x for x in s["lrs"] if x in lrs[v]]} for v, s in r["variants"].items() if v in lrs}
+    return select([{**r, "cells": cells, "variants": variants}], {v: v for v in lrs})
 
 
 def setup_line(r: dict) -> str:

@@ -57,7 +57,7 @@ def finding(sections: list) -> str:
 if __name__ == "__main__":
     args = parse_args()
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())["grid"]
-    lrs = {v["name"]: v.get("lrs", grid["lrs"])[0] for v in grid["variants"]}  # one LR per variant
+    lrs = {v["name"]: v.get("lrs", grid["lrs"]) for v in grid["variants"]}
     sections, seconds, cmds = [], 0.0, []
     for b in BATCHES:
         steps = 2 if args.smoke else PROMPTS_IN_ALL // b
@@ -87,6 +87,7 @@ if __name__ == "__main__":
     png = plot(sections, ROOT / "runs" / "experiments" / "c_batch" / "batch.png")
     write_page(HERE, "c. Batch size at a fixed number of episodes, LoRA vs full fine-tuning",
                f"At {PROMPTS_IN_ALL} prompts x 8 samples in all, how does held-out accuracy depend on the prompts per "
-               f"step, for rank-1 LoRA (LR {lrs['rank1']:g}) and for full fine-tuning (LR {lrs['full']:g})?",
+               f"step, for rank-1 LoRA (LR {', '.join(f'{x:g}' for x in lrs['rank1'])}) and for full fine-tuning "
+               f"(LR {', '.join(f'{x:g}' for x in lrs['full'])}), each at its best of those LRs?",
                "LoRA tolerates large batches worse than full fine-tuning, independent of rank.", sections,
                finding(sections), seconds, cmds, args.smoke, plot_file=png)
