@@ -58,8 +58,9 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         self._r1_slots: tuple[int, ...] = ()  # distinct adapter slots used by this forward's rows
         self._r1_mask: dict[int, torch.Tensor | None] = {}  # n_slices -> rows x (n_slices*K) mask, None: all ones
         self._r1_cache: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (key, A, B); lm_head: (key, nonzero)
-        self._r1_pos: torch.Tensor | None = None  # many adapters: row -> position of its slot (_add_gathered)
-        self._r1_gather: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (A it was built from, A3, B blocks)
+        self._r1_pos: torch.Tensor | None = None  # many adapters: row -> its slot, -1 for a base row
+        self._r1_pos_at: dict[int, torch.Tensor] = {}  # the same per gather-table size, base rows -> the zero row
+        self._r1_gather: dict[int, tuple] = {}  # id(layer's lora_a tuple) -> (tensor versions, A rows, B rows)
         self._r1_logit_slots: tuple[int, ...] = ()  # the same for the sampled rows (lm_head)
         self._r1_logit_base_rows = False
         self.rank1_calls = 0  # add_lora_linear calls served by the rank-1 path with adapter rows (report())
@@ -83,13 +84,17 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
         else:
             self._r1_mask[1] = None  # no adapter row, or one adapter on every row
         self._r1_pos = None
-        if len(self._r1_slots) >= GATHER_MIN_SLOTS:  # row -> its slot's position among the active ones; base rows
-            tok = self.token_lora_indices  # (-1) -> position k, a zero vector
-            k = len(self._r1_slots)
-            lookup = torch.full((max(self._r1_slots) + 2,), k, dtype=torch.long, device=tok.device)
-            lookup[list(self._r1_slots)] = torch.arange(k, device=tok.device)
-            self._r1_pos = lookup[tok.long()]
+        self._r1_pos_at = {}
+        if len(self._r1_slots) >= GATHER_MIN_SLOTS:  # row -> its slot (-1: a base row)
+            self._r1_pos = self.token_lora_indices.long()
         self._r1_ready = True
+
+    def _gather_index(self, n_slots: int) -> torch.Tensor:
+        """Row -> its row in the gather tables of `n_slots` slots: its slot, or the zero row after them (base)."""
+        pos = self._r1_pos_at.get(n_slots)
+        if pos is None:
+            pos = self._r1_pos_at[n_slots] = torch.where(self._r1_pos < 0, n_slots, self._r1_pos)
+        return pos
 
     def _mask(self, n: int) -> torch.Tensor | None:
         m = self._r1_mask.get(n, 0)
@@ -127,9 +132,9 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             return None  # no row has an adapter
         self.rank1_calls += 1
         # vLLM's CPU ops shrink in fp32 and expand in the output's dtype; so do we
-        a, b = self._stacked(lora_a_stacked, lora_b_stacked, output_slices, torch.float32)
         if self._r1_pos is not None:
-            return self._add_gathered(y, x, a, b, scale, output_slices, id(lora_a_stacked))
+            return self._add_gathered(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices)
+        a, b = self._stacked(lora_a_stacked, lora_b_stacked, output_slices, torch.float32)
         s = torch.mm(x if x.dtype == torch.float32 else x.float(), a.t())
         mask = self._mask(len(output_slices))
         if mask is not None:
@@ -148,26 +153,28 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
                 off += size
         return None
 
-    def _add_gathered(self, y, x, a, b, scale, output_slices, key) -> None:
-        """Many adapters in the batch: per slice, each row's own A vector and B block gathered (base rows gather
-        zeros), a dot product and a scaled add: rows x width work per slice, whatever the number of adapters."""
-        k, n = len(self._r1_slots), len(output_slices)
-        hit = self._r1_gather.get(key)
-        if hit is None or hit[0] is not a:  # `a` is _stacked's cached tensor: a new one = adapters changed
-            a3 = torch.cat([a.view(n, k, -1), a.new_zeros(n, 1, a.shape[1])], 1)  # [slice, slot + zero, in]
-            blocks, off = [], 0
-            for i, size in enumerate(output_slices):
-                blocks.append(torch.cat([b[i * k:(i + 1) * k, off:off + size], b.new_zeros(1, size)]))
-                off += size
-            hit = self._r1_gather[key] = (a, a3, blocks)
-        _, a3, blocks = hit
-        pos, xf = self._r1_pos, (x if x.dtype == torch.float32 else x.float())
+    def _add_gathered(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices) -> None:
+        """Many adapters in the batch: per slice, each row's own A vector and B row gathered from tables of EVERY
+        slot (and a zero row for base rows), a dot product and a scaled add: rows x width work per slice, whatever
+        the number of adapters. The tables are cached per layer and rebuilt only when a slot's tensors change
+        (a push), not when the set of adapters in the batch does (it changes at most decode steps, as requests
+        finish: building tables of the active slots each time cost more than the LoRA math, measured at K = 64)."""
+        key = (tuple(t._version for t in lora_a_stacked), tuple(t._version for t in lora_b_stacked))
+        hit = self._r1_gather.get(id(lora_a_stacked))
+        if hit is None or hit[0] != key:
+            a_rows = [torch.cat([t[:, 0, 0, :].float(), t.new_zeros(1, t.shape[-1], dtype=torch.float32)])
+                      for t in lora_a_stacked]  # [slot + zero, in]
+            b_rows = [torch.cat([t[:, 0, :size, 0].float(), t.new_zeros(1, size, dtype=torch.float32)])
+                      for t, size in zip(lora_b_stacked, output_slices)]  # [slot + zero, size]
+            hit = self._r1_gather[id(lora_a_stacked)] = (key, a_rows, b_rows)
+        _, a_rows, b_rows = hit
+        pos, xf = self._gather_index(a_rows[0].shape[0] - 1), (x if x.dtype == torch.float32 else x.float())
         off = 0
-        for i, size in enumerate(output_slices):
-            s = (xf * a3[i].index_select(0, pos)).sum(-1, keepdim=True)
+        for a_i, b_i, size in zip(a_rows, b_rows, output_slices):
+            s = (xf * a_i.index_select(0, pos)).sum(-1, keepdim=True)
             if scale != 1.0:
                 s.mul_(scale)
-            update = blocks[i].index_select(0, pos).mul_(s)
+            update = b_i.index_select(0, pos).mul_(s)
             y[:, off:off + size] += update if y.dtype == torch.float32 else update.to(y.dtype)
             off += size
         return None

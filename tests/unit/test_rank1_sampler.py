@@ -125,6 +125,35 @@ def test_new_adapter_in_a_used_slot_is_seen(gather, monkeypatch):
     assert (second - first).abs().max() > 0.1
 
 
+def test_gathered_tables_are_built_once_per_push_not_per_set_of_adapters_in_the_batch(monkeypatch):
+    """The gathered form's tables hold every slot: a forward with another set of adapters in the batch (requests
+    finish one by one while decoding) reuses them; a slot's new tensors (a push) rebuild them."""
+    from rl_lora.sampling import vllm_cpu_lora
+
+    monkeypatch.setattr(vllm_cpu_lora, "GATHER_MIN_SLOTS", 2)
+    gen = torch.Generator().manual_seed(4)
+    ids = [11, 12, 13, 14, 15]
+    a, b = _layer(2, 5, 16, (8, 8), gen)
+    w = PunicaWrapperCPURank1(max_num_batched_tokens=256, max_batches=64, device="cpu")
+    from vllm.lora.layers import LoRAMapping
+
+    tables = []
+    for token_ids in ([11, 12, 13, 0, 15], [12, 0, 15, 15], [14, 11, 0]):
+        w.update_metadata(LoRAMapping(token_ids, token_ids, is_prefill=True), ids, len(ids) + 1, 320)
+        x, y = torch.randn(len(token_ids), 16, generator=gen), torch.randn(len(token_ids), 16, generator=gen)
+        got = y.clone()
+        w.add_lora_linear(got, x, a, b, 1.0, (8, 8))
+        torch.testing.assert_close(got, _expected(x, y, a, b, token_ids, ids, (8, 8)), atol=ATOL, rtol=RTOL)
+        tables.append(w._r1_gather[id(a)][1])
+    assert tables[0] is tables[1] is tables[2]
+    for t in a + b:
+        t[3].copy_(torch.randn(t[3].shape, generator=gen))  # a push into slot 3 (id 14)
+    got = y.clone()
+    w.add_lora_linear(got, x, a, b, 1.0, (8, 8))
+    torch.testing.assert_close(got, _expected(x, y, a, b, [14, 11, 0], ids, (8, 8)), atol=ATOL, rtol=RTOL)
+    assert w._r1_gather[id(a)][1] is not tables[0]
+
+
 def test_higher_rank_falls_through_to_vllm():
     gen = torch.Generator().manual_seed(3)
     token_ids, ids = [11, 12, 11], [11, 12]
