@@ -39,13 +39,15 @@ def mean_ci(values: list[float]) -> tuple[float, list[float] | None, float | Non
 
 
 def group_cells(cells: list[dict]) -> list[dict]:
-    """Per (variant, LR), in the cells' order: the seeds with a result, their accuracies, mean, interval, sd, and
+    """Per (variant, LR), variants in the cells' order and each one's LRs ascending (cells of several grids may
+    come in any order): the seeds with a result, their accuracies, mean, interval, sd, and
     the mean accuracy among answered samples."""
     groups = {}
     for c in cells:
         groups.setdefault((c["variant"], c["lr"]), []).append(c)
+    order = {v: i for i, v in enumerate(dict.fromkeys(c["variant"] for c in cells))}
     out = []
-    for (variant, lr), cs in groups.items():
+    for (variant, lr), cs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         done = [c for c in cs if c["accuracy"] is not None]
         row = {"variant": variant, "lr": lr, "seeds": [c["seed"] for c in done],
                "accuracy_per_seed": [c["accuracy"] for c in done], "missing_seeds": [c["seed"] for c in cs

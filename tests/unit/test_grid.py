@@ -212,6 +212,7 @@ def test_a_variant_swept_in_two_grids_gets_both_grids_lrs_and_a_cell_in_both_is_
     got = select([grid([1e-2, 1e-1]), grid([1e-3])], {"r1": "rank1"})
     assert got["variants"]["rank1"]["lrs"] == [1e-3, 1e-2, 1e-1] and len(got["cells"]) == 9
     assert got["best"]["rank1"]["lr"] == 1e-2
+    assert [g["lr"] for g in got["groups"]] == [1e-3, 1e-2, 1e-1]  # ascending, whatever the grids' order
     with pytest.raises(ValueError, match=r"\('rank1', 0.01, 0\) is in more than one"):
         select([grid([1e-2]), grid([1e-2])], {"r1": "rank1"})
 
