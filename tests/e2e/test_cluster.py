@@ -66,7 +66,11 @@ def test_two_process_gloo_learner_takes_the_single_process_step(tiny_model, tmp_
     for p, q, ref, init in zip(r0["params"], r1["params"], alone.params, start.params):
         assert torch.equal(p, q)  # ranks identical, bit for bit
         assert not torch.equal(ref, init)  # the step moved it
-        torch.testing.assert_close(p, ref, rtol=1e-4, atol=1e-6)
+        # the shards' gradients are summed in another order: fp32 rounding, which AdamW's m / sqrt(v) amplifies where
+        # the two steps' gradients nearly cancel (measured on an AVX-512/AMX Xeon, varying run to run: up to 1.2e-4
+        # on a few elements, where 2 steps at lr 1e-2 move every parameter by ~0.02; 1e-6 held on an AMD EPYC).
+        # A real error (a shard lost or counted twice) moves parameters by up to a step, 1e-2.
+        torch.testing.assert_close(p, ref, rtol=1e-4, atol=3e-4)
     for key in ("learn/tokens", "is/ratio_mean", "loss/pg", "all-r1/loss/grad_norm", "attn-r2/learn/tokens"):
         assert r0["metrics"][key] == pytest.approx(expected[key], rel=1e-4), key
 
