@@ -89,7 +89,8 @@ def test_expert_lora_equals_merged_weights(tiny_moe, rank, expert_rank, expected
         theirs = functional_call(reference, _merged_params(reference, views), (ids,)).logits
         base = reference(ids).logits
     assert (ours - base).abs().max() > 1e-2  # the adapters do something
-    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+    # merged and unmerged sum in another order: 2.2e-5 on one logit of 24,320 measured on an AMX Xeon (fp32)
+    torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=1e-5)
 
 
 def test_gradients_match_merged_weights_and_base_stays_frozen(tiny_moe):
@@ -134,8 +135,9 @@ def test_two_adapters_route_rows(tiny_moe):
         alone0 = model(ids).logits
         routing.segments = [(1, 0, 5)]
         alone1 = model(ids).logits
-    torch.testing.assert_close(mixed[:3], alone0[:3], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mixed[3:], alone1[3:], atol=1e-5, rtol=1e-5)
+    # a batch of both adapters vs each alone: another summation order, 1.3e-5 on one logit measured on an AMX Xeon
+    torch.testing.assert_close(mixed[:3], alone0[:3], atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[3:], alone1[3:], atol=5e-5, rtol=1e-5)
     assert (alone0 - alone1).abs().max() > 1e-2
 
 
