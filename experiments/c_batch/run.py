@@ -36,6 +36,7 @@ def plot(sections: list, path: Path) -> Path:
     ax.set_ylabel("held-out accuracy at the best LR")
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
