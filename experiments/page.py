@@ -80,10 +80,20 @@ def trained(want: set, steps: int, *candidates: Path) -> dict | None:
     return None
 
 
-def keep(r: dict, dest: Path) -> None:
-    """Commit a freshly trained grid's summary (see `committed`)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(r, indent=1))
+def summary(want: set, steps: int, out: Path, keep_at: Path | None, read_only: bool, retrain: bool,
+            train) -> dict | None:
+    """A grid's summary: read from its run folder `out` or its committed copy `keep_at` where one holds the cells
+    `want` after `steps` steps (unless `retrain`), else from `train()` (None with `read_only`); a summary that
+    differs from the committed copy is committed."""
+    r = None if retrain else trained(want, steps, out / "grid.json", *([keep_at] if keep_at else []))
+    if r is None and read_only:
+        return None
+    if r is None:
+        r = train()
+    if keep_at and (not keep_at.is_file() or json.loads(keep_at.read_text()) != r):
+        keep_at.parent.mkdir(parents=True, exist_ok=True)
+        keep_at.write_text(json.dumps(r, indent=1))
+    return r
 
 
 def _absolute(path: Path) -> Path:
@@ -107,15 +117,13 @@ def run_cells(names: dict[str, str], overrides: list[str], smoke: bool, read_onl
         want = {(c.variant, c.lr, c.seed) for c in g.cells}
         steps = config_from_data(next(iter(g.runs.values()))).train.steps
         keep_at = None if smoke or overrides else committed(grid_file)  # only the grid as committed is committed
-        r = None if retrain else trained(want, steps, out / "grid.json", *([keep_at] if keep_at else []))
         cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides]
-        if r is None and read_only:
+        r = summary(want, steps, out, keep_at, read_only, retrain,
+                    lambda: run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file,
+                                     out=out)[0])
+        if r is None:
             print(f"{grid_file.relative_to(ROOT)}: not trained yet (--read-only): its variants are missing")
             continue
-        if r is None:
-            r, _, cmd = run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file, out=out)
-        if keep_at and (not keep_at.is_file() or json.loads(keep_at.read_text()) != r):
-            keep(r, keep_at)
         seconds += sum(r.get("run_time_s", {}).values())
         cmds.append(cmd)
         results.append(r)

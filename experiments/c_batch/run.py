@@ -2,13 +2,12 @@
 each: one grid per batch size (prompts_per_step is a run setting); batch 8 (8 steps) is the shared cells' setting
 (experiments/cells/), read from there at the same LRs.  python experiments/c_batch/run.py [--smoke] [--read-only]"""
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml
-from page import ROOT, SMOKE, at_lrs, best, committed, keep, parse_args, run_cells, run_grid, trained, write_page
+from page import ROOT, SMOKE, at_lrs, best, committed, parse_args, run_cells, run_grid, summary, write_page
 
 from rl_lora.grid import expand
 
@@ -70,18 +69,14 @@ if __name__ == "__main__":
             over = [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}"]
             g = expand(str(HERE / "grid.yaml"), [*over, *(SMOKE if args.smoke else [])])
             keep_at = None if args.smoke or args.overrides else committed(HERE / "grid.yaml", f"batch{b}")
-            r = None if args.retrain else trained({(c.variant, c.lr, c.seed) for c in g.cells}, steps,
-                                                  out / "grid.json", *([keep_at] if keep_at else []))
-            s, cmd = 0.0, [sys.executable, "-m", "rl_lora.cli", "grid", "experiments/c_batch/grid.yaml", *over]
-            if r is None and args.read_only:
+            cmd = [sys.executable, "-m", "rl_lora.cli", "grid", "experiments/c_batch/grid.yaml", *over]
+            r = summary({(c.variant, c.lr, c.seed) for c in g.cells}, steps, out, keep_at, args.read_only,
+                        args.retrain,
+                        lambda: run_grid(HERE, [*over, f"train.output_dir={out}"], args.smoke, name=f"batch{b}")[0])
+            if r is None:
                 print(f"batch {b}: not trained yet (--read-only)")
                 continue
-            if r is None:
-                r, s, cmd = run_grid(HERE, [*over, f"train.output_dir={out}"], args.smoke, name=f"batch{b}")
-            else:
-                s = sum(r.get("run_time_s", {}).values())
-            if keep_at and (not keep_at.is_file() or json.loads(keep_at.read_text()) != r):
-                keep(r, keep_at)
+            s = sum(r.get("run_time_s", {}).values())
         sections.append((f"batch {b} prompts x {steps} steps", r))
         seconds += s
         cmds.append(cmd)
