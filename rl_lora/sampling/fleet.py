@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from rl_lora.errors import EngineError, FleetError, RunError
-from rl_lora.sampling.sampler import AdapterRef, engine_call
+from rl_lora.sampling.sampler import AdapterRef, engine_call, engine_core_of
 from rl_lora.seeds import request_seeds
 
 MAX_RESTARTS = 2  # per request: a third death in a row is not a transient fault
@@ -234,8 +234,7 @@ def _break_engine(sampler) -> None:
     """Kill a Sampler's vLLM engine the way a crash would (fault injection)."""
     import signal
 
-    core = sampler.llm.llm_engine.engine_core
-    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    core, _, manager = engine_core_of(sampler)
     if manager is None:  # in-process engine core: shut down under the LLM, which still believes it is alive
         core.shutdown()
         return
@@ -253,8 +252,7 @@ def _wake_on_engine_death(sampler) -> None:
     import threading
     from multiprocessing.connection import wait
 
-    core = getattr(getattr(getattr(sampler, "llm", None), "llm_engine", None), "engine_core", None)
-    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    core, _, manager = engine_core_of(sampler)
     queue = getattr(core, "outputs_queue", None)
     if manager is None or queue is None or not manager.processes:  # in-process engine core (or a stand-in)
         return

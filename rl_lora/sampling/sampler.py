@@ -79,14 +79,20 @@ def engine_call(method):
     return call
 
 
+def engine_core_of(sampler) -> tuple:
+    """(vLLM's engine-core client, its background resources, their process manager) of a Sampler; each None where
+    it has none: the manager for the in-process engine core, all three for anything that is not a live Sampler."""
+    core = getattr(getattr(getattr(sampler, "llm", None), "llm_engine", None), "engine_core", None)
+    resources = getattr(core, "resources", None)
+    return core, resources, getattr(resources, "engine_manager", None)
+
+
 def _engine_core_died(sampler) -> bool:
     """Has the engine-core process of a Sampler on vLLM's multiprocess engine exited? False for the in-process
     engine core, or anything that is not a Sampler with a live LLM."""
-    core = getattr(getattr(getattr(sampler, "llm", None), "llm_engine", None), "engine_core", None)
-    resources = getattr(core, "resources", None)
+    _, resources, manager = engine_core_of(sampler)
     if getattr(resources, "engine_dead", False):
         return True
-    manager = getattr(resources, "engine_manager", None)
     return any(not p.is_alive() for p in getattr(manager, "processes", None) or ())
 
 
