@@ -10,6 +10,7 @@ import yaml
 from page import ROOT, SMOKE, at_lrs, best, committed, parse_args, run_cells, run_grid, summary, write_page
 
 from rl_lora.grid import expand
+from rl_lora.grid_summary import select
 
 HERE = Path(__file__).resolve().parent
 PROMPTS_IN_ALL = 64
@@ -54,32 +55,50 @@ def finding(sections: list) -> str:
             "not evidence either way.")
 
 
+GRIDS = {"": HERE / "grid.yaml", "-full": HERE / "grid-full.yaml"}  # committed as results/batch<b><suffix>.json
+
+
+def train_batch(b: int, steps: int, args) -> tuple[list[dict], float, list[list[str]]]:
+    """Batch `b`'s summaries, one per grid of GRIDS (trained unless committed for the same cells and steps)."""
+    results, seconds, cmds = [], 0.0, []
+    for suffix, grid_file in GRIDS.items():
+        out = ROOT / "runs" / ("experiments-smoke" if args.smoke else "experiments") / "c_batch" / f"batch{b}{suffix}"
+        over = [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}"]
+        g = expand(str(grid_file), [*over, *(SMOKE if args.smoke else [])])
+        keep_at = None if args.smoke or args.overrides else committed(grid_file, f"batch{b}{suffix}")
+        r = summary({(c.variant, c.lr, c.seed) for c in g.cells}, steps, out, keep_at, args.read_only, args.retrain,
+                    lambda: run_grid(HERE, [*over, f"train.output_dir={out}"], args.smoke, name=f"batch{b}{suffix}",
+                                     grid_file=grid_file)[0])
+        if r is None:
+            print(f"batch {b}: {grid_file.name} not trained yet (--read-only)")
+            continue
+        results.append(r)
+        seconds += sum(r.get("run_time_s", {}).values())
+        cmds.append([sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *over])
+    return results, seconds, cmds
+
+
 if __name__ == "__main__":
     args = parse_args()
-    grid = yaml.safe_load((HERE / "grid.yaml").read_text())["grid"]
-    lrs = {v["name"]: v.get("lrs", grid["lrs"]) for v in grid["variants"]}
+    lrs: dict[str, list[float]] = {}
+    for grid_file in GRIDS.values():
+        grid = yaml.safe_load(grid_file.read_text())["grid"]
+        for v in grid["variants"]:
+            lrs[v["name"]] = sorted({*lrs.get(v["name"], []), *v.get("lrs", grid["lrs"])})
     sections, seconds, cmds = [], 0.0, []
     for b in BATCHES:
         steps = 2 if args.smoke else PROMPTS_IN_ALL // b
         if b == SHARED:
             r, s, cmd = run_cells({v: v for v in VARIANTS}, args.overrides, args.smoke, args.read_only, args.retrain)
-            r, cmd = at_lrs(r, lrs), cmd[0]
+            r, cmd = at_lrs(r, lrs), cmd
         else:
-            out = ROOT / "runs" / ("experiments-smoke" if args.smoke else "experiments") / "c_batch" / f"batch{b}"
-            over = [*args.overrides, f"train.prompts_per_step={b}", f"train.steps={steps}"]
-            g = expand(str(HERE / "grid.yaml"), [*over, *(SMOKE if args.smoke else [])])
-            keep_at = None if args.smoke or args.overrides else committed(HERE / "grid.yaml", f"batch{b}")
-            cmd = [sys.executable, "-m", "rl_lora.cli", "grid", "experiments/c_batch/grid.yaml", *over]
-            r = summary({(c.variant, c.lr, c.seed) for c in g.cells}, steps, out, keep_at, args.read_only,
-                        args.retrain,
-                        lambda: run_grid(HERE, [*over, f"train.output_dir={out}"], args.smoke, name=f"batch{b}")[0])
-            if r is None:
-                print(f"batch {b}: not trained yet (--read-only)")
+            found, s, cmd = train_batch(b, steps, args)
+            if not found:
                 continue
-            s = sum(r.get("run_time_s", {}).values())
+            r = select(found, {v: v for v in VARIANTS})
         sections.append((f"batch {b} prompts x {steps} steps", r))
         seconds += s
-        cmds.append(cmd)
+        cmds += cmd
     png = plot(sections, ROOT / "runs" / "experiments" / "c_batch" / "batch.png")
     write_page(HERE, "c. Batch size at a fixed number of episodes, LoRA vs full fine-tuning",
                f"At {PROMPTS_IN_ALL} prompts x 8 samples in all, how does held-out accuracy depend on the prompts per "
