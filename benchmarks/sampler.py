@@ -143,6 +143,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pushes", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=1, help="the adapters' rank (the engine's max_lora_rank: vLLM rounds "
+                    "it up to 8, 16, ...; rl-lora's path serves up to 16 in its one-GEMM form)")
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled no-LoRA engine (slow to start)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the LoRA engine's decode instead (pstats into DIR)")
     ap.add_argument("--ops", action="store_true", help="time the LoRA ops alone (no engine): one decode step's "
@@ -170,10 +172,10 @@ def main():
                 [sys.executable, __file__, "--plain-engine", mode, "--model", args.model, "--prompts",
                  str(args.prompts), "--tokens", str(args.tokens)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    sampler = Sampler(path, max_model_len=1024, max_loras=K_MIXED)
+    sampler = Sampler(path, max_model_len=1024, max_loras=K_MIXED, max_lora_rank=args.rank)
     if not sampler.rank1_path:
         sys.exit("the rank-1 path is not active (not a CPU platform, or an out-of-process engine core)")
-    learner = Learner(path, [AdapterSpec()])
+    learner = Learner(path, [AdapterSpec(rank=args.rank)])
     prompts = _prompts(sampler.tokenizer, args.prompts)
     params = _params(args.tokens)
 
@@ -193,7 +195,8 @@ def main():
     one = [sampler.request_for(refs[0])] * len(prompts)
     mixed = [sampler.request_for(refs[i % K_MIXED]) for i in range(len(prompts))]
     half = [sampler.request_for(refs[0]) if i % 2 else None for i in range(len(prompts))]
-    configs = [("base rows", None), ("rank-1", one), (f"K={K_MIXED} mixed", mixed), ("half base, one call", half)]
+    one_name = f"rank-{args.rank}"
+    configs = [("base rows", None), (one_name, one), (f"K={K_MIXED} mixed", mixed), ("half base, one call", half)]
 
     if args.profile:
         return profile(sampler, prompts, configs, args.profile)
@@ -238,7 +241,7 @@ def main():
         print(f"{'no-LoRA engine, ' + mode:34s}{tps:8.1f}{'':14s}{tps / best[ref_name][0]:17.2f}x")
     sampler.close()
     push_s.sort()
-    step_s = best["rank-1 [rl-lora]"][1]
+    step_s = best[f"{one_name} [rl-lora]"][1]
     print(f"\nadapter push (write PEFT files to RAM + load into the running engine), {args.pushes} pushes:")
     print(f"  median {1000 * push_s[len(push_s) // 2]:.1f} ms, max {1000 * push_s[-1]:.1f} ms")
     print(f"  = {100 * push_s[len(push_s) // 2] / step_s:.2f}% of this step's sampling time ({step_s:.1f} s)")

@@ -43,12 +43,17 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.platforms.cpu import CpuPlatform
 
+from rl_lora.sampling import vllm_plugin
+
 QUALNAME = f"{__name__}.PunicaWrapperCPURank1"
 _VLLM_WRAPPER_NAME = CpuPlatform.__dict__["get_punica_wrapper"]  # vLLM's, before apply() replaces it
 ENABLED = True  # False: every call goes to vLLM's own path (for side-by-side benchmarks in one engine)
 # From this many distinct adapters in one forward, each row gathers its own adapter's vectors instead of every
 # row multiplying by all of them (the one-GEMM form costs rows x slots x width: as much as a rank-K update).
 GATHER_MIN_SLOTS = 8
+# The largest engine rank (vLLM's max_lora_rank: 1, 8, 16, ...) served here (vllm_plugin asks for this path up to
+# it): above rank 1 the one-GEMM form only (S has slots x rank columns per slice); higher ranks go to vLLM's ops.
+MAX_RANK = vllm_plugin.RANK1_PATH_MAX_RANK
 
 
 class PunicaWrapperCPURank1(PunicaWrapperCPU):
@@ -96,27 +101,33 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             pos = self._r1_pos_at[n_slots] = torch.where(self._r1_pos < 0, n_slots, self._r1_pos)
         return pos
 
-    def _mask(self, n: int) -> torch.Tensor | None:
-        m = self._r1_mask.get(n, 0)
-        if isinstance(m, int):  # not built yet for this slice count
+    def _mask(self, n: int, rank: int = 1) -> torch.Tensor | None:
+        """rows x (n * K * rank): a row's 0/1 per (slice, slot, rank component), the column order of `_stacked`."""
+        m = self._r1_mask.get((n, rank), 0)
+        if isinstance(m, int):  # not built yet for this slice count and rank
             one = self._r1_mask[1]
-            m = self._r1_mask[n] = None if one is None else one.repeat(1, n)
+            if one is not None:
+                m = one if rank == 1 else one.repeat_interleave(rank, dim=1)
+                m = m.repeat(1, n) if n > 1 else m
+            self._r1_mask[(n, rank)] = m = None if one is None else m
         return m
 
     def _stacked(self, lora_a_stacked, lora_b_stacked, output_slices, dtype):
-        """A: (n*K, in) rows [slice, slot]; B: (n*K, sum(out)) block rows. Cached per layer, per active slot
-        set and per content version of the layer's adapter tensors (set_lora/reset_lora copy in place)."""
+        """A: (n*K*r, in) rows [slice, slot, rank component]; B: (n*K*r, sum(out)) block rows (r: the engine's
+        max rank; an adapter of a lower rank is zero-padded by vLLM). Cached per layer, per active slot set and per
+        content version of the layer's adapter tensors (set_lora/reset_lora copy in place)."""
         key = (self._r1_slots, dtype, tuple(t._version for t in lora_a_stacked),
                tuple(t._version for t in lora_b_stacked))
         hit = self._r1_cache.get(id(lora_a_stacked))
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
-        slots = list(self._r1_slots)
-        a = torch.cat([t[slots, 0, 0, :] for t in lora_a_stacked]).to(dtype)
-        b = torch.zeros(len(slots) * len(output_slices), sum(output_slices), dtype=dtype, device=a.device)
+        slots, rank = list(self._r1_slots), lora_a_stacked[0].shape[2]
+        a = torch.cat([t[slots, 0].reshape(-1, t.shape[-1]) for t in lora_a_stacked]).to(dtype)
+        n = len(slots) * rank  # rows per slice
+        b = torch.zeros(n * len(output_slices), sum(output_slices), dtype=dtype, device=a.device)
         off = 0
-        for i, (t, size) in enumerate(zip(lora_b_stacked, output_slices)):
-            b[i * len(slots):(i + 1) * len(slots), off:off + size] = t[slots, 0, :size, 0]
+        for i, (t, size) in enumerate(zip(lora_b_stacked, output_slices)):  # t[slot, 0]: (out, r) -> (r, out)
+            b[i * n:(i + 1) * n, off:off + size] = t[slots, 0, :size, :].transpose(1, 2).reshape(n, size)
             off += size
         self._r1_cache[id(lora_a_stacked)] = (key, a, b)
         return a, b
@@ -124,7 +135,8 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                         lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                         *, buffer=None, **kwargs: Any) -> None:
-        if (not (ENABLED and self._r1_ready) or lora_a_stacked[0].shape[2] != 1 or y.dim() != 2
+        rank = lora_a_stacked[0].shape[2]
+        if (not (ENABLED and self._r1_ready) or rank > MAX_RANK or y.dim() != 2
                 or x.shape[0] != self.indices_len[0] or y.shape[1] != sum(output_slices)):
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                            buffer=buffer, **kwargs)
@@ -132,19 +144,19 @@ class PunicaWrapperCPURank1(PunicaWrapperCPU):
             return None  # no row has an adapter
         self.rank1_calls += 1
         # vLLM's CPU ops shrink in fp32 and expand in the output's dtype; so do we
-        if self._r1_pos is not None:
+        if self._r1_pos is not None and rank == 1:
             return self._add_gathered(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices)
         a, b = self._stacked(lora_a_stacked, lora_b_stacked, output_slices, torch.float32)
         s = torch.mm(x if x.dtype == torch.float32 else x.float(), a.t())
-        mask = self._mask(len(output_slices))
+        mask = self._mask(len(output_slices), rank)
         if mask is not None:
             s.mul_(mask)
         if scale != 1.0:
             s.mul_(scale)
         if y.dtype != torch.float32:
             s, b = s.to(y.dtype), b.to(y.dtype)
-        k = len(self._r1_slots)
-        if k == 1 or len(output_slices) == 1:
+        k = len(self._r1_slots) * rank  # S's columns per slice
+        if k == rank or len(output_slices) == 1:
             y.addmm_(s, b)
         else:  # several adapters: per slice, so the block B's zero blocks cost nothing (n_slices x less work)
             off = 0

@@ -20,11 +20,14 @@ import os
 
 ENV = "RL_LORA_VLLM_PATCHES"
 DISABLE_RANK1 = "RL_LORA_RANK1"  # "0": the Sampler does not ask for the rank-1 path
+# The rank-1 path also serves engines up to this max_lora_rank (one GEMM per layer for every adapter in the batch;
+# on vLLM-CPU's own path rank 8 sampled ~5x slower than rank 1): rl_lora.sampling.vllm_cpu_lora.MAX_RANK.
+RANK1_PATH_MAX_RANK = 16
 
 # name -> (module whose apply() installs it, asked for at this max_lora_rank). A module that does not exist in
 # this checkout is skipped, so an installer can be listed before its branch is merged.
 INSTALLERS = {
-    "lora_rank1": ("rl_lora.sampling.vllm_cpu_lora", lambda rank: rank == 1 and os.environ.get(DISABLE_RANK1, "1") != "0"),
+    "lora_rank1": ("rl_lora.sampling.vllm_cpu_lora", lambda rank: rank <= RANK1_PATH_MAX_RANK and os.environ.get(DISABLE_RANK1, "1") != "0"),
     "moe": ("rl_lora.sampling.vllm_cpu_moe", lambda rank: True),  # MoE LoRA in torch ops: vLLM-CPU has none at any rank
 }
 

@@ -338,9 +338,9 @@ def test_k1_adapter_on_every_row_matches_merged_hf(moe_sampler, moe_path, refere
 
 @pytest.mark.slow
 def test_higher_ranks_with_expert_rank_pattern_match_merged_hf(moe_path, _session_sampler):
-    """Rank 4 attention with rank 2 experts (rank_pattern / alpha_pattern, the learner's `expert_rank`): vLLM's own
-    CPU path serves the dense layers (not the rank-1 one, though a rank-1 engine was built first in this process:
-    rl_lora.sampling.vllm_plugin.request), this module the experts; K = 2 and base rows. The first engine still serves."""
+    """Rank 4 attention with rank 2 experts (rank_pattern / alpha_pattern, the learner's `expert_rank`): the rank-1
+    path's one-GEMM form serves the dense layers of this rank-8 engine (vLLM rounds 4 up; adapters zero-padded),
+    this module the experts; K = 2 and base rows in one call. The first engine still serves."""
     from transformers import AutoModelForCausalLM
 
     from rl_lora.sampling.sampler import Sampler
@@ -352,7 +352,7 @@ def test_higher_ranks_with_expert_rank_pattern_match_merged_hf(moe_path, _sessio
                   "x4 experts only": x4.merged(moe_path, "x4 experts only", only=".mlp.experts.")}
     s = Sampler(str(moe_path), max_model_len=256, max_lora_rank=4, max_loras=3, kvcache_gib=1)
     try:
-        assert not s.rank1_path
+        assert s.rank1_path
         refs = {"x4": s.push(31, x4.writer(moe_path), evict_older=False),
                 "y4": s.push(32, y4.writer(moe_path), evict_older=False)}
         _check_rows(s, refs, references, [None, "x4", "y4", "x4"], chat_prompt(s), seed=9)

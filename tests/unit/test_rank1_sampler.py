@@ -12,10 +12,11 @@ from rl_lora.sampling.vllm_cpu_lora import PunicaWrapperCPURank1
 ATOL, RTOL = 1e-5, 1e-6  # fp32: the two paths sum the same products in a different order
 
 
-def _layer(n_slices, max_loras, in_size, out_sizes, gen):
-    """A LoRA linear layer's stacked adapter tensors, as vLLM allocates them (rank 1), every slot filled."""
-    a = tuple(torch.randn(max_loras, 1, 1, in_size, generator=gen) for _ in range(n_slices))
-    b = tuple(torch.randn(max_loras, 1, size, 1, generator=gen) for size in out_sizes)
+def _layer(n_slices, max_loras, in_size, out_sizes, gen, rank=1):
+    """A LoRA linear layer's stacked adapter tensors, as vLLM allocates them (at the engine's max rank), every slot
+    filled."""
+    a = tuple(torch.randn(max_loras, 1, rank, in_size, generator=gen) for _ in range(n_slices))
+    b = tuple(torch.randn(max_loras, 1, size, rank, generator=gen) for size in out_sizes)
     return a, b
 
 
@@ -42,7 +43,7 @@ def _expected(x, y, a, b, token_ids, lora_index_to_id, out_sizes):
     sub = out[rows]
     off = 0
     for a_s, b_s, size in zip(a, b, out_sizes):
-        buf = torch.zeros(len(rows), 1)
+        buf = torch.zeros(len(rows), a_s.shape[2])
         bgmv_shrink(x[rows], a_s, buf, idx, 1.0)
         bgmv_expand_slice(buf, b_s, sub, idx, off, size, add_inputs=True)
         off += size
@@ -58,26 +59,30 @@ MAPPINGS = {  # token -> LoRA id (0: base row), slots hold ids 11..15
 }
 
 
+@pytest.mark.parametrize("rank", [1, 8, 16], ids=lambda r: f"rank {r}")
 @pytest.mark.parametrize("gather", [False, True], ids=["one GEMM", "gathered per row"])
 @pytest.mark.parametrize("out_sizes", [(48,), (40, 40), (64, 16, 16)], ids=["1 slice", "gate/up", "q/k/v"])
 @pytest.mark.parametrize("case", list(MAPPINGS))
-def test_op_matches_vllm_torch_ops(case, out_sizes, gather, monkeypatch):
-    """Both forms of the rank-1 path (the gathered one serves batches of GATHER_MIN_SLOTS adapters and more)."""
+def test_op_matches_vllm_torch_ops(case, out_sizes, gather, rank, monkeypatch):
+    """Both forms of the rank-1 path (the gathered one serves batches of GATHER_MIN_SLOTS adapters and more, at
+    rank 1; above rank 1 every batch takes the one-GEMM form), at the engine ranks it serves."""
     from rl_lora.sampling import vllm_cpu_lora
 
     monkeypatch.setattr(vllm_cpu_lora, "GATHER_MIN_SLOTS", 1 if gather else 10**6)
     gen = torch.Generator().manual_seed(0)
     token_ids = MAPPINGS[case]
     lora_index_to_id = [11, 12, 13, 14, 15]
-    a, b = _layer(len(out_sizes), 5, 32, out_sizes, gen)
+    a, b = _layer(len(out_sizes), 5, 32, out_sizes, gen, rank)
     x = torch.randn(len(token_ids), 32, generator=gen)
     y = torch.randn(len(token_ids), sum(out_sizes), generator=gen)
     want = _expected(x, y, a, b, token_ids, lora_index_to_id, out_sizes)
     w = _wrapper(token_ids, lora_index_to_id)
     got = y.clone()
+    calls = w.rank1_calls
     w.add_lora_linear(got, x, a, b, 1.0, out_sizes)
     assert (w._r1_pos is not None) == (gather and any(t > 0 for t in token_ids))
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert w.rank1_calls == calls + any(t > 0 for t in token_ids)  # served here, not by vLLM's ops
+    torch.testing.assert_close(got, want, atol=ATOL * rank, rtol=RTOL)  # sums of rank x 32 products (values ~30)
     base = [i for i, t in enumerate(token_ids) if t == 0]
     assert torch.equal(got[base], y[base])  # base rows: exactly untouched
     if any(t > 0 for t in token_ids):
@@ -271,7 +276,8 @@ def test_plugin_installs_only_what_rl_lora_asked_for(fresh_plugin, monkeypatch):
     vllm_plugin, platform = fresh_plugin
     vllm_plugin.register()  # a user's vLLM without rl-lora's request: untouched
     assert platform.get_punica_wrapper() == "vllm.stock.Wrapper"
-    assert "lora_rank1" not in vllm_plugin.wanted(8)  # vLLM's own path at other ranks
+    assert "lora_rank1" in vllm_plugin.wanted(8) and "lora_rank1" in vllm_plugin.wanted(vllm_cpu_lora.MAX_RANK)
+    assert "lora_rank1" not in vllm_plugin.wanted(32)  # vLLM's own path above MAX_RANK
     monkeypatch.setenv(vllm_plugin.DISABLE_RANK1, "0")
     assert "lora_rank1" not in vllm_plugin.wanted(1)
     monkeypatch.delenv(vllm_plugin.DISABLE_RANK1)
@@ -283,15 +289,15 @@ def test_plugin_installs_only_what_rl_lora_asked_for(fresh_plugin, monkeypatch):
 
 
 def test_a_later_engine_at_a_higher_rank_gets_vllms_own_wrapper(fresh_plugin):
-    """Two Samplers in one process: the first (rank 1) installs the rank-1 wrapper; the second (rank 8) must not
-    inherit it (its base rows would then be batched with adapter rows through vLLM's own ops, which give them the
-    last slot's adapter), and a third at rank 1 gets it back."""
+    """Two Samplers in one process: the first (rank 8) installs the rank-1 wrapper; the second (rank 32, above
+    MAX_RANK) must not inherit it (its base rows would then be batched with adapter rows through vLLM's own ops,
+    which give them the last slot's adapter), and a third at rank 1 gets it back."""
     vllm_plugin, platform = fresh_plugin
-    assert "lora_rank1" in vllm_plugin.request(1)
+    assert "lora_rank1" in vllm_plugin.request(8)
     assert platform.get_punica_wrapper() == vllm_cpu_lora.QUALNAME
-    assert "lora_rank1" not in vllm_plugin.request(8)
+    assert "lora_rank1" not in vllm_plugin.request(32)
     assert platform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
-    assert "moe" in vllm_plugin.request(8) and vllm_plugin.install(["moe"]) == {"moe": True}
+    assert "moe" in vllm_plugin.request(32) and vllm_plugin.install(["moe"]) == {"moe": True}
     vllm_plugin.request(1)
     assert platform.get_punica_wrapper() == vllm_cpu_lora.QUALNAME
 
@@ -311,6 +317,37 @@ def _entry_point_installed() -> bool:
     from importlib.metadata import entry_points
 
     return any(e.value == "rl_lora.sampling.vllm_plugin:register" for e in entry_points(group="vllm.general_plugins"))
+
+
+@pytest.mark.slow
+def test_engine_at_rank_3_mixed_batch_matches_learner(tiny_model):
+    """Above rank 1 (max_lora_rank 3: a rank-8 engine, the adapters zero-padded by vLLM) the one-GEMM form serves
+    the engine: base rows and three rank-3 adapters interleaved in one call, each row the learner's logprobs under
+    its own adapter and not another's."""
+    from sample_builders import build_learner
+
+    from rl_lora.config import AdapterSpec
+    from rl_lora.sampling.sampler import Sampler
+
+    sampler = Sampler(tiny_model, max_model_len=512, max_lora_rank=3, max_loras=3, kvcache_gib=1)
+    try:
+        assert sampler.rank1_path
+        learner = build_learner(tiny_model, AdapterSpec(rank=3, lr=1e-2), temperature=0.7)
+        with torch.no_grad():  # B = 0 at init: A alone would not tell the rank components apart
+            for m in learner.adapters.values():
+                m.lora_A.normal_(0, 0.3)
+        prompt = chat_prompt(sampler)
+        weights = push_random_versions(sampler, learner, (1, 2, 3))
+        versions = [0, 1, 2, 0, 3, 1]
+        refs = [sampler.live.get(v) for v in versions]
+        groups = sampler.generate([prompt] * len(refs), n=2, adapters=refs, seed=0, temperature=0.7, max_tokens=6)
+        calls = sum(n for worker in sampler.llm.collective_rpc("rl_lora_punica") for _, n in worker)
+        assert calls > 0  # served by the rank-1 path's module, not vLLM's ops
+        for group, v in zip(groups, versions):
+            assert version_gap(learner, weights, prompt, group, v) < TOL
+            assert version_gap(learner, weights, prompt, group, 3 if v != 3 else 1) > 10 * TOL
+    finally:
+        sampler.close()
 
 
 def _multiproc_child(model: str) -> None:
