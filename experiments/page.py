@@ -61,7 +61,7 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", 
 
 
 CELLS = ROOT / "experiments" / "cells"
-CELL_GRIDS = ("rank1", "rank1-low", "rank1-lower", "rank1-lowest", "full", "full-low", "full-lower", "higher")  # experiments/cells/<name>.yaml
+CELL_GRIDS = ("rank1", "rank1-low", "rank1-lower", "rank1-lowest", "full", "full-low", "full-lower", "higher", "higher-edge")  # experiments/cells/<name>.yaml
 
 
 def committed(grid_file: Path, name: str = "") -> Path:
