@@ -53,10 +53,10 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", 
     if smoke:
         out = ROOT / "runs" / "experiments-smoke" / question.name / name
     overrides = [*overrides, *(SMOKE if smoke else []), f"train.output_dir={out}"]
-    cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides, "--overwrite",
-           "--quiet"]
+    cmd = ["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *overrides, "--overwrite", "--quiet"]  # as typed
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, "-m", "rl_lora.cli", *cmd[1:]], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads((out / "grid.json").read_text()), time.perf_counter() - t0, cmd
 
 
@@ -117,7 +117,7 @@ def run_cells(names: dict[str, str], overrides: list[str], smoke: bool, read_onl
         want = {(c.variant, c.lr, c.seed) for c in g.cells}
         steps = config_from_data(next(iter(g.runs.values()))).train.steps
         keep_at = None if smoke or overrides else committed(grid_file)  # only the grid as committed is committed
-        cmd = [sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *overrides]
+        cmd = ["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *overrides]
         r = summary(want, steps, out, keep_at, read_only, retrain,
                     lambda: run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file,
                                      out=out)[0])

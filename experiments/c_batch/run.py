@@ -74,7 +74,7 @@ def train_batch(b: int, steps: int, args) -> tuple[list[dict], float, list[list[
             continue
         results.append(r)
         seconds += sum(r.get("run_time_s", {}).values())
-        cmds.append([sys.executable, "-m", "rl_lora.cli", "grid", str(grid_file.relative_to(ROOT)), *over])
+        cmds.append(["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *over])
     return results, seconds, cmds
 
 
