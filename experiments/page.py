@@ -184,6 +184,8 @@ def fmt_best(r: dict, variant: str) -> str:
     if b is None:
         return f"{variant}: no result"
     ci = f" [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]" if b["ci95"] else ""
+    if "tied" in b:  # every listed LR scored the same: no optimum to name
+        return f"{variant} {b['mean']:.3f}{ci} at LRs {', '.join(f'{lr:g}' for lr in b['tied'])} (a tie)"
     return f"{variant} {b['mean']:.3f}{ci} at LR {b['lr']:g}"
 
 
@@ -204,7 +206,7 @@ def relation(r: dict, a: str, b: str) -> str:
 def edge_note(r: dict, variant: str) -> str:
     """A best LR at the end of its sweep is a bound, not an optimum: say so."""
     b = best(r, variant)
-    if b is None:  # not trained (yet)
+    if b is None or "tied" in b:  # not trained (yet), or no best LR to place
         return ""
     lrs = r["variants"][variant]["lrs"]
     if b["lr"] in (min(lrs), max(lrs)) and len(lrs) > 1:

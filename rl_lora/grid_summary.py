@@ -70,6 +70,9 @@ def best_per_variant(groups: list[dict]) -> dict:
             continue
         top = ranked[0]
         entry = {"lr": top["lr"], "mean": top["mean"], "ci95": top["ci95"], "seeds": len(top["seeds"])}
+        tied = [g["lr"] for g in ranked if math.isclose(g["mean"], top["mean"], rel_tol=0, abs_tol=1e-12)]
+        if len(tied) > 1:  # e.g. every LR at 0: no LR is best, and no LR ratio can be read from it
+            entry["tied"] = sorted(tied)
         if len(ranked) > 1:
             second = ranked[1]
             entry["runner_up_lr"] = second["lr"]
@@ -85,7 +88,8 @@ def summarise(cells: list[dict], base: dict | None, meta: dict) -> dict:
     groups = group_cells(cells)
     best = best_per_variant(groups)
     full = [v for v in meta.get("full_variants", []) if v in best]
-    ratio = {v: b["lr"] / best[full[0]]["lr"] for v, b in best.items() if full and v not in full}
+    ratio = {v: b["lr"] / best[full[0]]["lr"] for v, b in best.items()
+             if full and v not in full and "tied" not in b and "tied" not in best[full[0]]}
     intervals = [b["ci95"] for b in best.values() if b["ci95"]]
     overlap = (max(lo for lo, _ in intervals) <= min(hi for _, hi in intervals)) if len(intervals) >= 2 else None
     return {**meta, "interval": "95% Student-t over seeds (mean +- t(0.975, n-1) sd/sqrt(n))",
@@ -139,7 +143,8 @@ def format_markdown(result: dict) -> str:
         lines += [f"base model: {b['accuracy']:.3f}{given} (no answer {b['no_answer']:.3f})", ""]
     lines += ["| variant | LR | seeds | mean [95% CI] | per seed | given an answer | |", "|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
-        is_best = result["best"].get(g["variant"], {}).get("lr") == g["lr"] and "mean" in g
+        b = result["best"].get(g["variant"], {})
+        is_best = b.get("lr") == g["lr"] and "mean" in g and "tied" not in b
         if "mean" not in g:
             lines.append(f"| {g['variant']} | {g['lr']:g} | 0 | (no result) | | | |")
             continue
@@ -148,6 +153,10 @@ def format_markdown(result: dict) -> str:
                      f"{', '.join(f'{a:.3f}' for a in g['accuracy_per_seed'])} | {given} | {'best' if is_best else ''} |")
     lines += ["", "best LR per variant:"]
     for v, b in result["best"].items():
+        if "tied" in b:
+            lines.append(f"- {v}: none: LRs {', '.join(f'{lr:g}' for lr in b['tied'])} tie at {b['mean']:.3f}"
+                         " (no LR ratio is read from a tie)")
+            continue
         note = "" if "resolved" not in b else (f"; clear of the runner-up LR {b['runner_up_lr']:g}" if b["resolved"]
                                                else f"; not resolved: overlaps the runner-up LR {b['runner_up_lr']:g}")
         lines.append(f"- {v}: {b['lr']:g} ({b['mean']:.3f} {_fmt_ci(b['ci95'])}{note})")

@@ -240,7 +240,7 @@ def measured_lrs(shape: ModelShape, root: Path | None = None) -> list[str]:
             continue
         best = "; ".join(f"{v} {b['lr']:.3g} ({b['mean']:.2f}" + (f" [{b['ci95'][0]:.2f}, {b['ci95'][1]:.2f}])"
                                                                    if b.get("ci95") else ")")
-                         for v, b in r["best"].items())
+                         for v, b in r["best"].items() if "tied" not in b)  # a tie names no LR
         ratio = "".join(f"; {v}/full FT {x:.3g}x" for v, x in r.get("lr_ratio_vs_full", {}).items())
         lines.append(f"{path.parent.name}/ ({r.get('model')}, hidden {r.get('hidden_size')}, {r.get('data')}, "
                      f"{r.get('steps')} steps, {len(r.get('seeds', []))} seeds): best LR {best}{ratio}")

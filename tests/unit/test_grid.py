@@ -14,7 +14,7 @@ from runhelpers import ROOT, TESTS
 from rl_lora.config import adapter_specs, config_from_data, run_specs
 from rl_lora.errors import ConfigError
 from rl_lora.grid import LORA_RUN, cell_name, expand
-from rl_lora.grid_summary import best_per_variant, group_cells, mean_ci, summarise, t975, write
+from rl_lora.grid_summary import best_per_variant, format_markdown, group_cells, mean_ci, summarise, t975, write
 
 GRID = {"lrs": [1e-3, 3e-3], "seeds": [0, 1, 2],
         "variants": [{"name": "r1"}, {"name": "attn", "target_modules": "attention", "rank": 2},
@@ -176,6 +176,25 @@ def test_summary_groups_seeds_picks_the_best_lr_and_the_ratio_to_full_finetuning
     md = (tmp_path / "grid.md").read_text()
     assert "| r1 | 0.01 | 3 | 0.620 [" in md and "LR ratio r1 / full fine-tuning: 100x" in md and out["table"] in md
 
+
+
+def test_a_tie_at_the_top_names_no_best_lr_and_no_lr_ratio(tmp_path):
+    """A tiny random model scores 0 at every LR (seen in a 64-adapter grid): the summary must not call the first
+    LR 'best' nor read an LR ratio to full fine-tuning from it; a variant that learned keeps its ratio."""
+    cells = [{"variant": v, "lr": lr, "seed": s, "accuracy": a, "accuracy_given_answer": None}
+             for v, lrs in (("flat", {1e-3: 0.0, 1e-2: 0.0, 1e-1: 0.0}), ("r1", {1e-3: 0.2, 1e-2: 0.5}),
+                            ("full", {1e-4: 0.4, 1e-3: 0.1}))
+             for lr, a in lrs.items() for s in range(3)]
+    result = summarise(cells, None, {"full_variants": ["full"], "steps": 2, "model": "m"})
+    assert result["best"]["flat"]["tied"] == [1e-3, 1e-2, 1e-1] and "tied" not in result["best"]["r1"]
+    assert result["lr_ratio_vs_full"] == {"r1": 100.0}
+    md = format_markdown(result)
+    assert "- flat: none: LRs 0.001, 0.01, 0.1 tie at 0.000" in md and "LR ratio flat" not in md
+    assert not any(line.startswith("| flat |") and line.endswith("best |") for line in md.splitlines())
+    tied_full = summarise([c for c in cells if c["variant"] != "full"]
+                          + [{**c, "variant": "full", "accuracy": 0.0} for c in cells if c["variant"] == "r1"],
+                          None, {"full_variants": ["full"], "steps": 2, "model": "m"})
+    assert tied_full["lr_ratio_vs_full"] == {}  # full FT's own optimum is a tie: no ratio for anyone
 
 
 def test_a_summary_can_be_selected_from_several_grids_and_renamed():
