@@ -265,7 +265,9 @@ def test_a_tiny_grid_runs_end_to_end_with_paired_seeds(tmp_path, tiny_model):
         ("r1", 1e-3, [0, 1]), ("r1", 5e-3, [0, 1]), ("attn", 1e-3, [0, 1]), ("attn", 5e-3, [0, 1]),
         ("full", 1e-4, [0, 1])]
     assert all(x["ci95"][0] <= x["mean"] <= x["ci95"][1] for x in result["groups"])
-    assert set(result["best"]) == {"r1", "attn", "full"} and set(result["lr_ratio_vs_full"]) == {"r1", "attn"}
+    assert set(result["best"]) == {"r1", "attn", "full"}
+    untied = "tied" not in result["best"]["full"]  # a random model may score 0 at every LR: a tie names no ratio
+    assert set(result["lr_ratio_vs_full"]) == {v for v in ("r1", "attn") if untied and "tied" not in result["best"][v]}
     assert set(result["run_time_s"]) == {"lora", "full-lr=0.0001-s0", "full-lr=0.0001-s1"}
     assert (g / "grid.png").stat().st_size > 1000 and "| r1 | 0.001 | 2 |" in (g / "grid.md").read_text()
     first = next(r for r in metrics(g / "lora") if r.get("step") == 1 and "reward/mean" in r)
