@@ -44,6 +44,11 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def grid_command(grid_file: Path, args: list[str]) -> list[str]:
+    """The grid command as a user types it (the pages list it; run_grid runs it through this interpreter)."""
+    return ["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *args]
+
+
 def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", grid_file: Path | None = None,
              out: Path | None = None) -> tuple[dict, float, list[str]]:
     """Train a grid (the question's grid.yaml unless `grid_file`; `--overwrite`: an earlier run is moved aside, never
@@ -53,7 +58,7 @@ def run_grid(question: Path, overrides: list[str], smoke: bool, name: str = "", 
     if smoke:
         out = ROOT / "runs" / "experiments-smoke" / question.name / name
     overrides = [*overrides, *(SMOKE if smoke else []), f"train.output_dir={out}"]
-    cmd = ["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *overrides, "--overwrite", "--quiet"]  # as typed
+    cmd = grid_command(grid_file, [*overrides, "--overwrite", "--quiet"])
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "rl_lora.cli", *cmd[1:]], cwd=ROOT, check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -117,7 +122,7 @@ def run_cells(names: dict[str, str], overrides: list[str], smoke: bool, read_onl
         want = {(c.variant, c.lr, c.seed) for c in g.cells}
         steps = config_from_data(next(iter(g.runs.values()))).train.steps
         keep_at = None if smoke or overrides else committed(grid_file)  # only the grid as committed is committed
-        cmd = ["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *overrides]
+        cmd = grid_command(grid_file, overrides)
         r = summary(want, steps, out, keep_at, read_only, retrain,
                     lambda: run_grid(CELLS, [*overrides, *(SMOKE if smoke else [])], False, grid_file=grid_file,
                                      out=out)[0])

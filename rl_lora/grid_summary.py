@@ -88,8 +88,8 @@ def summarise(cells: list[dict], base: dict | None, meta: dict) -> dict:
     groups = group_cells(cells)
     best = best_per_variant(groups)
     full = [v for v in meta.get("full_variants", []) if v in best]
-    ratio = {v: b["lr"] / best[full[0]]["lr"] for v, b in best.items()
-             if full and v not in full and "tied" not in b and "tied" not in best[full[0]]}
+    ref = best[full[0]] if full and "tied" not in best[full[0]] else None  # a tie names no LR to divide by
+    ratio = {v: b["lr"] / ref["lr"] for v, b in best.items() if ref and v not in full and "tied" not in b}
     intervals = [b["ci95"] for b in best.values() if b["ci95"]]
     overlap = (max(lo for lo, _ in intervals) <= min(hi for _, hi in intervals)) if len(intervals) >= 2 else None
     return {**meta, "interval": "95% Student-t over seeds (mean +- t(0.975, n-1) sd/sqrt(n))",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml
-from page import ROOT, SMOKE, at_lrs, best, committed, parse_args, run_cells, run_grid, summary, write_page
+from page import (ROOT, SMOKE, at_lrs, best, committed, grid_command, parse_args, run_cells, run_grid, summary,
+                  write_page)
 
 from rl_lora.grid import expand
 from rl_lora.grid_summary import select
@@ -74,7 +75,7 @@ def train_batch(b: int, steps: int, args) -> tuple[list[dict], float, list[list[
             continue
         results.append(r)
         seconds += sum(r.get("run_time_s", {}).values())
-        cmds.append(["rl-lora", "grid", str(grid_file.relative_to(ROOT)), *over])
+        cmds.append(grid_command(grid_file, over))
     return results, seconds, cmds
 
 

@@ -28,11 +28,10 @@ whose lm_head slot is all zeros (rl-lora's), cost nothing, and base rows no long
 Engines above rank 1 (max_lora_rank up to MAX_RANK = 16; vLLM rounds a rank up to 8 or 16 and zero-pads smaller
 adapters) take the one-GEMM form for every batch, A and B stacked per (slice, slot, rank component): on SmolLM2
 with a rank-8 adapter it sampled 1.79x vLLM's own CPU path, 16 mixed 1.37x (benchmarks/sampler.py --rank 8, one
-engine switched, 2026-12-03),
-and a 24-adapter rank-8/rank-3 grid (experiments/cells/higher.yaml) trained in 32 min where vLLM's path had
-taken ~7.6 min per step. Everything else (embedding LoRA, sharded layers, ranks above 16) falls through to vLLM's
-code unchanged. Applied only where the platform is CPU and `max_lora_rank <= 16`; the GPU path is never touched. `apply()` swaps
-the wrapper class name that vLLM resolves in the process that builds the model. rl-lora's Sampler asks for it
+engine switched, 2026-12-03), and a 24-adapter rank-8/rank-3 grid (experiments/cells/higher.yaml) trained in 32
+min where vLLM's path had taken ~7.6 min per step. Everything else (embedding LoRA, sharded layers, ranks above
+16) falls through to vLLM's code unchanged. Applied only where the platform is CPU and `max_lora_rank <= 16`; the
+GPU path is never touched. `apply()` swaps the wrapper class name that vLLM resolves in the process that builds the model. rl-lora's Sampler asks for it
 through rl_lora/sampling/vllm_plugin.py: in its own process (the in-process engine core, rl-lora's CPU default) directly,
 and in an engine-core process of its own (VLLM_ENABLE_V1_MULTIPROCESSING=1) through the `vllm.general_plugins`
 entry point that vLLM runs there -- which needs rl-lora installed as a package (`pip install -e .`); without
